@@ -1,0 +1,43 @@
+# Two commands on a fresh machine with python3 and the package registry:
+#   make demo   -> .venv + the embedded end-to-end demo
+#   make test   -> .venv + dev extras + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+# torch first, chosen for the machine: a box where `nvidia-smi -L` lists a GPU gets the
+# registry's default CUDA wheel (CUDA 12.8+ in every release >= 2.7, so an RTX 5090 / sm_120
+# has kernels); a machine without one gets the pinned release, the CPU build where a local
+# wheel exists. Override with `make TORCH_SPEC='torch==X.Y' ...`.
+HAS_GPU    := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.7,torch==2.13.0)
+
+.PHONY: demo test test-fast bench clean-venv
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/trainrig demo --output_dir outputs/demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest tests -q
+
+# everything but the multi-process runs, for a quick loop while editing
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest tests -q -m "not slow"
+
+bench: $(VENV)/.dev
+	$(PY) bench/run.py --output bench/RESULTS.md
+
+clean-venv:
+	rm -rf $(VENV)

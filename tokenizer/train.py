@@ -1,0 +1,127 @@
+"""Train a byte-level BPE tokenizer with ChatML special tokens and chat template.
+
+    python tokenizer/train.py --train_files corpus.jsonl --vocab_size 32000 --output_dir tok/
+
+The corpus is streamed into HF `tokenizers` (never held in memory). The output directory loads
+with `AutoTokenizer.from_pretrained(dir)`, and `apply_chat_template` renders ChatML:
+`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainers.config import opt, parse_config
+from trainers.data.sources import iter_document_batches, resolve_files
+from trainers.errors import UsageError, exit_on_usage_error
+
+log = logging.getLogger("trainrig.tokenizer")
+
+ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
+# Ids 0..3 in this order. Pad is its own token, so no loss mask can confuse padding with a
+# real end-of-text (the classic Qwen scripts' ignore-index-equals-pad-id bug cannot arise).
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]
+
+# ChatML as Qwen2 renders it, without Qwen's injected default system prompt (SFT adds one only
+# when asked, --default_system_prompt).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class TokenizerArgs:
+    train_files: list[str] = opt(None, "Corpus: .txt, .jsonl/.json (a text field), .parquet or a datasets directory; several allowed.", factory=list)
+    output_dir: str = opt("outputs/tokenizer", "Where tokenizer.json, tokenizer_config.json and chat_template.jinja go.")
+    vocab_size: int = opt(32000, "Vocabulary size including the 256 byte symbols and the special tokens.")
+    min_frequency: int = opt(2, "A merge must occur at least this often to be learned.")
+    text_field: str = opt("text", "Field holding the text in jsonl/parquet/datasets input.")
+    model_max_length: int = opt(32768, "Longest sequence the tokenizer reports as supported (tokenizer_config.json).")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Train a byte-level BPE tokenizer with <|endoftext|>, <|im_start|>, <|im_end|>, <|pad|> and a ChatML template."""
+
+    tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+
+
+def build_bpe_tokenizer():
+    """An untrained byte-level BPE `tokenizers.Tokenizer` (NFC, GPT-2 pre-split, byte-level decode)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets cover whole tokens
+    return tok
+
+
+def wrap_for_transformers(tok, model_max_length: int):
+    """The fast tokenizer `AutoTokenizer` will load, with roles of the special tokens and the template."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=PAD,
+        extra_special_tokens=[IM_START, IM_END], model_max_length=model_max_length,
+    )
+    hf_tok.chat_template = CHATML_TEMPLATE
+    return hf_tok
+
+
+def train_tokenizer(args: TokenizerArgs) -> dict:
+    """Stream the corpus through the BPE trainer and save; returns the stats it logs."""
+    from tokenizers import pre_tokenizers, trainers
+
+    files = resolve_files(args.train_files, "--train_files")
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UsageError(f"--vocab_size {args.vocab_size} is too small: 256 byte symbols + {len(SPECIAL_TOKENS)} special tokens need at least {256 + len(SPECIAL_TOKENS) + 1}")
+    out = Path(args.output_dir)
+
+    stats = {"documents": 0, "bytes": 0}
+
+    def stream():
+        for batch in iter_document_batches(files, args.text_field, batch_size=1000):
+            stats["documents"] += len(batch)
+            stats["bytes"] += sum(len(doc.encode("utf-8")) for doc in batch)
+            yield batch
+
+    tok = build_bpe_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    start = time.perf_counter()
+    tok.train_from_iterator(stream(), trainer=trainer)
+    seconds = time.perf_counter() - start
+    if stats["documents"] == 0:
+        raise UsageError(f"--train_files {' '.join(map(str, files))}: no text found (empty files?); pass a non-empty corpus")
+
+    out.mkdir(parents=True, exist_ok=True)
+    wrap_for_transformers(tok, args.model_max_length).save_pretrained(str(out))
+    stats.update(vocab_size=tok.get_vocab_size(), seconds=round(seconds, 3),
+                 mb_per_s=round(stats["bytes"] / 1e6 / max(seconds, 1e-9), 3))
+    (out / "trainrig_tokenizer.json").write_text(json.dumps({**stats, "files": [str(f) for f in files]}, indent=2))
+    log.info("trained BPE on %d documents, %.2f MB in %.1f s: %.2f MB/s; vocab %d -> %s",
+             stats["documents"], stats["bytes"] / 1e6, seconds, stats["mb_per_s"], stats["vocab_size"], out)
+    return stats
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    cfg = parse_config(TokenizerTrainConfig, argv, prog="tokenizer/train.py")
+    return train_tokenizer(cfg.tokenizer)
+
+
+if __name__ == "__main__":
+    main()

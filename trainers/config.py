@@ -1,0 +1,337 @@
+"""Run configuration: one dataclass per concern, merged defaults < YAML (`--config`) < CLI.
+
+Every field carries its help text in `metadata["help"]`, which is also the `--help` text.
+Flags are flat and HF-named (`--per_device_train_batch_size`), so a command line written for
+the classic `deepspeed pretrain.py --deepspeed ds.json --bf16 ...` scripts carries over.
+Unknown flags and unknown YAML keys are errors that name the key, the file and line, and the
+closest known name. Booleans are YAML booleans, `--flag` / `--no-flag` on the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.errors import UsageError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None):
+    """A config field: its default, its help text (shown by --help) and, optionally, its choices."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------- concerns
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("outputs/run", "Directory for checkpoints, final/, metrics.jsonl, loss.png and the resolved config.")
+    seed: int = opt(42, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 means run --num_train_epochs epochs.")
+    num_train_epochs: float = opt(1.0, "Epochs over the training blocks when --max_steps is -1 (fractions allowed).")
+    logging_steps: int = opt(10, "Write a metrics.jsonl line (and tracker point) every N optimizer steps.")
+    eval_steps: int = opt(0, "Evaluate loss/perplexity on the validation blocks every N steps (0: only at the end).")
+    save_steps: int = opt(0, "Write a resumable checkpoint-<step>/ every N steps (0: none until the end).")
+    save_total_limit: int = opt(0, "Keep at most N checkpoints (0: keep all); older ones go only after a newer one is complete.")
+    save_best: bool = opt(False, "With --save_total_limit, also keep the checkpoint with the lowest eval loss.")
+    resume: str = opt("auto", "auto: newest complete checkpoint in --output_dir if any; never: start fresh; or a checkpoint path.")
+    report_to: str = opt("none", "Experiment tracker besides metrics.jsonl.", ("none", "wandb", "tensorboard"))
+    run_name: str = opt("", "Name shown by the tracker (default: the output directory's name).")
+
+
+@dataclass
+class BatchConfig:
+    per_device_train_batch_size: int = opt(8, "Micro batch: sequences per rank per forward/backward pass.")
+    gradient_accumulation_steps: int = opt(1, "Micro batches accumulated per optimizer step.")
+    global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly).")
+    per_device_eval_batch_size: int = opt(0, "Sequences per rank per eval pass (0: the training micro batch).")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes per rank (blocks are memory-mapped, so 0 is usually enough).")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("adamw", "adamw (fused where available), or muon: torch.optim.Muon for 2-D hidden matrices and AdamW for embeddings, head, norms and biases.", ("adamw", "muon"))
+    learning_rate: float = opt(3e-4, "Peak learning rate. Muon scales its orthogonalised update to AdamW's RMS (Moonlight), so one rate serves both groups.")
+    muon_momentum: float = opt(0.95, "Muon momentum.")
+    weight_decay: float = opt(0.1, "Decoupled weight decay on matrices (never on norms, biases or embeddings).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.95, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = opt("cosine", "Shape after warmup.", ("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.0, "Fraction of the total steps spent warming up linearly from 0.")
+    warmup_steps: int = opt(0, "Warmup steps; overrides --warmup_ratio when > 0.")
+    min_lr_ratio: float = opt(0.1, "Cosine/linear decay ends at this fraction of the peak rate.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+
+
+@dataclass
+class DistributedConfig:
+    precision: str = opt("auto", "auto: bf16 on GPUs that support it (TF32 matmuls on Ampere+), fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+    deepspeed: str = opt("auto", "auto: DeepSpeed when --zero_stage or --offload asks for it; none: DDP/single process; or a DS JSON path whose \"auto\" fields are filled from this config.")
+    zero_stage: str = opt("auto", "ZeRO stage 0-3 (DeepSpeed); auto: none unless a DS JSON is given.", ("auto", "0", "1", "2", "3"))
+    offload: str = opt("auto", "ZeRO offload to CPU RAM: optimizer states, or all (optimizer + parameters, stage 3).", ("auto", "none", "optimizer", "all"))
+    hardware: str = opt("auto", "Hardware the run is planned for (auto: detect).")
+    ddp_timeout: int = opt(1800, "Seconds a collective may wait before the run fails (rank 0 building the data cache counts).")
+
+
+@dataclass
+class ModelConfig:
+    model_preset: str = opt("", "From-scratch Qwen2 shape from configs/models/ (tiny, small, 125m, 0.5b, 1.5b); vocab comes from the tokenizer.")
+    model_name_or_path: str = opt("", "Continue pretraining this model: a local HF directory (or a hub id when online).")
+    tokenizer_name_or_path: str = opt("", "Tokenizer directory (default: the model directory); required with --model_preset.")
+    attn_implementation: str = opt("auto", "auto: flash_attention_2 when flash-attn imports and the GPU supports it, else sdpa.", ("auto", "flash_attention_2", "sdpa", "eager"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% more compute).")
+    trust_remote_code: bool = opt(False, "Allow a model/tokenizer directory's own Python code (auto_map) to run. Off by default.")
+
+
+@dataclass
+class PretrainDataConfig:
+    train_files: list[str] = opt(None, "Training text: .txt, .jsonl/.json (a text field), .parquet, or a `datasets` directory; several allowed.", factory=list)
+    validation_files: list[str] = opt(None, "Validation text in the same formats (default: --validation_split_ratio of the training blocks).", factory=list)
+    validation_split_ratio: float = opt(0.01, "Without --validation_files, hold out this fraction of the training blocks (at least 1 block when there are 2+).")
+    text_field: str = opt("text", "Field holding the document text in jsonl/parquet/datasets input.")
+    block_size: int = opt(1024, "Tokens per training block (documents are joined with EOS and cut into blocks).")
+    data_cache_dir: str = opt("", "Where tokenized blocks are cached (default: ~/.cache/trainrig/blocks, or $TRAINRIG_CACHE).")
+    tokenize_batch_size: int = opt(1000, "Documents per tokenizer call (the Rust tokenizer spreads each call over all cores).")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `launch/pretrain.py` takes. Each section is one concern."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+
+
+# ------------------------------------------------------------------------------ flat view
+
+
+def _sections(cfg_cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cfg_cls)]
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    section: str
+    field: dataclasses.Field
+    annotation: Any  # resolved type hint, for coercion
+
+
+def _leaf_fields(cfg_cls) -> dict[str, _Leaf]:
+    """Flat flag name -> its section and field. Flag names are unique across sections."""
+    leaves: dict[str, _Leaf] = {}
+    hints = typing.get_type_hints(cfg_cls)
+    for section in _sections(cfg_cls):
+        section_hints = typing.get_type_hints(hints[section.name])
+        for f in dataclasses.fields(hints[section.name]):
+            assert f.name not in leaves, f"flag --{f.name} defined twice"
+            leaves[f.name] = _Leaf(section.name, f, section_hints[f.name])
+    return leaves
+
+
+def to_flat_dict(cfg) -> dict[str, Any]:
+    """`{flag: value}` for every field, in declaration order (what resolved_config.yaml holds)."""
+    flat: dict[str, Any] = {}
+    for section in _sections(type(cfg)):
+        flat.update(dataclasses.asdict(getattr(cfg, section.name)))
+    return flat
+
+
+# ----------------------------------------------------------------------------- coercion
+
+
+def _base_type(annotation):
+    """(origin type, is_list) for the small set of annotations configs use."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        return str, True
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    return annotation, False
+
+
+def _coerce(name: str, leaf: _Leaf, value: Any, where: str) -> Any:
+    typ, is_list = _base_type(leaf.annotation)
+    if is_list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise UsageError(f"{where}: {name} must be a list of strings, got {value!r}")
+        return [str(v) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UsageError(f"{where}: {name} must be a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise UsageError(f"{where}: {name} must be an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: {name} must be an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: {name} must be a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"{where}: {name} must be a string, got {value!r}")
+        value = str(value)
+        choices = leaf.field.metadata.get("choices")
+        if choices and value not in choices:
+            raise UsageError(f"{where}: {name} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} for {name}")
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Load a flat YAML mapping and remember each key's line (1-based) for error messages."""
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file; pass the path of a YAML run recipe (see configs/)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise UsageError(f"{path}: a run recipe is a flat mapping of flag: value; got {type(data).__name__}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    return data, lines
+
+
+def _suggest(name: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit 2 with usage text; we want one clear line
+        raise UsageError(f"{self.prog}: {message}; see --help")
+
+
+# Classic command lines (`--bf16`, `--fp16`, `--local_rank=N` from the deepspeed launcher) carry over.
+_PRECISION_ALIASES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def build_arg_parser(cfg_cls, prog: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                     description=(cfg_cls.__doc__ or "").strip())
+    parser.add_argument("--config", help="YAML run recipe (flat flag: value mapping); CLI flags win.")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    for alias in _PRECISION_ALIASES:
+        parser.add_argument(f"--{alias}", action="store_true", help=f"Same as --precision {alias}.")
+    for name, leaf in _leaf_fields(cfg_cls).items():
+        typ, is_list = _base_type(leaf.annotation)
+        help_text, choices = leaf.field.metadata["help"], leaf.field.metadata.get("choices")
+        if typ is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif is_list:
+            parser.add_argument(f"--{name}", nargs="+", help=help_text)
+        else:
+            metavar = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
+            parser.add_argument(f"--{name}", help=help_text, metavar=metavar)
+    return parser
+
+
+def parse_config(cfg_cls, argv: list[str] | None, prog: str):
+    """defaults < YAML (--config) < CLI; every value type-checked; unknown names are errors."""
+    leaves = _leaf_fields(cfg_cls)
+    parser = build_arg_parser(cfg_cls, prog)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        raise UsageError(f"unknown flag {flag}{_suggest(flag.lstrip('-'), leaves, '--')}; see {prog} --help")
+    cli = vars(ns)
+    cli.pop("local_rank", None)  # the deepspeed launcher passes it; LOCAL_RANK in the env is what counts
+
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    config_path = cli.pop("config", None)
+    if config_path:
+        data, lines = _yaml_with_lines(Path(config_path))
+        for key, value in data.items():
+            where = f"{config_path}:{lines.get(key, 1)}"
+            if key in _PRECISION_ALIASES and value is True:
+                key, value = "precision", _PRECISION_ALIASES[key]
+            if key not in leaves:
+                raise UsageError(f"{where}: unknown key '{key}'{_suggest(key, leaves)}; remove it or fix the name")
+            merged[key] = _coerce(key, leaves[key], value, where)
+            sources[key] = where
+    for alias, precision in _PRECISION_ALIASES.items():
+        if cli.pop(alias, False):
+            cli["precision"] = precision
+    for key, value in cli.items():
+        merged[key] = _coerce(key, leaves[key], value, f"--{key}")
+        sources[key] = f"--{key}"
+
+    sections = {s.name: {} for s in _sections(cfg_cls)}
+    for key, value in merged.items():
+        sections[leaves[key].section][key] = value
+    hints = typing.get_type_hints(cfg_cls)
+    cfg = cfg_cls(**{name: hints[name](**values) for name, values in sections.items()})
+    cfg._sources = sources  # where each non-default value came from, for messages
+    return cfg
+
+
+def source_of(cfg, key: str) -> str:
+    """'--block_size' or 'configs/x.yaml:7' or 'default' — for error messages."""
+    return getattr(cfg, "_sources", {}).get(key, f"--{key} (default)")
+
+
+# ------------------------------------------------------------------------------ secrets
+
+_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.IGNORECASE)
+SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+REDACTED = "***redacted***"
+
+
+def redact(obj: Any) -> Any:
+    """Copy of `obj` with secret-looking keys and any value containing a secret from the
+    environment replaced, so resolved configs, logs and tracker configs never carry one."""
+    secrets = [os.environ[v] for v in SECRET_ENV_VARS if len(os.environ.get(v, "")) >= 8]
+    if isinstance(obj, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", False)
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return REDACTED
+    return obj
+
+
+def save_resolved_config(cfg, path: Path) -> None:
+    flat = redact(to_flat_dict(cfg))
+    path.write_text(yaml.safe_dump(flat, sort_keys=False), encoding="utf-8")

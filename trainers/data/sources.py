@@ -1,0 +1,163 @@
+"""Streaming document readers: .txt, .jsonl/.json, .parquet and `datasets` directories.
+
+Nothing here holds a corpus in memory: files are read line by line (text, jsonl) or in record
+batches (parquet, Arrow), and documents come out in lists of `batch_size`. Every error names
+the file (and line) and the fix, as a UsageError.
+
+In .txt files each non-empty line is one document, as in the `datasets` "text" loader that
+HF's run_clm uses.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from trainers.errors import UsageError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def is_datasets_dir(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json"))
+
+
+def resolve_files(patterns: list[str], flag: str) -> list[Path]:
+    """Expand globs; every entry must exist and have a supported format."""
+    if not patterns:
+        raise UsageError(f"{flag} is empty; pass at least one .txt/.jsonl/.parquet file or a datasets directory")
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise UsageError(f"{flag} {pattern}: no file matches this pattern; check the path")
+        for match in matches:
+            path = Path(match)
+            if not path.exists():
+                raise UsageError(f"{flag} {path}: no such file or directory; check the path")
+            if path.is_dir() and not is_datasets_dir(path):
+                raise UsageError(f"{flag} {path}: a directory that is not a saved `datasets` dataset; pass the files inside it (e.g. '{path}/*.jsonl')")
+            if path.is_file() and not path.name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES):
+                raise UsageError(f"{flag} {path}: unsupported format; use .txt, .jsonl/.json, .parquet or a datasets directory")
+            files.append(path)
+    return files
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    for _, line in _utf8_lines(path):
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
+
+
+def _json_documents(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as fh:
+        head = fh.read(64).lstrip()
+    if head.startswith(b"["):  # one JSON array rather than JSON lines
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{path}: not a valid JSON array ({err}); fix the file or write one object per line (.jsonl)") from None
+        for i, record in enumerate(records):
+            yield _field(record, text_field, f"{path}[{i}]")
+        return
+    for lineno, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}); fix or remove the line") from None
+        yield _field(record, text_field, f"{path}:{lineno}")
+
+
+def _field(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = list(record)[:5] if isinstance(record, dict) else type(record).__name__
+        raise UsageError(f"{where}: no '{text_field}' field (found {keys}); set --text_field to the field holding the text")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UsageError(f"{where}: field '{text_field}' is {type(text).__name__}, not a string; fix the record")
+    return text
+
+
+def _arrow_documents(batches, text_field: str, where: str) -> Iterator[str]:
+    for batch in batches:
+        if text_field not in batch.schema.names:
+            raise UsageError(f"{where}: no '{text_field}' column (found {batch.schema.names[:5]}); set --text_field")
+        for text in batch.column(text_field).to_pylist():
+            if text is not None and text != "":
+                yield text
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UsageError(f"{path}: not a readable parquet file ({err}); re-export it") from None
+    yield from _arrow_documents(parquet.iter_batches(batch_size=4096, columns=None), text_field, str(path))
+
+
+def _datasets_documents(path: Path, text_field: str) -> Iterator[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UsageError(f"{path}: a DatasetDict without a 'train' split (splits: {list(loaded)}); save the split you want on its own")
+        loaded = loaded["train"]
+    yield from _arrow_documents(loaded.data.to_batches(max_chunksize=4096), text_field, str(path))
+
+
+def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one resolved input, streamed."""
+    if path.is_dir():
+        yield from _datasets_documents(path, text_field)
+    elif path.name.endswith(PARQUET_SUFFIXES):
+        yield from _parquet_documents(path, text_field)
+    elif path.name.endswith(JSON_SUFFIXES):
+        yield from _json_documents(path, text_field)
+    else:
+        yield from _text_documents(path)
+
+
+def iter_document_batches(files: list[Path], text_field: str, batch_size: int) -> Iterator[list[str]]:
+    """Documents of all files in order, in lists of at most `batch_size`."""
+    batch: list[str] = []
+    for path in files:
+        for doc in iter_documents(path, text_field):
+            batch.append(doc)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def fingerprint(files: list[Path]) -> list[dict]:
+    """What identifies the inputs for the data cache: path, size and mtime of every file
+    (a datasets directory counts by its files)."""
+    entries = []
+    for path in files:
+        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for member in members:
+            stat = member.stat()
+            entries.append({"path": str(member.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return entries

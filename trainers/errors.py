@@ -1,0 +1,27 @@
+"""The one error type a user can cause, and how entry scripts turn it into exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(Exception):
+    """Bad config or bad input. The message is one line that names the flag, file, line or
+    sample at fault and says how to fix it; entry scripts print it and exit with status 2."""
+
+
+def exit_on_usage_error(main):
+    """Decorate an entry point: a UsageError becomes `error: <message>` on stderr and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(USAGE_EXIT_CODE)
+
+    return wrapper

@@ -1,0 +1,123 @@
+"""Tokenizer and model loading: from-scratch Qwen2 presets and existing checkpoints (continued pretraining)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from trainers.errors import UsageError
+
+log = logging.getLogger("trainrig.models")
+
+MODEL_SHAPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: tensor-core friendly matmuls for the head
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_SHAPES_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict:
+    path = MODEL_SHAPES_DIR / f"{name}.json"
+    if not path.is_file():
+        raise UsageError(f"--model_preset {name}: unknown preset; choose one of {', '.join(preset_names())} (shapes in {MODEL_SHAPES_DIR})")
+    return json.loads(path.read_text())
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> tuple[str, str]:
+    """(implementation, why) per DESIGN.md: flash-attn when it imports and the GPU supports it, else SDPA."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    gpu_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if requested == "flash_attention_2":
+        if not has_flash:
+            raise UsageError("--attn_implementation flash_attention_2: flash-attn is not installed; `pip install -e .[flash]` on a CUDA machine, or use --attn_implementation sdpa")
+        if not gpu_ok:
+            raise UsageError(f"--attn_implementation flash_attention_2 needs an Ampere or newer GPU (device: {device}); use --attn_implementation sdpa")
+        return requested, "requested"
+    if requested in ("sdpa", "eager"):
+        return requested, "requested"
+    if has_flash and gpu_ok:
+        return "flash_attention_2", "flash-attn is installed and the GPU is Ampere or newer"
+    if not has_flash:
+        return "sdpa", "flash-attn is not installed (optional extra `[flash]`); using PyTorch SDPA"
+    return "sdpa", f"flash-attn needs an Ampere or newer CUDA GPU (device: {device}); using PyTorch SDPA"
+
+
+def _check_model_dir(path: str, trust_remote_code: bool, flag: str) -> None:
+    local = Path(path).expanduser()
+    if local.exists():
+        config = local / "config.json"
+        if not config.is_file():
+            raise UsageError(f"{flag} {path}: not a model directory (no config.json); pass a directory written by save_pretrained, e.g. <output_dir>/final")
+        try:
+            auto_map = json.loads(config.read_text()).get("auto_map")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{config}: not valid JSON ({err.msg}, line {err.lineno}); fix or re-save the model") from None
+        if auto_map and not trust_remote_code:
+            raise UsageError(f"{config}: the model ships its own Python code (auto_map); pass --trust_remote_code only if you trust {path}")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool, flag: str):
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise UsageError(f"{flag} is required: a tokenizer directory (train one with tokenizer/train.py)")
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "tokenizer.json").is_file() and not (local / "tokenizer_config.json").is_file():
+        raise UsageError(f"{flag} {path}: no tokenizer.json or tokenizer_config.json; pass a tokenizer directory (tokenizer/train.py writes one)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag} {path}: cannot load a tokenizer ({str(err).splitlines()[0]}); pass a local tokenizer directory") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError(f"{flag} {path}: a slow (Python) tokenizer; trainrig needs a fast one (tokenizer.json)")
+    return tokenizer
+
+
+def build_model(model_cfg, tokenizer, block_size: int, attn_implementation: str, seed: int):
+    """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    if bool(model_cfg.model_preset) == bool(model_cfg.model_name_or_path):
+        raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
+    if model_cfg.model_preset:
+        shape = load_preset(model_cfg.model_preset)
+        vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        config = Qwen2Config(**shape, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        _check_block_size(block_size, config, f"--model_preset {model_cfg.model_preset}")
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)  # identical init on every rank and every rerun
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    else:
+        path = model_cfg.model_name_or_path
+        _check_model_dir(path, model_cfg.trust_remote_code, "--model_name_or_path")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--model_name_or_path {path}: cannot load ({str(err).splitlines()[0]}); pass a local model directory (hub ids need network)") from None
+        _check_block_size(block_size, config, f"--model_name_or_path {path}")
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=model_cfg.trust_remote_code)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            raise UsageError(f"--tokenizer_name_or_path: {len(tokenizer)} tokens but the model embeds only "
+                             f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer")
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training never reuses a KV cache; with checkpointing it must be off
+    return model
+
+
+def _check_block_size(block_size: int, config, what: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise UsageError(f"--block_size {block_size} exceeds the {limit} positions of {what}; use --block_size {limit} or less")
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,423 @@
+"""The distributed runtime: the ONLY module that imports accelerate, deepspeed or torch.distributed.
+
+One engine, Accelerate. DeepSpeed ZeRO comes in through Accelerate's DeepSpeed plugin from a DS
+JSON whose "auto" fields are filled here from the run config; DDP otherwise. The loops call
+`runtime.backward`, `runtime.optimizer_step`, `runtime.all_reduce_sum`, ... and never see which
+engine runs underneath.
+
+Works the same under `python`, `torchrun`, `accelerate launch [--use_deepspeed]`, `deepspeed` and
+`srun`: all of them export WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (srun via the
+sbatch scripts). On CPU the process group is gloo, created before the Accelerator, because
+accelerate 1.15 + deepspeed 0.19 otherwise give every rank a world of 1 (see DESIGN.md). A world
+that does not match WORLD_SIZE stops the run: N silent one-rank runs are the worst failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from trainers.errors import UsageError
+
+log = logging.getLogger("trainrig.runtime")
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+class WorldSizeMismatch(RuntimeError):
+    """The launcher promised WORLD_SIZE ranks but the process group has another size."""
+
+
+# ------------------------------------------------------------------- DeepSpeed config (pure)
+
+
+@dataclass
+class DeepSpeedSettings:
+    """The run-config values a DS JSON must agree with (or get for its "auto" fields)."""
+
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    max_grad_norm: float
+    precision: str  # bf16 | fp16 | fp32
+    zero_stage: str  # auto | 0..3 (auto: keep the JSON's)
+    offload: str  # auto | none | optimizer | all
+    sources: dict  # flag -> where it was set, for messages
+
+
+def template_for(zero_stage: str, offload: str) -> Path:
+    """The shipped ds_configs/ file for a stage/offload choice (`--deepspeed auto`)."""
+    stage = 2 if zero_stage == "auto" else int(zero_stage)
+    if offload == "all":
+        if stage != 3:
+            raise UsageError(f"--offload all (parameters too) needs --zero_stage 3, got {stage}")
+        return DS_CONFIG_DIR / "zero3_offload.json"
+    if offload == "optimizer":
+        if stage < 2:
+            raise UsageError(f"--offload optimizer needs --zero_stage 2 or 3, got {stage}")
+        return DS_CONFIG_DIR / f"zero{stage}_offload.json"
+    return DS_CONFIG_DIR / f"zero{stage}.json"
+
+
+def load_ds_json(path: Path, flag: str = "--deepspeed") -> dict:
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; pass a DeepSpeed JSON (see ds_configs/) or --deepspeed auto|none")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the DeepSpeed config") from None
+
+
+def fill_ds_config(ds: dict, s: DeepSpeedSettings, name: str) -> dict:
+    """Copy of `ds` with every "auto" filled from the run config. A concrete value that
+    contradicts the run config is an error naming both (no hyperparameters live in infra files)."""
+    ds = copy.deepcopy(ds)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise UsageError(f"{name}: remove the \"{section}\" section; trainrig builds the {section} from "
+                             f"--optimizer/--learning_rate/--lr_scheduler_type so one config drives every engine")
+
+    def settle(container: dict, key: str, value, flag: str, label: str):
+        current = container.get(key, "auto")
+        if current == "auto":
+            container[key] = value
+        elif current != value:
+            raise UsageError(f"{name}: {label}={current!r} contradicts {flag}={value!r} (from {s.sources.get(flag.lstrip('-'), 'default')}); "
+                             f"set it to \"auto\" in the JSON or change the flag")
+
+    settle(ds, "train_micro_batch_size_per_gpu", s.micro_batch, "--per_device_train_batch_size", "train_micro_batch_size_per_gpu")
+    settle(ds, "gradient_accumulation_steps", s.accumulation, "--gradient_accumulation_steps", "gradient_accumulation_steps")
+    settle(ds, "train_batch_size", s.micro_batch * s.accumulation * s.world_size, "--global_batch_size",
+           "train_batch_size (= micro batch x accumulation x world)")
+    settle(ds, "gradient_clipping", float(s.max_grad_norm), "--max_grad_norm", "gradient_clipping")
+    for kind in ("bf16", "fp16"):
+        section = ds.setdefault(kind, {})
+        settle(section, "enabled", s.precision == kind, "--precision", f"{kind}.enabled")
+
+    zero = ds.setdefault("zero_optimization", {})
+    if s.zero_stage != "auto":
+        settle(zero, "stage", int(s.zero_stage), "--zero_stage", "zero_optimization.stage")
+    stage = zero.get("stage", 0)
+    if stage == "auto":
+        zero["stage"] = stage = 2
+    json_offload = "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else "none"
+    if s.offload not in ("auto", json_offload):
+        raise UsageError(f"{name}: offloads {json_offload} but --offload is {s.offload}; pick the matching ds_configs/ file or drop the flag")
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        raise UsageError(f"{name}: zero_optimization.{key} is \"auto\", which trainrig does not size; give a number (see ds_configs/zero3.json)")
+    ds.setdefault("steps_per_print", 10**9)  # trainrig logs; keep DeepSpeed's step lines out of the way
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def ds_offload(ds: dict) -> str:
+    zero = ds.get("zero_optimization", {})
+    return "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else "none"
+
+
+# ------------------------------------------------------------------------------- runtime
+
+
+def launcher_world() -> tuple[int, int, int]:
+    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise UsageError("--precision bf16: this GPU has no bf16 (pre-Ampere); use --precision fp16")
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs and changes results
+
+
+class Runtime:
+    """What the loops need from the distributed engine."""
+
+    def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool):
+        import accelerate
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        expected_world, rank, _ = launcher_world()
+        self.precision = resolve_precision(dist_cfg.precision)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 for fp32 matmuls (master-weight math)
+            torch.backends.cudnn.allow_tf32 = True
+        timeout = timedelta(seconds=dist_cfg.ddp_timeout)
+        if expected_world > 1 and not torch.cuda.is_available():
+            # gloo first, or accelerate+deepspeed on CPU build one-rank worlds (DESIGN.md, Runtime);
+            # cpu=True too, else accelerate 1.15 joins the group but never wraps the model in DDP
+            accelerate.PartialState(cpu=True, backend="gloo", timeout=timeout)
+
+        self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
+        if self.ds_config is not None and uses_muon:
+            raise UsageError("--optimizer muon runs without DeepSpeed (--deepspeed none): ZeRO hands the optimizer flattened "
+                             "partitions, and torch.optim.Muon must see whole 2-D matrices")
+        plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config) if self.ds_config is not None else None
+        self.accelerator = accelerate.Accelerator(
+            mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],
+            gradient_accumulation_steps=batch_cfg.gradient_accumulation_steps,
+            deepspeed_plugin=plugin,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        )
+        from accelerate.utils import DistributedType
+
+        unwrapped = expected_world > 1 and self.accelerator.distributed_type == DistributedType.NO
+        if self.accelerator.num_processes != expected_world or unwrapped:
+            raise WorldSizeMismatch(
+                f"the launcher set WORLD_SIZE={expected_world} but rank {rank} joined a process group of "
+                f"{self.accelerator.num_processes}; each rank would train alone. Check MASTER_ADDR/MASTER_PORT "
+                f"and that every rank uses the same launcher; on CPU the process group must be gloo")
+        self.uses_deepspeed = self.ds_config is not None
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"] if self.uses_deepspeed else None
+        self.offload = ds_offload(self.ds_config) if self.uses_deepspeed else "none"
+
+    @staticmethod
+    def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world) -> dict | None:
+        if dist_cfg.deepspeed == "none":
+            if dist_cfg.zero_stage not in ("auto", "0") or dist_cfg.offload not in ("auto", "none"):
+                raise UsageError("--deepspeed none contradicts --zero_stage/--offload; drop one of them")
+            return None
+        if dist_cfg.deepspeed == "auto":
+            if dist_cfg.zero_stage == "auto" and dist_cfg.offload in ("auto", "none"):
+                return None  # nothing asks for ZeRO: DDP (the planner refines this choice)
+            path = template_for(dist_cfg.zero_stage, dist_cfg.offload)
+        else:
+            path = Path(dist_cfg.deepspeed)
+        settings = DeepSpeedSettings(
+            micro_batch=batch_cfg.per_device_train_batch_size, accumulation=batch_cfg.gradient_accumulation_steps,
+            world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=resolve_precision(dist_cfg.precision),
+            zero_stage=dist_cfg.zero_stage, offload=dist_cfg.offload, sources=sources)
+        return fill_ds_config(load_ds_json(path), settings, str(path))
+
+    # ---------------------------------------------------------------------------- facts
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def strategy(self) -> str:
+        if self.uses_deepspeed:
+            return f"deepspeed-zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
+        return "ddp" if self.world_size > 1 else "single"
+
+    def adamw_class(self):
+        """DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed refuses a torch
+        optimizer there), else None: the caller uses torch.optim.AdamW."""
+        if self.offload == "none":
+            return None
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam
+
+    # ---------------------------------------------------------------------- collectives
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum of `values` over all ranks (float64, so token counts stay exact)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_reduce_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def main_first(self, fn):
+        """Run `fn` on rank 0, then on the others (which reuse what rank 0 wrote, e.g. the data
+        cache). A UsageError on rank 0 reaches every rank, so none waits forever at a barrier."""
+        error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except UsageError as err:
+                error = str(err)
+        self.barrier()
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise UsageError(error)
+        if not self.is_main:
+            result = fn()
+        return result
+
+    # -------------------------------------------------------------------------- training
+
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def accumulate(self, model):
+        """Context for one micro step; gradients sync (and the optimizer steps) on the last of
+        each `gradient_accumulation_steps` window."""
+        return self.accelerator.accumulate(model)
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.accelerator.sync_gradients
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` must already be this rank's share of the window's global mean (see the loop);
+        both engines divide by the accumulation steps, which the caller pre-multiplies."""
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, model, max_norm: float) -> float | None:
+        """Clip (when max_norm > 0) and return the pre-clip global norm. Under DeepSpeed the
+        engine clips inside its step; read the norm with `grad_norm_after_step`."""
+        if self.uses_deepspeed:
+            return None
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def grad_norm_after_step(self) -> float | None:
+        if not self.uses_deepspeed:
+            return None
+        norm = self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def peak_memory_gb(self) -> float:
+        """Peak GPU memory allocated by this rank, or the process's peak RSS on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def save_training_state(self, model, optimizer, directory: Path) -> None:
+        """Model and optimizer state into `directory` (every rank calls this).
+        DeepSpeed: its own sharded files; else rank 0 writes model.safetensors + optimizer.pt."""
+        if self.uses_deepspeed:
+            model.save_checkpoint(str(directory), tag="deepspeed", client_state={}, save_latest=False)
+            return
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().cpu() for k, v in self.unwrap(model).state_dict().items()}
+            save_file(_untie(state), str(directory / "model.safetensors"))
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_training_state(self, model, optimizer, directory: Path) -> None:
+        if self.uses_deepspeed:
+            check_deepspeed_files_safe(directory / "deepspeed")
+            path, _ = model.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = self.unwrap(model).load_state_dict(state, strict=False)
+        tied = set(getattr(self.unwrap(model), "_tied_weights_keys", None) or [])
+        if unexpected or [k for k in missing if k not in tied]:
+            raise RuntimeError(f"{directory}/model.safetensors does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+
+    def full_state_dict(self, model) -> dict | None:
+        """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere."""
+        state = self.accelerator.get_state_dict(model)
+        return state if self.is_main else None
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embedding/head): keep one copy."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = key
+        out[key] = tensor
+    return out
+
+
+def check_deepspeed_files_safe(directory: Path) -> None:
+    """DeepSpeed loads its checkpoint files with weights_only=False (arbitrary code on load).
+    Open each with the restricted unpickler first, allowing only the plain types DeepSpeed
+    writes, so a file with a pickle payload is refused before any of its code runs."""
+    import torch.serialization as ser
+
+    files = sorted(directory.glob("*.pt"))
+    if not files:
+        raise RuntimeError(f"{directory}: no DeepSpeed state files")
+    for path in files:
+        try:
+            with ser.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # UnpicklingError, or a file too damaged to read
+            raise RuntimeError(f"{path}: refused to load: not a plain-data DeepSpeed checkpoint file ({str(err).splitlines()[0]})") from None
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain-data classes DeepSpeed's own checkpoint files reference."""
+    import argparse
+    from collections import OrderedDict
+
+    allowed: list = [OrderedDict, argparse.Namespace, set, frozenset]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, fragment_address]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    return allowed

@@ -1,0 +1,127 @@
+"""What a run reports: metrics.jsonl, an optional tracker (wandb / tensorboard), loss.png.
+
+Only the main rank writes. Tracker configs pass through `redact`, so no secret leaves the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from trainers.config import redact, to_flat_dict
+from trainers.errors import UsageError
+
+log = logging.getLogger("trainrig.tracking")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Tracker:
+    def __init__(self, output_dir: Path, report_to: str, run_name: str, cfg, enabled: bool, resumed_step: int):
+        self.enabled = enabled
+        self.path = output_dir / METRICS_FILE
+        self.backend = None
+        self.report_to = report_to
+        if not enabled:
+            return
+        if resumed_step == 0:
+            self.path.unlink(missing_ok=True)
+        else:  # drop lines past the checkpoint, so a resumed run's metrics read as one run
+            self._truncate_after(resumed_step)
+        config = redact(to_flat_dict(cfg))
+        if report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--report_to wandb: wandb is not installed; `pip install wandb` or --report_to none") from None
+            # WANDB_MODE=offline works without a network; the key comes only from wandb's own login/env
+            self.backend = wandb.init(project="trainrig", name=run_name or output_dir.name, dir=str(output_dir),
+                                      config=config, resume="allow")
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.backend = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.backend.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        step = record["step"]
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.report_to == "wandb":
+            self.backend.log(numbers, step=step)
+        elif self.report_to == "tensorboard":
+            for key, value in numbers.items():
+                self.backend.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled and self.backend is not None:
+            (self.backend.finish if self.report_to == "wandb" else self.backend.close)()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
+    """loss (and eval loss) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2, ms=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+class Throughput:
+    """Training tokens/s over the last logging window, counting only time inside training steps
+    (eval and checkpoint writes are paused out, so the figure is comparable across runs)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.train_seconds = 0.0
+        self._since = None
+        self._window_seconds = 0.0
+        self._tokens = 0
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        spent = time.perf_counter() - self._since
+        self.train_seconds += spent
+        self._window_seconds += spent
+
+    def tick(self, tokens: int) -> float:
+        """Rate since the previous tick; `tokens` is the running total."""
+        rate = (tokens - self._tokens) / max(self._window_seconds, 1e-9)
+        self._tokens, self._window_seconds = tokens, 0.0
+        return rate
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
