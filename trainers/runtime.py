@@ -184,20 +184,35 @@ class Runtime:
 
     @staticmethod
     def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world) -> dict | None:
+        """The filled DS config, or None for DDP/single. `accelerate launch --use_deepspeed
+        [--zero_stage N | --deepspeed_config_file F]` counts as asking for DeepSpeed."""
+        by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        zero_stage, offload = dist_cfg.zero_stage, dist_cfg.offload
         if dist_cfg.deepspeed == "none":
-            if dist_cfg.zero_stage not in ("auto", "0") or dist_cfg.offload not in ("auto", "none"):
+            if by_launcher:
+                raise UsageError("`accelerate launch --use_deepspeed` contradicts --deepspeed none; drop one of them")
+            if zero_stage not in ("auto", "0") or offload not in ("auto", "none"):
                 raise UsageError("--deepspeed none contradicts --zero_stage/--offload; drop one of them")
             return None
-        if dist_cfg.deepspeed == "auto":
-            if dist_cfg.zero_stage == "auto" and dist_cfg.offload in ("auto", "none"):
-                return None  # nothing asks for ZeRO: DDP (the planner refines this choice)
-            path = template_for(dist_cfg.zero_stage, dist_cfg.offload)
-        else:
+        if dist_cfg.deepspeed != "auto":
             path = Path(dist_cfg.deepspeed)
+        elif by_launcher and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            path = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+        else:
+            if by_launcher:
+                if zero_stage == "auto":
+                    zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "auto")
+                if offload == "auto":
+                    on_cpu = ("cpu", "nvme")
+                    offload = ("all" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") in on_cpu else
+                               "optimizer" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") in on_cpu else "none")
+            elif zero_stage == "auto" and offload in ("auto", "none"):
+                return None  # nothing asks for ZeRO: DDP (the planner refines this choice)
+            path = template_for(zero_stage, offload)
         settings = DeepSpeedSettings(
             micro_batch=batch_cfg.per_device_train_batch_size, accumulation=batch_cfg.gradient_accumulation_steps,
             world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=resolve_precision(dist_cfg.precision),
-            zero_stage=dist_cfg.zero_stage, offload=dist_cfg.offload, sources=sources)
+            zero_stage=zero_stage, offload=offload, sources=sources)
         return fill_ds_config(load_ds_json(path), settings, str(path))
 
     # ---------------------------------------------------------------------------- facts
