@@ -120,4 +120,4 @@ def _check_block_size(block_size: int, config, what: str) -> None:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: full size under ZeRO-3

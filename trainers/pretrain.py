@@ -142,7 +142,8 @@ def train(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------------- model
     attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device)
     log.info("attention: %s (%s)", attn, why)
-    model = build_model(m, tokenizer, d.block_size, attn, cfg.run.seed)
+    with runtime.model_init_context(sharded=bool(m.model_name_or_path)):
+        model = build_model(m, tokenizer, d.block_size, attn, cfg.run.seed)
     n_params = count_parameters(model)
 
     # --------------------------------------------------------------------- optimizer

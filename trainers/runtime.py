@@ -179,6 +179,12 @@ class Runtime:
                 f"{self.accelerator.num_processes}; each rank would train alone. Check MASTER_ADDR/MASTER_PORT "
                 f"and that every rank uses the same launcher; on CPU the process group must be gloo")
         self.uses_deepspeed = self.ds_config is not None
+        if self.uses_deepspeed:
+            # ZeRO-3 builds the model under deepspeed.zero.Init, which reads the world from
+            # deepspeed.comm; attach it to the process group accelerate made (else it sees 1 rank)
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"] if self.uses_deepspeed else None
         self.offload = ds_offload(self.ds_config) if self.uses_deepspeed else "none"
 
@@ -298,6 +304,15 @@ class Runtime:
 
     # -------------------------------------------------------------------------- training
 
+    def model_init_context(self, sharded: bool):
+        """Where to build the model. sharded=True keeps ZeRO-3's deepspeed.zero.Init (each rank
+        materialises only its shard: the way to load a checkpoint too big for one rank);
+        sharded=False builds it whole, so a from-scratch init is bit-identical under every
+        strategy and world size."""
+        if not self.uses_deepspeed or self.zero_stage != 3 or sharded:
+            return contextlib.nullcontext()
+        return _without_zero_init(self.accelerator.state.deepspeed_plugin)
+
     def prepare(self, model, optimizer):
         return self.accelerator.prepare(model, optimizer)
 
@@ -384,6 +399,19 @@ class Runtime:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _without_zero_init(plugin):
+    """transformers builds under zero.Init whenever a ZeRO-3 HfDeepSpeedConfig is registered
+    (accelerate registers one even with zero3_init_flag off); unregister it for the build."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _untie(state: dict) -> dict:
