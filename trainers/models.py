@@ -108,7 +108,11 @@ def build_model(model_cfg, tokenizer, block_size: int, attn_implementation: str,
             raise UsageError(f"--tokenizer_name_or_path: {len(tokenizer)} tokens but the model embeds only "
                              f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer")
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3; transformers 5.x renamed the method
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training never reuses a KV cache; with checkpointing it must be off
     return model
 

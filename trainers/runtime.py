@@ -393,12 +393,18 @@ class Runtime:
         return state if self.is_main else None
 
     def end(self) -> None:
+        """Close trackers and the process group, and forget accelerate's process-wide state, so a
+        second run in the same process (the demo: pretrain, then SFT) starts clean."""
+        from accelerate.state import AcceleratorState, GradientState
+
         self.accelerator.end_training()
         if self.world_size > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,47 @@
+"""`trainrig` — the command-line front door.
+
+    trainrig demo [--output_dir D] [--max_steps N]     the embedded end-to-end demo (make demo)
+    trainrig tokenizer ...                             = python tokenizer/train.py ...
+    trainrig pretrain ...                              = python launch/pretrain.py ... (single process)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from trainers.config import parse_config
+from trainers.errors import exit_on_usage_error
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from launch.demo import DemoConfig, run_demo
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        run_demo(parse_config(DemoConfig, rest, prog="trainrig demo").demo)
+        return 0
+    if command == "tokenizer":
+        from tokenizer.train import main as tokenizer_main
+
+        tokenizer_main(rest)
+        return 0
+    if command == "pretrain":
+        from launch.pretrain import main as pretrain_main
+
+        pretrain_main(rest)
+        return 0
+    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain (see trainrig --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

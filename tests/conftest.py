@@ -1,0 +1,74 @@
+"""Shared fixtures: a small synthetic corpus, a tokenizer trained on it, and launcher helpers.
+Everything is built in-process on CPU; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_env(tmp_path_factory):
+    """A private block cache and no trackers phoning home."""
+    os.environ["TRAINRIG_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    from launch.demo import make_corpus
+
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    make_corpus(path, seed=7, n_docs=1500)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from tokenizer.train import main
+
+    out = tmp_path_factory.mktemp("tok")
+    main(["--train_files", str(corpus), "--vocab_size", "600", "--min_frequency", "2", "--output_dir", str(out)])
+    return out
+
+
+def pretrain_args(corpus, tokenizer_dir, output_dir, **overrides) -> list[str]:
+    """A tiny, fast pretraining command line; overrides are flag=value (None drops the flag)."""
+    flags = {"train_files": str(corpus), "tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny",
+             "block_size": "32", "per_device_train_batch_size": "4", "max_steps": "6", "logging_steps": "1",
+             "learning_rate": "1e-3", "output_dir": str(output_dir), "resume": "never", "seed": "3"}
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_losses(output_dir: Path) -> dict[int, float]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def run_launcher(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher command from the repo root; fail the test with its output on error."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PATH"] = f"{VENV_BIN}:{full_env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,116 @@
+"""Single-process pretraining runs, in-process (fast): outputs, resume bookkeeping, Muon, CPT, bad input."""
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+
+from conftest import pretrain_args, read_losses
+from launch.pretrain import main
+
+
+def run(corpus, tokenizer_dir, out, **overrides):
+    return main(pretrain_args(corpus, tokenizer_dir, out, **overrides))
+
+
+def test_run_leaves_every_output(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(corpus, tokenizer_dir, out, max_steps=6, save_steps=3, eval_steps=3, save_total_limit=1)
+    names = {p.name for p in out.iterdir()}
+    assert {"resolved_config.yaml", "plan.json", "metrics.jsonl", "loss.png", "final", "checkpoint-6"} <= names
+    assert "checkpoint-3" not in names                           # pruned, after checkpoint-6 was complete
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s"} <= set(train_lines[0])
+    assert any("eval_loss" in r and "eval_ppl" in r for r in records)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["micro_batch_size"] == 4 and plan["global_batch_size"] == 4 and plan["precision"] == "fp32"
+    assert plan["attn_implementation"] == "sdpa" and "flash-attn" in plan["attn_reason"]
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["block_size"] == 32
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["micro_step"] == 6 and state["samples_in_epoch"] == 24
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").eos_token == "<|endoftext|>"
+    assert (out / "final" / "model.safetensors").is_file()
+    assert summary["step"] == 6 and summary["eval_loss"] > 0
+    assert model.config.vocab_size % 64 == 0
+
+
+def test_accumulation_matches_bigger_micro_batch(corpus, tokenizer_dir, tmp_path):
+    """micro 4 x accumulation 2 trains on the same global batch as micro 8: same losses (fp32)."""
+    run(corpus, tokenizer_dir, tmp_path / "a", per_device_train_batch_size=8, max_steps=4)
+    run(corpus, tokenizer_dir, tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4)
+    a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for step in a:  # only summation order differs: ~1e-7 relative in fp32
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_gradient_checkpointing_same_losses(corpus, tokenizer_dir, tmp_path):
+    run(corpus, tokenizer_dir, tmp_path / "a", max_steps=3)
+    run(corpus, tokenizer_dir, tmp_path / "b", max_steps=3, gradient_checkpointing=True)
+    a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+
+
+def test_muon_lowers_the_loss(corpus, tokenizer_dir, tmp_path):
+    run(corpus, tokenizer_dir, tmp_path / "m", optimizer="muon", max_steps=30, learning_rate="3e-3", logging_steps=5)
+    losses = read_losses(tmp_path / "m")
+    assert losses[30] < losses[5] - 0.5, losses
+
+
+def test_continued_pretraining_from_final(corpus, tokenizer_dir, tmp_path):
+    run(corpus, tokenizer_dir, tmp_path / "base", max_steps=20, learning_rate="3e-3")
+    base = read_losses(tmp_path / "base")
+    run(corpus, tokenizer_dir, tmp_path / "cpt", model_preset=None, tokenizer_name_or_path=None,
+        model_name_or_path=tmp_path / "base" / "final", max_steps=3, seed=99)
+    cpt = read_losses(tmp_path / "cpt")
+    assert cpt[1] < base[1] - 1.0        # starts where the base run got to, not from a fresh init
+
+
+def test_tensorboard_tracker(corpus, tokenizer_dir, tmp_path):
+    run(corpus, tokenizer_dir, tmp_path / "tb", max_steps=2, report_to="tensorboard")
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _exits_2(capsys, argv, pattern):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(pattern, err), err
+
+
+def test_bad_inputs_exit_2(corpus, tokenizer_dir, tmp_path, capsys):
+    def args(**kw):
+        return pretrain_args(corpus, tokenizer_dir, kw.pop("output_dir", tmp_path / "bad"), **kw)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "small.txt").write_text("a few words\n")
+    (tmp_path / "r.yaml").write_text("learning_rate: 1e-3\nwarmup: 3\n")
+    (tmp_path / "notamodel").mkdir()
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    _exits_2(capsys, args(train_files=tmp_path / "missing.jsonl"), r"--train_files .*missing\.jsonl: no such file")
+    _exits_2(capsys, args(train_files=tmp_path / "empty.txt"), r"empty\.txt: no text found")
+    _exits_2(capsys, args(train_files=tmp_path / "latin1.txt"), r"latin1\.txt:1: not valid UTF-8")
+    _exits_2(capsys, args(train_files=tmp_path / "small.txt", block_size=512), r"fewer than one block of --block_size 512")
+    _exits_2(capsys, args() + ["--bogus_flag", "1"], r"unknown flag --bogus_flag")
+    _exits_2(capsys, args() + ["--config", str(tmp_path / "r.yaml")], r"r\.yaml:2: unknown key 'warmup'")
+    _exits_2(capsys, args(block_size=4096), r"--block_size 4096 exceeds the 2048 positions")
+    _exits_2(capsys, args(model_preset=None, model_name_or_path=tmp_path / "notamodel"), r"not a model directory \(no config\.json\)")
+    _exits_2(capsys, args(deepspeed=ds), r"ds\.json: train_micro_batch_size_per_gpu=16 contradicts --per_device_train_batch_size=4")
+    _exits_2(capsys, args(global_batch_size=6), r"--global_batch_size 6 is not a multiple of")
+    _exits_2(capsys, args(model_preset="huge"), r"--model_preset huge: unknown preset")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
+        _exits_2(capsys, args(output_dir=ro / "run"), r"--output_dir .*not writable")
+    _exits_2(capsys, args(output_dir="/proc/trainrig-cannot-write"), r"--output_dir /proc/trainrig-cannot-write: not writable")
