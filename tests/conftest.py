@@ -22,6 +22,9 @@ def _hermetic_env(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # DeepSpeed JIT-builds its CPU comm op once (~90 s); keep the build beside this venv, so another
+    # venv with another torch never loads it
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.optimizers[1].load_state_dict(state_dict["adamw"])
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device, adamw_class=None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
+    """Under ZeRO offload accelerate swaps the AdamW for DeepSpeedCPUAdam over the same param groups."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise UsageError("the model has no trainable parameters")
@@ -97,10 +98,7 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device, ada
                             {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
     if optim_cfg.optimizer == "adamw":
-        if adamw_class is not None:  # DeepSpeed's CPU Adam under ZeRO offload
-            optimizer = adamw_class(adamw_groups(named), adamw_mode=True, **adamw_kwargs)
-        else:
-            optimizer = torch.optim.AdamW(adamw_groups(named), fused=fused, **adamw_kwargs)
+        optimizer = torch.optim.AdamW(adamw_groups(named), fused=fused, **adamw_kwargs)
     else:
         matrices = [p for n, p in named if _is_muon_matrix(n, p)]
         rest = [(n, p) for n, p in named if not _is_muon_matrix(n, p)]

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainers import checkpoint as ckpt
-from trainers.config import PretrainConfig, save_resolved_config, source_of
+from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks, trained_tokens
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError
@@ -147,7 +146,7 @@ def train(cfg: PretrainConfig) -> dict:
     n_params = count_parameters(model)
 
     # --------------------------------------------------------------------- optimizer
-    optimizer = build_optimizer(model, cfg.optim, runtime.device, adamw_class=runtime.adamw_class())
+    optimizer = build_optimizer(model, cfg.optim, runtime.device)
     raw_optimizer = optimizer  # its param_groups carry the lr the schedule sets, whatever wraps it
     model, optimizer = runtime.prepare(model, optimizer)
     global_batch = micro * accumulation * runtime.world_size

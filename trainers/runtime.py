@@ -113,6 +113,8 @@ def fill_ds_config(ds: dict, s: DeepSpeedSettings, name: str) -> dict:
         raise UsageError(f"{name}: offloads {json_offload} but --offload is {s.offload}; pick the matching ds_configs/ file or drop the flag")
     for key in [k for k, v in zero.items() if v == "auto"]:
         raise UsageError(f"{name}: zero_optimization.{key} is \"auto\", which trainrig does not size; give a number (see ds_configs/zero3.json)")
+    if stage == 3:  # final/ is gathered from the shards; DeepSpeed refuses unless this is on
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     ds.setdefault("steps_per_print", 10**9)  # trainrig logs; keep DeepSpeed's step lines out of the way
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -154,12 +156,19 @@ class Runtime:
             torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 for fp32 matmuls (master-weight math)
             torch.backends.cudnn.allow_tf32 = True
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
-        if expected_world > 1 and not torch.cuda.is_available():
+        self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
+        if self.ds_config is not None and "LOCAL_RANK" not in os.environ:
+            # `python launch/pretrain.py --zero_stage 2`: DeepSpeed wants a one-rank process group,
+            # else it falls back to MPI discovery (ModuleNotFoundError: mpi4py)
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        if not torch.cuda.is_available() and (expected_world > 1 or self.ds_config is not None):
             # gloo first, or accelerate+deepspeed on CPU build one-rank worlds (DESIGN.md, Runtime);
             # cpu=True too, else accelerate 1.15 joins the group but never wraps the model in DDP
             accelerate.PartialState(cpu=True, backend="gloo", timeout=timeout)
-
-        self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves it unset: 2 ranks x all cores
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         if self.ds_config is not None and uses_muon:
             raise UsageError("--optimizer muon runs without DeepSpeed (--deepspeed none): ZeRO hands the optimizer flattened "
                              "partitions, and torch.optim.Muon must see whole 2-D matrices")
@@ -244,15 +253,6 @@ class Runtime:
         if self.uses_deepspeed:
             return f"deepspeed-zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
         return "ddp" if self.world_size > 1 else "single"
-
-    def adamw_class(self):
-        """DeepSpeed's CPU Adam when ZeRO offloads the optimizer (DeepSpeed refuses a torch
-        optimizer there), else None: the caller uses torch.optim.AdamW."""
-        if self.offload == "none":
-            return None
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam
 
     # ---------------------------------------------------------------------- collectives
 
@@ -418,6 +418,14 @@ def _without_zero_init(plugin):
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _untie(state: dict) -> dict:
