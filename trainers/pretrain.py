@@ -59,8 +59,10 @@ def check_output_dir(path: Path) -> None:
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """trainrig's messages on stdout; other ranks only warn (one log a user can follow)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("trainrig").setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+"""Every shipped config file loads with the loader of the tool that reads it."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from trainers.config import PretrainConfig, parse_config
+from trainers.errors import UsageError
+from trainers.runtime import DeepSpeedSettings, fill_ds_config, load_ds_json
+
+DS_FILES = sorted((REPO / "ds_configs").glob("*.json"))
+ACCELERATE_FILES = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+MODEL_SHAPES = sorted((REPO / "configs" / "models").glob("*.json"))
+
+
+def settings(**kw):
+    base = dict(micro_batch=4, accumulation=2, world_size=1, max_grad_norm=1.0, precision="bf16",
+                zero_stage="auto", offload="auto", sources={})
+    return DeepSpeedSettings(**{**base, **kw})
+
+
+def test_every_kind_is_shipped():
+    assert {p.name for p in DS_FILES} >= {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"}
+    assert {p.stem for p in ACCELERATE_FILES} >= {"single_gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "multi_node"}
+
+
+@pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
+def test_ds_config_loads_in_deepspeed(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    filled = fill_ds_config(load_ds_json(path), settings(), str(path))
+    assert "auto" not in str(filled)
+    ds = DeepSpeedConfig(filled)          # DeepSpeed's own parser and batch checks
+    assert ds.train_micro_batch_size_per_gpu == 4 and ds.gradient_accumulation_steps == 2
+    assert ds.gradient_clipping == 1.0 and ds.bfloat16_config.enabled
+    assert ds.zero_optimization_stage == int(path.stem[4])
+
+
+@pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
+def test_ds_config_loads_in_accelerate(path):
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+    assert plugin.zero_stage == int(path.stem[4])
+
+
+def test_ds_conflict_names_both_values():
+    with pytest.raises(UsageError, match=r"gradient_clipping=0\.5 contradicts --max_grad_norm=1\.0"):
+        fill_ds_config({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}, settings(), "x.json")
+    with pytest.raises(UsageError, match=r"zero_optimization\.stage=3 contradicts --zero_stage=2"):
+        fill_ds_config({"zero_optimization": {"stage": 3}}, settings(zero_stage="2"), "x.json")
+    with pytest.raises(UsageError, match=r"remove the \"optimizer\" section"):
+        fill_ds_config({"optimizer": {"type": "AdamW"}}, settings(), "x.json")
+
+
+@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
+def test_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1
+    ds_file = (config.deepspeed_config or {}).get("deepspeed_config_file")
+    if ds_file:
+        assert (REPO / ds_file).is_file()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipes_parse(path):
+    cfg = parse_config(PretrainConfig, ["--config", str(path)], prog="t")
+    assert cfg.run.output_dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("path", MODEL_SHAPES, ids=lambda p: p.name)
+def test_model_shapes_build_on_meta(path):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**json.loads(path.read_text()), vocab_size=151936)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    expected = {"0.5b": 494e6, "1.5b": 1.54e9}.get(path.stem)   # Qwen2.5 model cards: 0.49B, 1.54B
+    if expected:
+        assert abs(n - expected) / expected < 0.02, n
