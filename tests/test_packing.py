@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from trainers.data.packing import BLOCKS_FILE, pack_token_stream, prepare_blocks
+from trainers.data.packing import BLOCKS_FILE, encode_joined, encode_per_document, pack_token_stream, prepare_blocks
 from trainers.errors import UsageError
 
 
@@ -50,10 +50,18 @@ def test_blocks_equal_group_texts(corpus, tokenizer_dir, tmp_path, tokenize_batc
 
 
 def test_pack_token_stream_carries_remainder():
-    blocks, carry = pack_token_stream([[1, 2, 3], [4, 5]], 2, np.zeros(0, dtype=np.int64))
+    blocks, carry = pack_token_stream(np.array([1, 2, 3, 4, 5]), 2, np.zeros(0, dtype=np.int64))
     assert blocks.tolist() == [[1, 2], [3, 4]] and carry.tolist() == [5]
-    blocks, carry = pack_token_stream([[6]], 2, carry)
+    blocks, carry = pack_token_stream(np.array([6]), 2, carry)
     assert blocks.tolist() == [[5, 6]] and carry.tolist() == []
+
+
+def test_joined_encoding_equals_per_document(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs = ["plain text.", "  leading spaces", "trailing space ", "\nnewline first", "你好，世界", "emoji 🙂🚀 end",
+            "mentions <|im_start|>user inside", "x", "code:\n    return 1\n"] * 20
+    joined = encode_joined(tok.backend_tokenizer, docs, tok.eos_token)
+    np.testing.assert_array_equal(joined, encode_per_document(tok.backend_tokenizer, docs, tok.eos_token_id))
 
 
 def test_cache_is_reused_and_opens_with_datasets(corpus, tokenizer_dir, tmp_path, caplog):

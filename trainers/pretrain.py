@@ -94,8 +94,7 @@ def train(cfg: PretrainConfig) -> dict:
     out = Path(cfg.run.output_dir)
     world_size, rank, _ = launcher_world()
     cfg.batch.gradient_accumulation_steps = resolve_accumulation(cfg.batch, world_size)
-    if rank == 0:
-        check_output_dir(out)
+    check_output_dir(out)  # every rank: on several nodes each must be able to write its shards
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -39,20 +38,33 @@ BLOCKS_FILE, META_FILE = "blocks.arrow", "meta.json"
 # ----------------------------------------------------------------------------- pure logic
 
 
-def pack_token_stream(token_lists: Iterable[list[int]], block_size: int, carry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Append `token_lists` to `carry` and cut off as many whole blocks as possible.
+def pack_token_stream(tokens: np.ndarray, block_size: int, carry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Append `tokens` to `carry` and cut off as many whole blocks as possible.
 
     Returns (blocks of shape [n, block_size], the new carry of < block_size tokens).
     """
-    stream = np.fromiter(chain(carry.tolist(), chain.from_iterable(token_lists)), dtype=np.int64)
+    stream = np.concatenate([carry, tokens]) if len(carry) else tokens
     n_blocks = len(stream) // block_size
     return stream[: n_blocks * block_size].reshape(n_blocks, block_size), stream[n_blocks * block_size:]
 
 
-def with_eos(token_lists: Iterable[list[int]], eos_id: int) -> Iterator[list[int]]:
-    """Each document's tokens followed by EOS."""
-    for ids in token_lists:
-        yield ids + [eos_id]
+def encode_per_document(encoder, docs: list[str], eos_id: int) -> np.ndarray:
+    """Reference route: each document encoded on its own, followed by EOS."""
+    encodings = encoder.encode_batch_fast(docs, add_special_tokens=False)
+    return np.fromiter(chain.from_iterable(chain(e.ids, (eos_id,)) for e in encodings), dtype=np.int64)
+
+
+DOCS_PER_STRING = 64
+
+
+def encode_joined(encoder, docs: list[str], eos_token: str) -> np.ndarray:
+    """Fast route, same tokens: documents joined by the EOS text, 64 per string. The tokenizer
+    splits special tokens out before normalising and pre-tokenising, so each document is
+    tokenised exactly as on its own, but Python handles 64x fewer token lists (checked against
+    `encode_per_document` on the first batch of every build)."""
+    strings = [eos_token.join(docs[i:i + DOCS_PER_STRING]) + eos_token for i in range(0, len(docs), DOCS_PER_STRING)]
+    encodings = encoder.encode_batch_fast(strings, add_special_tokens=False)
+    return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 
 
 def token_dtype(vocab_size: int):
@@ -95,17 +107,27 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     tmp_dir.mkdir(parents=True)
 
     encoder = tokenizer.backend_tokenizer  # Rust; encode_batch spreads a batch over all cores
+    eos_id, eos_token = tokenizer.eos_token_id, tokenizer.eos_token
+    encode = None
     carry = np.zeros(0, dtype=np.int64)
     n_docs = n_tokens = n_blocks = 0
     start = time.perf_counter()
     try:
         with pa.OSFile(str(tmp_dir / BLOCKS_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for docs in iter_document_batches(files, text_field, batch_size):
-                encodings = encoder.encode_batch_fast(docs, add_special_tokens=False)
-                token_lists = [e.ids for e in encodings]
+                if encode is None:  # pick the route once, proving the fast one on real data
+                    reference = encode_per_document(encoder, docs, eos_id)
+                    if np.array_equal(encode_joined(encoder, docs, eos_token), reference):
+                        encode = lambda d: encode_joined(encoder, d, eos_token)  # noqa: E731
+                    else:
+                        log.warning("this tokenizer tokenises joined documents differently; encoding one by one (slower)")
+                        encode = lambda d: encode_per_document(encoder, d, eos_id)  # noqa: E731
+                    tokens = reference
+                else:
+                    tokens = encode(docs)
                 n_docs += len(docs)
-                n_tokens += sum(len(t) for t in token_lists) + len(token_lists)
-                blocks, carry = pack_token_stream(with_eos(token_lists, tokenizer.eos_token_id), block_size, carry)
+                n_tokens += len(tokens)
+                blocks, carry = pack_token_stream(tokens, block_size, carry)
                 if len(blocks):
                     flat = pa.array(blocks.astype(dtype).ravel(), type=value_type)
                     writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, block_size)], schema=schema))

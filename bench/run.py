@@ -1,0 +1,255 @@
+"""trainrig benchmarks, side by side with what users would run instead; writes bench/RESULTS.md.
+
+    make bench                      # or: python bench/run.py --output bench/RESULTS.md [--repeats 3]
+
+(a) data preparation: tokenize + pack a jsonl corpus into blocks, trainrig's `prepare_blocks`
+    vs. HF run_clm's recipe (`datasets.load_dataset` -> `map(tokenize, num_proc)` -> `map(group_texts)`).
+(b) training step throughput: `launch/pretrain.py` vs. a bare hand-written PyTorch loop on the
+    same model init, blocks, micro batch, optimizer and precision.
+Every figure in RESULTS.md comes from this script's measurements (medians of --repeats runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def machine() -> dict:
+    import accelerate
+    import datasets
+    import deepspeed
+    import tokenizers
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "deepspeed": deepspeed.__version__, "datasets": datasets.__version__, "tokenizers": tokenizers.__version__}
+
+
+# ------------------------------------------------------------------------------- (a) data
+
+
+def bench_data(corpus: Path, tokenizer, block_size: int, repeats: int, workdir: Path) -> dict:
+    import datasets
+
+    from trainers.data.packing import prepare_blocks
+
+    def trainrig_once(i):
+        start = time.perf_counter()
+        blocks = prepare_blocks([str(corpus)], "--train_files", tokenizer, block_size, "text",
+                                str(workdir / f"trainrig_cache_{i}"), 1000, build=True)
+        return time.perf_counter() - start, blocks.meta["tokens"], len(blocks)
+
+    def run_clm_once(i, num_proc):
+        start = time.perf_counter()
+        raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(workdir / f"hf_cache_{i}"))
+
+        def tokenize(batch):
+            return tokenizer(batch["text"])
+
+        def group_texts(examples):  # run_clm's semantics: concatenate, drop the remainder, chunk
+            concatenated = {k: list(chain(*examples[k])) for k in examples}
+            total = (len(concatenated["input_ids"]) // block_size) * block_size
+            result = {k: [t[j:j + block_size] for j in range(0, total, block_size)] for k, t in concatenated.items()}
+            result["labels"] = result["input_ids"].copy()
+            return result
+
+        tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"])
+        grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
+        return time.perf_counter() - start, sum(len(x) for x in tokenized["input_ids"]), len(grouped)
+
+    def tokenizer_alone_once():
+        """The ceiling: the Rust tokenizer on the texts already in memory, nothing else."""
+        texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+        encoder = tokenizer.backend_tokenizer
+        start = time.perf_counter()
+        n = sum(len(e.ids) for i in range(0, len(texts), 10000)
+                for e in encoder.encode_batch_fast(texts[i:i + 10000], add_special_tokens=False))
+        return time.perf_counter() - start, n + len(texts), 0
+
+    rows = {"trainrig": [trainrig_once(i) for i in range(repeats)],
+            "run_clm_default": [run_clm_once(f"d{i}", None) for i in range(repeats)],
+            "run_clm_num_proc": [run_clm_once(f"p{i}", os.cpu_count()) for i in range(repeats)],
+            "tokenizer_alone": [tokenizer_alone_once() for _ in range(repeats)]}
+    result = {"repeats": repeats, "tokens": rows["trainrig"][0][1]}
+    for name, runs in rows.items():
+        seconds = statistics.median(t for t, _, _ in runs)
+        result[name] = {"s": seconds, "tok_s": runs[0][1] / seconds, "blocks": runs[0][2]}
+    return result
+
+
+# --------------------------------------------------------------------------- (b) training
+
+
+def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr) -> float:
+    """The hand-written loop a user would write: same blocks, same init, same fused AdamW."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from trainers.config import ModelConfig, OptimConfig
+    from trainers.data.collate import collate_blocks
+    from trainers.data.packing import prepare_blocks
+    from trainers.models import build_model, load_tokenizer
+    from trainers.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(str(tokenizer_dir), False, "--tokenizer_name_or_path")
+    blocks = prepare_blocks([str(corpus)], "--train_files", tokenizer, block_size, "text", str(cache_dir), 1000, build=True)
+    model = build_model(ModelConfig(model_preset=preset), tokenizer, block_size, "sdpa", seed)
+    optimizer = build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
+    sampler = DistributedSampler(blocks, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    loader = iter(DataLoader(blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True))
+    model.train()
+    start = None
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        batch = next(loader)
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # a real loop logs the loss every step
+    return (steps - warmup) * micro * block_size / (time.perf_counter() - start)
+
+
+def trainrig_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr, out) -> float:
+    from launch.pretrain import main
+
+    main(["--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
+          "--block_size", str(block_size), "--per_device_train_batch_size", str(micro), "--max_steps", str(steps),
+          "--logging_steps", str(warmup), "--learning_rate", str(lr), "--seed", str(seed), "--output_dir", str(out),
+          "--resume", "never", "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_sec" in r][1:]  # the first window is the warmup
+    tokens = sum(r["tokens_per_sec"] for r in timed) / len(timed)  # equal-size windows: mean of rates
+    return tokens
+
+
+def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, steps, warmup, repeats) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    cache = workdir / "train_cache"
+    ours, bare = [], []
+    for i in range(repeats):  # interleaved, so drift in machine load hits both alike
+        bare.append(bare_loop_tokens_per_s(corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3))
+        ours.append(trainrig_tokens_per_s(corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3,
+                                          workdir / f"run_{preset}_{i}"))
+    return {"preset": preset, "block_size": block_size, "micro_batch": micro, "steps": steps, "warmup": warmup,
+            "trainrig_tok_s": statistics.median(ours), "bare_tok_s": statistics.median(bare),
+            "ratio": statistics.median(ours) / statistics.median(bare), "repeats": repeats,
+            "trainrig_all": [round(x) for x in ours], "bare_all": [round(x) for x in bare]}
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def write_report(path: Path, info: dict, data: dict, training: list[dict]) -> None:
+    lines = [
+        "# trainrig benchmarks",
+        "",
+        f"Generated by `make bench` (`bench/run.py`) on {info['date']}. Do not edit by hand.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}. Python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, accelerate {info['accelerate']}, deepspeed {info['deepspeed']}, "
+        f"datasets {info['datasets']}, tokenizers {info['tokenizers']}.",
+        "",
+        f"## (a) Tokenize + pack into {data['block_size']}-token blocks, jsonl file to blocks (median of {data['repeats']})",
+        "",
+        "| pipeline | seconds | tokens/s | trainrig's speed-up | blocks |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    labels = {"trainrig": "trainrig `prepare_blocks` (pyarrow jsonl reader, Rust batch encode, numpy packing, Arrow cache)",
+              "run_clm_default": "run_clm as shipped: `load_dataset` + `map(tokenize)` + `map(group_texts)`",
+              "run_clm_num_proc": f"run_clm with `--preprocessing_num_workers {info['cores']}`",
+              "tokenizer_alone": "ceiling: the Rust tokenizer alone on texts in memory (no reading, packing or writing)"}
+    ours = data["trainrig"]["tok_s"]
+    for key, label in labels.items():
+        row = data[key]
+        blocks = f"{row['blocks']:,}" if row["blocks"] else "-"
+        lines.append(f"| {label} | {row['s']:.2f} | {row['tok_s']:,.0f} | {ours / row['tok_s']:.2f}x | {blocks} |")
+    best_clm = max(data["run_clm_default"]["tok_s"], data["run_clm_num_proc"]["tok_s"])
+    verdict = "met" if ours / best_clm >= 3 else "NOT met"
+    lines += [
+        "",
+        f"Target >= 3x over run_clm: **{verdict}** ({ours / best_clm:.2f}x over its faster variant). Corpus: {data['tokens']:,} tokens. "
+        f"trainrig runs at {ours / data['tokenizer_alone']['tok_s']:.0%} of the tokenizer's own speed on this machine, so "
+        "what is left is BPE time in the Rust tokenizer, which both pipelines pay; the margin over run_clm is run_clm's "
+        "work outside the tokenizer (Arrow round trips, Python lists in group_texts). trainrig appends EOS after every "
+        "document and drops only the corpus's final tail; run_clm drops a tail per 1000-document map batch, hence the block counts.",
+        "",
+        "## (b) Pretraining step throughput, 1 process, fp32, fused AdamW",
+        "",
+        "| model | block x micro | trainrig tokens/s | bare PyTorch loop tokens/s | ratio (target >= 0.97) | runs (trainrig / bare) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for t in training:
+        lines.append(f"| {t['preset']} | {t['block_size']} x {t['micro_batch']} | {t['trainrig_tok_s']:,.0f} | {t['bare_tok_s']:,.0f} | "
+                     f"**{t['ratio']:.3f}** | {t['trainrig_all']} / {t['bare_all']} |")
+    lines += ["", f"Each run: {training[0]['steps']} steps, the first {training[0]['warmup']} excluded; medians of "
+              f"{training[0]['repeats']} runs, the two loops interleaved. trainrig's figure is its own `tokens_per_sec` "
+              "(time inside training steps, data loading included); the bare loop is timed the same way.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=60000, help="documents in the synthetic corpus")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from launch.demo import make_corpus
+    from tokenizer.train import main as train_tokenizer
+    from trainers.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="trainrig-bench-") as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus.jsonl"
+        make_corpus(corpus, seed=11, n_docs=args.docs)
+        train_tokenizer(["--train_files", str(corpus), "--vocab_size", "4096", "--output_dir", str(work / "tok")])
+        tokenizer = load_tokenizer(str(work / "tok"), False, "--tokenizer_name_or_path")
+        info = machine()
+        data = bench_data(corpus, tokenizer, 512, args.repeats, work)
+        data["block_size"] = 512
+        print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict)}, flush=True)
+        training = []
+        for preset, block, micro, steps, warmup in (("tiny", 256, 16, 60, 10), ("small", 256, 8, 24, 4)):
+            result = bench_training(corpus, work / "tok", work, preset, block, micro, steps, warmup, args.repeats)
+            print(f"(b) {preset}: trainrig {result['trainrig_tok_s']:,.0f} tok/s vs bare {result['bare_tok_s']:,.0f} = {result['ratio']:.3f}", flush=True)
+            training.append(result)
+        write_report(Path(args.output), info, data, training)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
