@@ -121,13 +121,19 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
     model = build_model(ModelConfig(model_preset=preset), tokenizer, block_size, "sdpa", seed)
     optimizer = build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
     sampler = DistributedSampler(blocks, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
-    loader = iter(DataLoader(blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True))
+    loader = DataLoader(blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True)
+
+    def batches():
+        while True:  # epoch after epoch, like trainrig's loop
+            yield from loader
+
+    stream = batches()
     model.train()
     start = None
     for step in range(steps):
         if step == warmup:
             start = time.perf_counter()
-        batch = next(loader)
+        batch = next(stream)
         loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

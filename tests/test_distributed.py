@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from conftest import REPO, VENV_BIN, pretrain_args, read_losses, run_launcher
+from conftest import VENV_BIN, pretrain_args, read_losses, run_launcher
 from launch.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.slow

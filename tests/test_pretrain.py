@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 
 from conftest import pretrain_args, read_losses
@@ -114,3 +113,32 @@ def test_bad_inputs_exit_2(corpus, tokenizer_dir, tmp_path, capsys):
     if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
         _exits_2(capsys, args(output_dir=ro / "run"), r"--output_dir .*not writable")
     _exits_2(capsys, args(output_dir="/proc/trainrig-cannot-write"), r"--output_dir /proc/trainrig-cannot-write: not writable")
+
+
+def test_save_best_keeps_lowest_eval_checkpoint(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "best"
+    run(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, eval_steps=2, save_total_limit=1, save_best=True,
+        learning_rate="3e-3")
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r and r["step"] < 8}
+    best_step = min(evals, key=evals.get)
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert f"checkpoint-{best_step}" in kept and "checkpoint-8" in kept and len(kept) <= 2
+
+
+def test_dataloader_workers_same_losses(corpus, tokenizer_dir, tmp_path):
+    run(corpus, tokenizer_dir, tmp_path / "a", max_steps=3)
+    run(corpus, tokenizer_dir, tmp_path / "b", max_steps=3, dataloader_num_workers=2)
+    assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_wandb_offline(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "local-test-key-not-a-secret-0123456789")
+    out = tmp_path / "wb"
+    run(corpus, tokenizer_dir, out, max_steps=2, report_to="wandb")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs, list(out.iterdir())
+    written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl", ".log"))
+    assert "local-test-key-not-a-secret" not in written

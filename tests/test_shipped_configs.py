@@ -1,6 +1,5 @@
 """Every shipped config file loads with the loader of the tool that reads it."""
 
-from pathlib import Path
 
 import pytest
 

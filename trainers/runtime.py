@@ -268,14 +268,6 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
-    def all_reduce_max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
     def broadcast_object(self, obj):
         if self.world_size == 1:
             return obj
