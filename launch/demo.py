@@ -70,7 +70,7 @@ def make_corpus(path: Path, seed: int, n_docs: int = 6000) -> dict:
 class DemoArgs:
     output_dir: str = opt("outputs/demo", "Where the demo writes its data, tokenizer, run and report.")
     seed: int = opt(1234, "Seed for the synthetic data and the training run.")
-    max_steps: int = opt(400, "Pretraining steps (400 take about a minute on 2 CPU cores).")
+    max_steps: int = opt(300, "Pretraining steps (300 take about 2 minutes on 2 CPU cores).")
     model_preset: str = opt("tiny", "Model shape from configs/models/.")
 
 
