@@ -142,3 +142,13 @@ def test_wandb_offline(corpus, tokenizer_dir, tmp_path, monkeypatch):
     assert runs, list(out.iterdir())
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl", ".log"))
     assert "local-test-key-not-a-secret" not in written
+
+
+def test_resume_refuses_other_batch_shape(corpus, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    run(corpus, tokenizer_dir, out, max_steps=2, save_steps=2)
+    capsys.readouterr()
+    _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, max_steps=4, resume="auto", per_device_train_batch_size=8),
+             r"checkpoint-2 was saved with micro_batch 4, this run uses 8")
+    _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, model_name_or_path=out / "final"),
+             r"pass exactly one of --model_preset .* or --model_name_or_path")

@@ -139,8 +139,9 @@ def save_checkpoint(runtime, model, optimizer, trainer_state: dict, output_dir: 
     return final
 
 
-def load_checkpoint(runtime, model, optimizer, path: Path) -> dict:
-    """Restore model, optimizer and this rank's RNG; return trainer_state."""
+def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict:
+    """Restore model, optimizer and this rank's RNG; return trainer_state. `expect`: settings the
+    checkpoint must have been saved with (batch shape), checked before anything is loaded."""
     problem = manifest_problem(path)
     if problem:
         raise RuntimeError(f"cannot resume from {path}: {problem}")
@@ -148,6 +149,10 @@ def load_checkpoint(runtime, model, optimizer, path: Path) -> dict:
     if state["world_size"] != runtime.world_size:
         raise UsageError(f"{path} was saved by {state['world_size']} ranks, this run has {runtime.world_size}; "
                          f"resume with the same number of ranks (data order and optimizer shards depend on it)")
+    for key, now in expect.items():
+        if state.get(key) != now:
+            raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "
+                             f"resume with the same batch settings or start a new --output_dir")
     runtime.load_training_state(model, optimizer, path)
     rng_file = path / f"rng_state_{runtime.rank}.pt"
     set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))

@@ -82,8 +82,6 @@ def build_model(model_cfg, tokenizer, block_size: int, attn_implementation: str,
     """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 
-    if bool(model_cfg.model_preset) == bool(model_cfg.model_name_or_path):
-        raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
     if model_cfg.model_preset:
         shape = load_preset(model_cfg.model_preset)
         vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

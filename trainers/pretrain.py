@@ -29,7 +29,7 @@ from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks, trained_tokens
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError
-from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation
+from trainers.models import build_model, count_parameters, load_preset, load_tokenizer, resolve_attn_implementation
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, Throughput, Tracker, plot_loss
@@ -92,8 +92,15 @@ def evaluate(runtime, model, blocks, batch_size: int) -> dict:
 def train(cfg: PretrainConfig) -> dict:
     # ------------------------------------------------------------------------ config
     out = Path(cfg.run.output_dir)
-    world_size, rank, _ = launcher_world()
+    world_size, _, _ = launcher_world()
     cfg.batch.gradient_accumulation_steps = resolve_accumulation(cfg.batch, world_size)
+    m, d = cfg.model, cfg.data
+    if bool(m.model_preset) == bool(m.model_name_or_path):
+        raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
+    if m.model_preset:
+        load_preset(m.model_preset)  # an unknown name fails here, before any data work
+    if d.block_size < 2:
+        raise UsageError(f"--block_size {d.block_size}: a block needs at least 2 tokens (one to predict from)")
     check_output_dir(out)  # every rank: on several nodes each must be able to write its shards
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
@@ -107,13 +114,8 @@ def train(cfg: PretrainConfig) -> dict:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
     # -------------------------------------------------------------------------- data
-    m = cfg.model
-    tokenizer_path = m.tokenizer_name_or_path or m.model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_path, m.trust_remote_code,
-                               "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path")
-    d = cfg.data
-    if d.block_size < 2:
-        raise UsageError(f"--block_size {d.block_size}: a block needs at least 2 tokens (one to predict from)")
+    tokenizer_flag = "--model_name_or_path" if m.model_name_or_path and not m.tokenizer_name_or_path else "--tokenizer_name_or_path"
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, tokenizer_flag)
 
     def blocks_for(patterns, flag):
         return runtime.main_first(lambda: prepare_blocks(patterns, flag, tokenizer, d.block_size, d.text_field,
@@ -164,11 +166,8 @@ def train(cfg: PretrainConfig) -> dict:
              "world_size": runtime.world_size, "best_eval_loss": None, "best_checkpoint": None}
     resume_from = ckpt.resolve_resume(cfg.run.resume, out)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(runtime, model, optimizer, resume_from)
-        for key, now in (("micro_batch", micro), ("accumulation", accumulation)):
-            if state.get(key) != now:
-                raise UsageError(f"{resume_from} was saved with {key} {state.get(key)}, this run uses {now}; "
-                                 f"resume with the same batch settings or start a new --output_dir")
+        state = ckpt.load_checkpoint(runtime, model, optimizer, resume_from,
+                                     expect={"micro_batch": micro, "accumulation": accumulation})
         log.info("resumed from %s at step %d (epoch %d, %d samples into it per rank)",
                  resume_from, state["step"], state["epoch"], state["samples_in_epoch"])
     state.update(micro_batch=micro, accumulation=accumulation)
