@@ -16,6 +16,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.7,torch==2.13.0)
 .PHONY: demo test test-fast bench clean-venv
 
 $(VENV)/.base: pyproject.toml
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "error: $(PYTHON) cannot create virtual environments; install python3-venv (Debian/Ubuntu: apt install python3-venv) or run make PYTHON=/path/to/python3"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"

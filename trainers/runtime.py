@@ -184,9 +184,9 @@ class Runtime:
         unwrapped = expected_world > 1 and self.accelerator.distributed_type == DistributedType.NO
         if self.accelerator.num_processes != expected_world or unwrapped:
             raise WorldSizeMismatch(
-                f"the launcher set WORLD_SIZE={expected_world} but rank {rank} joined a process group of "
-                f"{self.accelerator.num_processes}; each rank would train alone. Check MASTER_ADDR/MASTER_PORT "
-                f"and that every rank uses the same launcher; on CPU the process group must be gloo")
+                f"the launcher set WORLD_SIZE={expected_world} but rank {rank} sees {self.accelerator.num_processes} "
+                f"process(es) with distributed type {self.accelerator.distributed_type.value}; each rank would train "
+                f"alone. Check MASTER_ADDR/MASTER_PORT and that every rank uses the same launcher")
         self.uses_deepspeed = self.ds_config is not None
         if self.uses_deepspeed:
             # ZeRO-3 builds the model under deepspeed.zero.Init, which reads the world from
