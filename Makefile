@@ -7,11 +7,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
 # torch first, chosen for the machine: a box where `nvidia-smi -L` lists a GPU gets the
-# registry's default CUDA wheel (CUDA 12.8+ in every release >= 2.7, so an RTX 5090 / sm_120
-# has kernels); a machine without one gets the pinned release, the CPU build where a local
-# wheel exists. Override with `make TORCH_SPEC='torch==X.Y' ...`.
-HAS_GPU    := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
-TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.7,torch==2.13.0)
+# registry's newest default CUDA wheel (CUDA 12.8+ builds, which have sm_120 kernels for the
+# RTX 5090); a machine without one gets a pinned release (2.13.0: on this project's CI machines
+# a local CPU build; elsewhere the registry's wheel, which also runs on CPU). Override with
+# `make TORCH_SPEC='torch==X.Y'`, or add an index with `make PIP_TORCH_ARGS='--index-url URL'`.
+HAS_GPU        := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
+TORCH_SPEC     ?= $(if $(HAS_GPU),torch>=2.9,torch==2.13.0)
+PIP_TORCH_ARGS ?=
 
 .PHONY: demo test test-fast bench clean-venv
 
@@ -19,7 +21,7 @@ $(VENV)/.base: pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "error: $(PYTHON) cannot create virtual environments; install python3-venv (Debian/Ubuntu: apt install python3-venv) or run make PYTHON=/path/to/python3"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e .
 	touch $@
 

@@ -92,10 +92,15 @@ def bench_data(corpus: Path, tokenizer, block_size: int, repeats: int, workdir: 
                 for i in range(0, len(texts), 1000))
         return time.perf_counter() - start, n, 0
 
+    # datasets sets TOKENIZERS_PARALLELISM=false in this process before it forks (num_proc), which
+    # would leave every later tokenizer call on one core: run_clm goes last, and the variable is restored
     rows = {"trainrig": [trainrig_once(i) for i in range(repeats)],
-            "run_clm_default": [run_clm_once(f"d{i}", None) for i in range(repeats)],
-            "run_clm_num_proc": [run_clm_once(f"p{i}", os.cpu_count()) for i in range(repeats)],
             "tokenizer_alone": [tokenizer_alone_once() for _ in range(repeats)]}
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    rows["run_clm_default"] = [run_clm_once(f"d{i}", None) for i in range(repeats)]
+    rows["run_clm_num_proc"] = [run_clm_once(f"p{i}", os.cpu_count()) for i in range(repeats)]
+    if parallelism is not None:
+        os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     result = {"repeats": repeats, "tokens": rows["trainrig"][0][1]}
     for name, runs in rows.items():
         seconds = statistics.median(t for t, _, _ in runs)

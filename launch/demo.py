@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ def run_demo(args: DemoArgs) -> dict:
 
     t = time.perf_counter()
     run_dir = out / "pretrain"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts fresh every time
     summary = pretrain_entry.main([
         "--train_files", str(corpus), "--tokenizer_name_or_path", str(out / "tokenizer"),
         "--model_preset", args.model_preset, "--block_size", "128", "--per_device_train_batch_size", "16",

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs on CPU everywhere, also on a GPU box (it asserts fp32 results and CPU ranks)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 

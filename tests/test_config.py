@@ -73,3 +73,30 @@ def test_secrets_never_written(tmp_path, monkeypatch):
     assert yaml.safe_load(text)["output_dir"] == str(tmp_path)   # the rest is kept
     assert redact({"api_key": "x", "hf_token": "y", "lr": 1}) == {"api_key": "***redacted***", "hf_token": "***redacted***", "lr": 1}
     assert set(to_flat_dict(cfg)) >= {"learning_rate", "block_size", "deepspeed"}
+
+
+def test_redaction_spares_tokenizer_fields(tmp_path):
+    cfg = parse_config(PretrainConfig, ["--tokenizer_name_or_path", "tok/", "--tokenize_batch_size", "7"], prog="t")
+    save_resolved_config(cfg, tmp_path / "r.yaml")
+    again = parse_config(PretrainConfig, ["--config", str(tmp_path / "r.yaml")], prog="t")  # a saved config runs again
+    assert again.model.tokenizer_name_or_path == "tok/" and again.data.tokenize_batch_size == 7
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--logging_steps", "0"], r"--logging_steps: logging_steps must be at least 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], r"gradient_accumulation_steps must be at least 1"),
+    (["--learning_rate", "-1"], r"learning_rate must be at least 0"),
+])
+def test_minimums(argv, match):
+    with pytest.raises(UsageError, match=match):
+        parse_config(PretrainConfig, argv, prog="t")
+
+
+def test_blank_yaml_values(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path:\ntrain_files:\n")
+    cfg = parse_config(PretrainConfig, ["--config", str(recipe)], prog="t")
+    assert cfg.model.model_name_or_path == "" and cfg.data.train_files == []
+    recipe.write_text("max_steps:\n")
+    with pytest.raises(UsageError, match=r"r\.yaml:1: max_steps is empty"):
+        parse_config(PretrainConfig, ["--config", str(recipe)], prog="t")

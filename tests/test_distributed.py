@@ -83,3 +83,10 @@ def test_zero3_accelerate_launch(single_run, corpus, tokenizer_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(p.numel() > 0 for p in model.parameters())
     assert '"zero_stage": 3' in (out / "plan.json").read_text()
+
+    # continued pretraining from that final/ under ZeRO-3: the checkpoint loads sharded (zero.Init)
+    cpt = tmp_path / "zero3_cpt"
+    run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                  *pretrain_args(corpus, tokenizer_dir, cpt, model_preset=None, tokenizer_name_or_path=None,
+                                 model_name_or_path=out / "final", zero_stage=3, max_steps=2)])
+    assert read_losses(cpt)[1] < single_run[1] - 0.1   # starts from the trained weights, not a fresh init

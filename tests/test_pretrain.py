@@ -107,6 +107,8 @@ def test_bad_inputs_exit_2(corpus, tokenizer_dir, tmp_path, capsys):
     _exits_2(capsys, args(deepspeed=ds), r"ds\.json: train_micro_batch_size_per_gpu=16 contradicts --per_device_train_batch_size=4")
     _exits_2(capsys, args(global_batch_size=6), r"--global_batch_size 6 is not a multiple of")
     _exits_2(capsys, args(model_preset="huge"), r"--model_preset huge: unknown preset")
+    _exits_2(capsys, args(precision="fp16"), r"--precision fp16 needs a CUDA GPU")
+    _exits_2(capsys, args(save_best=True, save_steps=4, eval_steps=3), r"--save_best needs --eval_steps dividing --save_steps")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -152,3 +154,5 @@ def test_resume_refuses_other_batch_shape(corpus, tokenizer_dir, tmp_path, capsy
              r"checkpoint-2 was saved with micro_batch 4, this run uses 8")
     _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, model_name_or_path=out / "final"),
              r"pass exactly one of --model_preset .* or --model_name_or_path")
+    _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, resume="never"),
+             r"--resume never, but .* holds checkpoints of an earlier run")

@@ -64,3 +64,34 @@ def test_resume_auto_ignores_torn_checkpoint(corpus, tokenizer_dir, tmp_path, ca
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
     assert sorted(read_losses(out)) == [1, 2, 3, 4, 5]
+
+
+def test_resume_exact_across_an_epoch_boundary(tokenizer_dir, tmp_path):
+    """An accumulation window that spans two epochs, then a save: a resume from it must continue
+    with exactly the samples the uninterrupted run used."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from launch.demo import make_corpus
+    from trainers.data.packing import prepare_blocks
+
+    corpus = tmp_path / "small.jsonl"
+    make_corpus(corpus, seed=5, n_docs=100)
+    blocks = prepare_blocks([str(corpus)], "--train_files", AutoTokenizer.from_pretrained(tokenizer_dir), 32, "text", "", 1000, build=True)
+    batches_per_epoch = len(blocks) // 4
+    accumulation = next(a for a in (3, 4, 5, 7) if batches_per_epoch % a)   # so a window straddles the boundary
+    save_at = batches_per_epoch // accumulation + 1                         # the first step past it
+    common = dict(block_size=32, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                  max_steps=save_at + 4, save_steps=save_at, validation_split_ratio=0)
+    full = tmp_path / "full"
+    pretrain_main(pretrain_args(corpus, tokenizer_dir, full, **common))
+    state = json.loads((full / f"checkpoint-{save_at}" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and 0 < state["samples_in_epoch"] < 4 * accumulation, state
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / f"checkpoint-{save_at}", resumed / f"checkpoint-{save_at}")
+    pretrain_main(pretrain_args(corpus, tokenizer_dir, resumed, **common, resume="auto"))
+    expected, got = read_losses(full), read_losses(resumed)
+    assert sorted(got) == list(range(save_at + 1, save_at + 5))
+    assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from trainers.config import opt, parse_config
 from trainers.data.sources import iter_document_batches, resolve_files
-from trainers.errors import UsageError, exit_on_usage_error
+from trainers.errors import UsageError, check_output_dir, exit_on_usage_error
 
 log = logging.getLogger("trainrig.tokenizer")
 
@@ -27,8 +29,7 @@ ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # real end-of-text (the classic Qwen scripts' ignore-index-equals-pad-id bug cannot arise).
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]
 
-# ChatML as Qwen2 renders it, without Qwen's injected default system prompt (SFT adds one only
-# when asked, --default_system_prompt).
+# ChatML as Qwen2 renders it, without the default system prompt Qwen's template injects.
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -86,6 +87,7 @@ def train_tokenizer(args: TokenizerArgs) -> dict:
     if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise UsageError(f"--vocab_size {args.vocab_size} is too small: 256 byte symbols + {len(SPECIAL_TOKENS)} special tokens need at least {256 + len(SPECIAL_TOKENS) + 1}")
     out = Path(args.output_dir)
+    check_output_dir(out)  # before minutes of training, not after
 
     stats = {"documents": 0, "bytes": 0}
 
@@ -106,11 +108,16 @@ def train_tokenizer(args: TokenizerArgs) -> dict:
     if stats["documents"] == 0:
         raise UsageError(f"--train_files {' '.join(map(str, files))}: no text found (empty files?); pass a non-empty corpus")
 
-    out.mkdir(parents=True, exist_ok=True)
-    wrap_for_transformers(tok, args.model_max_length).save_pretrained(str(out))
     stats.update(vocab_size=tok.get_vocab_size(), seconds=round(seconds, 3),
                  mb_per_s=round(stats["bytes"] / 1e6 / max(seconds, 1e-9), 3))
-    (out / "trainrig_tokenizer.json").write_text(json.dumps({**stats, "files": [str(f) for f in files]}, indent=2))
+    # saved aside, then each file renamed into place (never a half-written file in --output_dir,
+    # and nothing else in that directory is touched); the stats file goes last
+    partial = out / f".partial-{os.getpid()}"
+    wrap_for_transformers(tok, args.model_max_length).save_pretrained(str(partial))
+    (partial / "trainrig_tokenizer.json").write_text(json.dumps({**stats, "files": [str(f) for f in files]}, indent=2))
+    for name in sorted(os.listdir(partial), key=lambda n: n == "trainrig_tokenizer.json"):
+        os.replace(partial / name, out / name)
+    shutil.rmtree(partial)
     log.info("trained BPE on %d documents, %.2f MB in %.1f s: %.2f MB/s; vocab %d -> %s",
              stats["documents"], stats["bytes"] / 1e6, seconds, stats["mb_per_s"], stats["vocab_size"], out)
     return stats

@@ -7,8 +7,8 @@ manifest, and every listed file at its listed size, so a run killed mid-save (or
 is never resumed from. Old checkpoints are deleted only after the new one is complete.
 
 What is in one: model and optimizer state (runtime.save_training_state: DeepSpeed's shards, or
-model.safetensors + optimizer.pt), `trainer_state.json` (step counters, data position,
-scheduler state, best eval loss) and `rng_state_<rank>.pt` for every rank. Every file loads with
+model.safetensors + optimizer.pt), `trainer_state.json` (step counters, data position, batch
+shape, best eval loss; the learning rate is a function of the step, so no scheduler state) and `rng_state_<rank>.pt` for every rank. Every file loads with
 `torch.load(weights_only=True)` or is JSON/safetensors: nothing in it can run code.
 """
 

@@ -25,9 +25,10 @@ import yaml
 from trainers.errors import UsageError
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None):
-    """A config field: its default, its help text (shown by --help) and, optionally, its choices."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None, minimum: float | None = None):
+    """A config field: its default, its help text (shown by --help), optionally its choices or
+    the smallest value it accepts."""
+    meta = {"help": help, "choices": choices, "minimum": minimum}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,12 +42,12 @@ class RunConfig:
     output_dir: str = opt("outputs/run", "Directory for checkpoints, final/, metrics.jsonl, loss.png and the resolved config.")
     seed: int = opt(42, "Seed for model init, data order and dropout; every rank derives its own streams from it.")
     max_steps: int = opt(-1, "Optimizer steps to run; -1 means run --num_train_epochs epochs.")
-    num_train_epochs: float = opt(1.0, "Epochs over the training blocks when --max_steps is -1 (fractions allowed).")
-    logging_steps: int = opt(10, "Write a metrics.jsonl line (and tracker point) every N optimizer steps.")
-    eval_steps: int = opt(0, "Evaluate loss/perplexity on the validation blocks every N steps (0: only at the end).")
-    save_steps: int = opt(0, "Write a resumable checkpoint-<step>/ every N steps (0: none until the end).")
-    save_total_limit: int = opt(0, "Keep at most N checkpoints (0: keep all); older ones go only after a newer one is complete.")
-    save_best: bool = opt(False, "With --save_total_limit, also keep the checkpoint with the lowest eval loss.")
+    num_train_epochs: float = opt(1.0, "Epochs over the training blocks when --max_steps is -1 (fractions allowed).", minimum=0)
+    logging_steps: int = opt(10, "Write a metrics.jsonl line (and tracker point) every N optimizer steps.", minimum=1)
+    eval_steps: int = opt(0, "Evaluate loss/perplexity on the validation blocks every N steps (0: only at the end).", minimum=0)
+    save_steps: int = opt(0, "Write a resumable checkpoint-<step>/ every N steps (0: no checkpoints; final/ is always written).", minimum=0)
+    save_total_limit: int = opt(0, "Keep at most N checkpoints (0: keep all); older ones go only after a newer one is complete.", minimum=0)
+    save_best: bool = opt(False, "With --save_total_limit, also keep the checkpoint with the lowest eval loss (needs --eval_steps dividing --save_steps).")
     resume: str = opt("auto", "auto: newest complete checkpoint in --output_dir if any; never: start fresh; or a checkpoint path.")
     report_to: str = opt("none", "Experiment tracker besides metrics.jsonl.", ("none", "wandb", "tensorboard"))
     run_name: str = opt("", "Name shown by the tracker (default: the output directory's name).")
@@ -54,27 +55,27 @@ class RunConfig:
 
 @dataclass
 class BatchConfig:
-    per_device_train_batch_size: int = opt(8, "Micro batch: sequences per rank per forward/backward pass.")
-    gradient_accumulation_steps: int = opt(1, "Micro batches accumulated per optimizer step.")
-    global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly).")
-    per_device_eval_batch_size: int = opt(0, "Sequences per rank per eval pass (0: the training micro batch).")
-    dataloader_num_workers: int = opt(0, "DataLoader worker processes per rank (blocks are memory-mapped, so 0 is usually enough).")
+    per_device_train_batch_size: int = opt(8, "Micro batch: sequences per rank per forward/backward pass.", minimum=1)
+    gradient_accumulation_steps: int = opt(1, "Micro batches accumulated per optimizer step.", minimum=1)
+    global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly).", minimum=0)
+    per_device_eval_batch_size: int = opt(0, "Sequences per rank per eval pass (0: the training micro batch).", minimum=0)
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes per rank (blocks are memory-mapped, so 0 is usually enough).", minimum=0)
 
 
 @dataclass
 class OptimConfig:
     optimizer: str = opt("adamw", "adamw (fused where available), or muon: torch.optim.Muon for 2-D hidden matrices and AdamW for embeddings, head, norms and biases.", ("adamw", "muon"))
-    learning_rate: float = opt(3e-4, "Peak learning rate. Muon scales its orthogonalised update to AdamW's RMS (Moonlight), so one rate serves both groups.")
+    learning_rate: float = opt(3e-4, "Peak learning rate. Muon scales its orthogonalised update to AdamW's RMS (Moonlight), so one rate serves both groups.", minimum=0)
     muon_momentum: float = opt(0.95, "Muon momentum.")
-    weight_decay: float = opt(0.1, "Decoupled weight decay on matrices (never on norms, biases or embeddings).")
+    weight_decay: float = opt(0.1, "Decoupled weight decay on matrices (never on norms, biases or embeddings).", minimum=0)
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.95, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     lr_scheduler_type: str = opt("cosine", "Shape after warmup.", ("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.0, "Fraction of the total steps spent warming up linearly from 0.")
-    warmup_steps: int = opt(0, "Warmup steps; overrides --warmup_ratio when > 0.")
-    min_lr_ratio: float = opt(0.1, "Cosine/linear decay ends at this fraction of the peak rate.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    warmup_ratio: float = opt(0.0, "Fraction of the total steps spent warming up linearly from 0.", minimum=0)
+    warmup_steps: int = opt(0, "Warmup steps; overrides --warmup_ratio when > 0.", minimum=0)
+    min_lr_ratio: float = opt(0.1, "Cosine/linear decay ends at this fraction of the peak rate.", minimum=0)
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping).", minimum=0)
 
 
 @dataclass
@@ -83,8 +84,7 @@ class DistributedConfig:
     deepspeed: str = opt("auto", "auto: DeepSpeed when --zero_stage or --offload asks for it; none: DDP/single process; or a DS JSON path whose \"auto\" fields are filled from this config.")
     zero_stage: str = opt("auto", "ZeRO stage 0-3 (DeepSpeed); auto: none unless a DS JSON is given.", ("auto", "0", "1", "2", "3"))
     offload: str = opt("auto", "ZeRO offload to CPU RAM: optimizer states, or all (optimizer + parameters, stage 3).", ("auto", "none", "optimizer", "all"))
-    hardware: str = opt("auto", "Hardware the run is planned for (auto: detect).")
-    ddp_timeout: int = opt(1800, "Seconds a collective may wait before the run fails (rank 0 building the data cache counts).")
+    ddp_timeout: int = opt(1800, "Seconds a collective may wait before the run fails (rank 0 building the data cache counts).", minimum=1)
 
 
 @dataclass
@@ -101,11 +101,11 @@ class ModelConfig:
 class PretrainDataConfig:
     train_files: list[str] = opt(None, "Training text: .txt, .jsonl/.json (a text field), .parquet, or a `datasets` directory; several allowed.", factory=list)
     validation_files: list[str] = opt(None, "Validation text in the same formats (default: --validation_split_ratio of the training blocks).", factory=list)
-    validation_split_ratio: float = opt(0.01, "Without --validation_files, hold out this fraction of the training blocks (at least 1 block when there are 2+).")
+    validation_split_ratio: float = opt(0.01, "Without --validation_files, hold out this fraction of the training blocks (at least 1 block when there are 2+).", minimum=0)
     text_field: str = opt("text", "Field holding the document text in jsonl/parquet/datasets input.")
-    block_size: int = opt(1024, "Tokens per training block (documents are joined with EOS and cut into blocks).")
-    data_cache_dir: str = opt("", "Where tokenized blocks are cached (default: ~/.cache/trainrig/blocks, or $TRAINRIG_CACHE).")
-    tokenize_batch_size: int = opt(1000, "Documents per tokenizer call (the Rust tokenizer spreads each call over all cores).")
+    block_size: int = opt(1024, "Tokens per training block (documents are joined with EOS and cut into blocks).", minimum=2)
+    data_cache_dir: str = opt("", "Directory for the tokenized-block caches (default: $TRAINRIG_CACHE/blocks, $TRAINRIG_CACHE defaulting to ~/.cache/trainrig).")
+    tokenize_batch_size: int = opt(1000, "Documents per tokenizer call (the Rust tokenizer spreads each call over all cores).", minimum=1)
 
 
 @dataclass
@@ -169,7 +169,21 @@ def _base_type(annotation):
 
 
 def _coerce(name: str, leaf: _Leaf, value: Any, where: str) -> Any:
+    value = _coerce_type(name, leaf, value, where)
+    minimum = leaf.field.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{where}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _coerce_type(name: str, leaf: _Leaf, value: Any, where: str) -> Any:
     typ, is_list = _base_type(leaf.annotation)
+    if value is None:  # a YAML key left blank
+        if is_list:
+            return []
+        if typ is str:
+            return ""
+        raise UsageError(f"{where}: {name} is empty; give it a value or remove the key")
     if is_list:
         if isinstance(value, str):
             value = [value]
@@ -306,14 +320,10 @@ def parse_config(cfg_cls, argv: list[str] | None, prog: str):
     return cfg
 
 
-def source_of(cfg, key: str) -> str:
-    """'--block_size' or 'configs/x.yaml:7' or 'default' — for error messages."""
-    return getattr(cfg, "_sources", {}).get(key, f"--{key} (default)")
-
-
 # ------------------------------------------------------------------------------ secrets
 
-_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.IGNORECASE)
+# a key is secret when one of its words is: hf_token, api_key, WANDB_API_KEY -- not tokenizer_name_or_path
+_SECRET_WORDS = {"token", "tokens", "secret", "password", "passwd", "credential", "credentials", "apikey"}
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 REDACTED = "***redacted***"
 
@@ -323,13 +333,19 @@ def redact(obj: Any) -> Any:
     environment replaced, so resolved configs, logs and tracker configs never carry one."""
     secrets = [os.environ[v] for v in SECRET_ENV_VARS if len(os.environ.get(v, "")) >= 8]
     if isinstance(obj, dict):
-        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", False)
+        return {k: (REDACTED if isinstance(k, str) and _is_secret_key(k) and v not in (None, "", False)
                     else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
     if isinstance(obj, str) and any(s in obj for s in secrets):
         return REDACTED
     return obj
+
+
+def _is_secret_key(key: str) -> bool:
+    words = re.split(r"[_\-.\s]+", key.lower())
+    joined = {a + b for a, b in zip(words, words[1:])}  # api_key -> apikey, access_key -> accesskey
+    return bool((set(words) | joined) & (_SECRET_WORDS | {"accesskey", "privatekey"}))
 
 
 def save_resolved_config(cfg, path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 
 USAGE_EXIT_CODE = 2
 
@@ -25,3 +27,14 @@ def exit_on_usage_error(main):
             sys.exit(USAGE_EXIT_CODE)
 
     return wrapper
+
+
+def check_output_dir(path: Path) -> None:
+    """Create --output_dir and prove it writable, before any long work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--output_dir {path}: not writable ({err.strerror}); choose a directory you can write to") from None

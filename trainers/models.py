@@ -28,23 +28,37 @@ def load_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> tuple[str, str]:
-    """(implementation, why) per DESIGN.md: flash-attn when it imports and the GPU supports it, else SDPA."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+def _flash_attn_imports() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        importlib.import_module("flash_attn")  # a wheel built for another torch/CUDA fails here
+    except Exception:  # ImportError, or OSError/RuntimeError from a broken binary
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str, device: torch.device, precision: str) -> tuple[str, str]:
+    """(implementation, why) per DESIGN.md: flash-attn when it imports, the GPU supports it and
+    the run is 16-bit (flash kernels take only bf16/fp16), else SDPA."""
     gpu_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     if requested == "flash_attention_2":
-        if not has_flash:
-            raise UsageError("--attn_implementation flash_attention_2: flash-attn is not installed; `pip install -e .[flash]` on a CUDA machine, or use --attn_implementation sdpa")
         if not gpu_ok:
             raise UsageError(f"--attn_implementation flash_attention_2 needs an Ampere or newer GPU (device: {device}); use --attn_implementation sdpa")
+        if precision == "fp32":
+            raise UsageError("--attn_implementation flash_attention_2 needs --precision bf16 or fp16; use sdpa for fp32")
+        if not _flash_attn_imports():
+            raise UsageError("--attn_implementation flash_attention_2: flash-attn does not import; `pip install -e .[flash]` on a CUDA machine, or use --attn_implementation sdpa")
         return requested, "requested"
     if requested in ("sdpa", "eager"):
         return requested, "requested"
-    if has_flash and gpu_ok:
-        return "flash_attention_2", "flash-attn is installed and the GPU is Ampere or newer"
-    if not has_flash:
-        return "sdpa", "flash-attn is not installed (optional extra `[flash]`); using PyTorch SDPA"
-    return "sdpa", f"flash-attn needs an Ampere or newer CUDA GPU (device: {device}); using PyTorch SDPA"
+    if not gpu_ok:
+        return "sdpa", f"FlashAttention needs an Ampere or newer CUDA GPU (device: {device}); using PyTorch SDPA"
+    if precision == "fp32":
+        return "sdpa", "FlashAttention takes only bf16/fp16 and this run is fp32; using PyTorch SDPA"
+    if not _flash_attn_imports():
+        return "sdpa", "flash-attn is not installed or does not import (optional extra `[flash]`); using PyTorch SDPA"
+    return "flash_attention_2", "flash-attn imports, the GPU is Ampere or newer and the run is 16-bit"
 
 
 def _check_model_dir(path: str, trust_remote_code: bool, flag: str) -> None:
@@ -78,19 +92,14 @@ def load_tokenizer(path: str, trust_remote_code: bool, flag: str):
     return tokenizer
 
 
-def build_model(model_cfg, tokenizer, block_size: int, attn_implementation: str, seed: int):
-    """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+def resolve_model_config(model_cfg, block_size: int):
+    """The HF config of the model to train, checked against --block_size before any data work.
+    A preset's vocab size is set later, from the tokenizer."""
+    from transformers import AutoConfig, Qwen2Config
 
     if model_cfg.model_preset:
-        shape = load_preset(model_cfg.model_preset)
-        vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        config = Qwen2Config(**shape, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-        _check_block_size(block_size, config, f"--model_preset {model_cfg.model_preset}")
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)  # identical init on every rank and every rerun
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        config = Qwen2Config(**load_preset(model_cfg.model_preset))
+        what = f"--model_preset {model_cfg.model_preset}"
     else:
         path = model_cfg.model_name_or_path
         _check_model_dir(path, model_cfg.trust_remote_code, "--model_name_or_path")
@@ -98,13 +107,30 @@ def build_model(model_cfg, tokenizer, block_size: int, attn_implementation: str,
             config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UsageError(f"--model_name_or_path {path}: cannot load ({str(err).splitlines()[0]}); pass a local model directory (hub ids need network)") from None
-        _check_block_size(block_size, config, f"--model_name_or_path {path}")
+        what = f"--model_name_or_path {path}"
+    _check_block_size(block_size, config, what)
+    return config
+
+
+def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: int):
+    """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.model_preset:
+        config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+        torch.manual_seed(seed)  # identical init on every rank and every rerun
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    else:
+        path = model_cfg.model_name_or_path
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=model_cfg.trust_remote_code)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            raise UsageError(f"--tokenizer_name_or_path: {len(tokenizer)} tokens but the model embeds only "
-                             f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer")
+        weight = model.get_input_embeddings().weight
+        rows = getattr(weight, "ds_shape", weight.shape)[0]  # ds_shape: the full size under ZeRO-3
+        if len(tokenizer) > rows:
+            raise UsageError(f"--tokenizer_name_or_path: {len(tokenizer)} tokens but the model embeds only {rows}; "
+                             f"use the model's own tokenizer")
     if model_cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3; transformers 5.x renamed the method
         if hasattr(model, "activation_checkpointing_enable"):

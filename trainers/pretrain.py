@@ -28,8 +28,8 @@ from trainers import checkpoint as ckpt
 from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks, trained_tokens
 from trainers.data.packing import prepare_blocks
-from trainers.errors import UsageError
-from trainers.models import build_model, count_parameters, load_preset, load_tokenizer, resolve_attn_implementation
+from trainers.errors import UsageError, check_output_dir
+from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, Throughput, Tracker, plot_loss
@@ -46,16 +46,6 @@ def resolve_accumulation(batch_cfg, world_size: int) -> int:
         raise UsageError(f"--global_batch_size {batch_cfg.global_batch_size} is not a multiple of micro batch "
                          f"{batch_cfg.per_device_train_batch_size} x world {world_size} = {per_step}; pick a multiple of {per_step}")
     return batch_cfg.global_batch_size // per_step
-
-
-def check_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"--output_dir {path}: not writable ({err.strerror}); choose a directory you can write to") from None
 
 
 def setup_logging(is_main: bool) -> None:
@@ -97,10 +87,13 @@ def train(cfg: PretrainConfig) -> dict:
     m, d = cfg.model, cfg.data
     if bool(m.model_preset) == bool(m.model_name_or_path):
         raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
-    if m.model_preset:
-        load_preset(m.model_preset)  # an unknown name fails here, before any data work
-    if d.block_size < 2:
-        raise UsageError(f"--block_size {d.block_size}: a block needs at least 2 tokens (one to predict from)")
+    model_config = resolve_model_config(m, d.block_size)  # before any data work: bad paths and sizes fail fast
+    if cfg.run.save_best and (cfg.run.eval_steps == 0 or cfg.run.save_steps % cfg.run.eval_steps):
+        raise UsageError(f"--save_best needs --eval_steps dividing --save_steps (got {cfg.run.eval_steps} and {cfg.run.save_steps}), "
+                         f"so every checkpoint has an eval loss")
+    if cfg.run.resume == "never" and ckpt.complete_checkpoints(out):
+        raise UsageError(f"--resume never, but {out} holds checkpoints of an earlier run that --save_total_limit would mix "
+                         f"with this one; use --resume auto to continue it, or a new --output_dir")
     check_output_dir(out)  # every rank: on several nodes each must be able to write its shards
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
@@ -142,10 +135,10 @@ def train(cfg: PretrainConfig) -> dict:
     total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else math.ceil(cfg.run.num_train_epochs * steps_per_epoch)
 
     # ------------------------------------------------------------------------- model
-    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device)
+    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
     log.info("attention: %s (%s)", attn, why)
     with runtime.model_init_context(sharded=bool(m.model_name_or_path)):
-        model = build_model(m, tokenizer, d.block_size, attn, cfg.run.seed)
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
     n_params = count_parameters(model)
 
     # --------------------------------------------------------------------- optimizer
@@ -174,10 +167,12 @@ def train(cfg: PretrainConfig) -> dict:
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state["step"])
 
     def stream():
-        """Micro batches forever, epoch after epoch, from the saved position."""
+        """Micro batches forever, epoch after epoch, from the saved position. The position
+        counts batches handed out, so a window that crosses an epoch is recorded exactly."""
         while True:
             sampler.set_position(state["epoch"], state["samples_in_epoch"])
             for batch in loader:
+                state["samples_in_epoch"] += micro
                 yield batch
             state["epoch"] += 1
             state["samples_in_epoch"] = 0
@@ -215,7 +210,6 @@ def train(cfg: PretrainConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state["micro_step"] += 1
-            state["samples_in_epoch"] += micro
         if grad_norm is None:
             grad_norm = runtime.grad_norm_after_step()
         (loss,) = runtime.all_reduce_sum([step_loss.item()])  # global mean over every trained token

@@ -2,12 +2,11 @@
 
 One engine, Accelerate. DeepSpeed ZeRO comes in through Accelerate's DeepSpeed plugin from a DS
 JSON whose "auto" fields are filled here from the run config; DDP otherwise. The loops call
-`runtime.backward`, `runtime.optimizer_step`, `runtime.all_reduce_sum`, ... and never see which
+`runtime.backward`, `runtime.clip_grad_norm`, `runtime.all_reduce_sum`, ... and never see which
 engine runs underneath.
 
-Works the same under `python`, `torchrun`, `accelerate launch [--use_deepspeed]`, `deepspeed` and
-`srun`: all of them export WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (srun via the
-sbatch scripts). On CPU the process group is gloo, created before the Accelerator, because
+Works the same under `python`, `torchrun`, `accelerate launch [--use_deepspeed]` and `deepspeed`:
+all of them export WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. On CPU the process group is gloo, created before the Accelerator, because
 accelerate 1.15 + deepspeed 0.19 otherwise give every rank a world of 1 (see DESIGN.md). A world
 that does not match WORLD_SIZE stops the run: N silent one-rank runs are the worst failure.
 """
@@ -108,7 +107,7 @@ def fill_ds_config(ds: dict, s: DeepSpeedSettings, name: str) -> dict:
     stage = zero.get("stage", 0)
     if stage == "auto":
         zero["stage"] = stage = 2
-    json_offload = "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else "none"
+    json_offload = ds_offload(ds)
     if s.offload not in ("auto", json_offload):
         raise UsageError(f"{name}: offloads {json_offload} but --offload is {s.offload}; pick the matching ds_configs/ file or drop the flag")
     for key in [k for k, v in zero.items() if v == "auto"]:
@@ -129,11 +128,19 @@ def ds_offload(ds: dict) -> str:
 
 
 def launcher_world() -> tuple[int, int, int]:
+    """(world size, rank, local rank) the launcher promised."""
+    srun_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if srun_tasks > 1 and "WORLD_SIZE" not in os.environ:
+        # `srun -n N python launch/pretrain.py` would start N runs that each think they are alone
+        raise UsageError(f"started by srun as {srun_tasks} tasks without WORLD_SIZE/RANK; run one task per node that "
+                         f"starts torchrun (srun --ntasks-per-node 1 torchrun --nproc_per_node ... launch/pretrain.py)")
     return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_precision(requested: str) -> str:
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use --precision fp32 or bf16")
     if requested != "auto":
         if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise UsageError("--precision bf16: this GPU has no bf16 (pre-Ampere); use --precision fp16")

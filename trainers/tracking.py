@@ -37,8 +37,12 @@ class Tracker:
             except ImportError:
                 raise UsageError("--report_to wandb: wandb is not installed; `pip install wandb` or --report_to none") from None
             # WANDB_MODE=offline works without a network; the key comes only from wandb's own login/env
-            self.backend = wandb.init(project="trainrig", name=run_name or output_dir.name, dir=str(output_dir),
-                                      config=config, resume="allow")
+            try:
+                self.backend = wandb.init(project="trainrig", name=run_name or output_dir.name, dir=str(output_dir),
+                                          config=config, resume="allow")
+            except Exception as err:  # wandb raises its own types for login and network problems
+                raise UsageError(f"--report_to wandb: wandb could not start ({str(err).splitlines()[0][:200]}); run "
+                                 f"`wandb login`, set WANDB_MODE=offline, or use --report_to tensorboard") from None
         elif report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -46,10 +50,9 @@ class Tracker:
             self.backend.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        """Keep lines up to `step`; a line torn by a kill mid-write is dropped."""
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -70,7 +73,14 @@ class Tracker:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run
+                continue
+    return records
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:

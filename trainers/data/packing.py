@@ -75,6 +75,7 @@ def token_dtype(vocab_size: int):
 
 
 def cache_root(explicit: str) -> Path:
+    """--data_cache_dir, else $TRAINRIG_CACHE/blocks, else ~/.cache/trainrig/blocks."""
     if explicit:
         return Path(explicit).expanduser()
     return Path(os.environ.get("TRAINRIG_CACHE", "~/.cache/trainrig")).expanduser() / "blocks"
@@ -103,7 +104,7 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     value_type = pa.uint16() if dtype == np.uint16 else pa.uint32()
     schema = pa.schema([("input_ids", pa.list_(value_type, block_size))])
     tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    _remove_dead_builds(out_dir)
     tmp_dir.mkdir(parents=True)
 
     encoder = tokenizer.backend_tokenizer  # Rust; encode_batch spreads a batch over all cores
@@ -146,6 +147,22 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     else:
         os.replace(tmp_dir, out_dir)
     return meta
+
+
+def _remove_dead_builds(out_dir: Path) -> None:
+    """Delete `<key>.tmp<pid>` folders whose builder process is gone (killed mid-build). A live
+    builder (another run sharing the cache) keeps its folder."""
+    for stale in out_dir.parent.glob(out_dir.name + ".tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        try:
+            os.kill(int(pid), 0)
+            alive = int(pid) != os.getpid()
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class BlockDataset:

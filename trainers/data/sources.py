@@ -25,7 +25,7 @@ PARQUET_SUFFIXES = (".parquet",)
 
 def is_datasets_dir(path: Path) -> bool:
     """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
-    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json"))
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
 def resolve_files(patterns: list[str], flag: str) -> list[Path]:
@@ -34,7 +34,8 @@ def resolve_files(patterns: list[str], flag: str) -> list[Path]:
         raise UsageError(f"{flag} is empty; pass at least one .txt/.jsonl/.parquet file or a datasets directory")
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else [pattern]
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise UsageError(f"{flag} {pattern}: no file matches this pattern; check the path")
         for match in matches:
@@ -49,13 +50,17 @@ def resolve_files(patterns: list[str], flag: str) -> list[Path]:
     return files
 
 
+def _not_utf8(path: Path, lineno: int, err: UnicodeDecodeError) -> UsageError:
+    return UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
 def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                raise _not_utf8(path, lineno, err) from None
 
 
 def _text_documents(path: Path) -> Iterator[str]:
@@ -92,14 +97,14 @@ def _raise_first_bad_line(path: Path, data: bytes, line_offset: int):
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            raise _not_utf8(path, lineno, err) from None
     raise AssertionError("unreachable: the chunk failed to decode")
 
 
 def _json_documents(path: Path, text_field: str) -> Iterator[str]:
     with open(path, "rb") as fh:
         head = fh.read(64).lstrip()
-    if head.startswith(b"["):  # one JSON array rather than JSON lines
+    if head.startswith(b"["):  # one JSON array rather than JSON lines: parsed whole (use .jsonl for big corpora)
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -159,9 +164,14 @@ def _field(record, text_field: str, where: str) -> str:
 
 
 def _arrow_documents(batches, text_field: str, where: str) -> Iterator[str]:
+    import pyarrow as pa
+
     for batch in batches:
         if text_field not in batch.schema.names:
             raise UsageError(f"{where}: no '{text_field}' column (found {batch.schema.names[:5]}); set --text_field")
+        kind = batch.schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UsageError(f"{where}: column '{text_field}' holds {kind}, not text; set --text_field to a string column")
         for text in batch.column(text_field).to_pylist():
             if text is not None:
                 yield text
