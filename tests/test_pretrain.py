@@ -27,7 +27,7 @@ def test_run_leaves_every_output(corpus, tokenizer_dir, tmp_path):
     assert any("eval_loss" in r and "eval_ppl" in r for r in records)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["micro_batch_size"] == 4 and plan["global_batch_size"] == 4 and plan["precision"] == "fp32"
-    assert plan["attn_implementation"] == "sdpa" and "flash-attn" in plan["attn_reason"]
+    assert plan["attn_implementation"] == "sdpa" and "FlashAttention" in plan["attn_reason"]
     assert yaml.safe_load((out / "resolved_config.yaml").read_text())["block_size"] == 32
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["micro_step"] == 6 and state["samples_in_epoch"] == 24
