@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -152,26 +153,30 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
 
 
 def trainrig_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr, out) -> float:
-    from launch.pretrain import main
-
-    main(["--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
-          "--block_size", str(block_size), "--per_device_train_batch_size", str(micro), "--max_steps", str(steps),
-          "--logging_steps", str(warmup), "--learning_rate", str(lr), "--seed", str(seed), "--output_dir", str(out),
-          "--resume", "never", "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"])
+    """`python launch/pretrain.py` as a user runs it, in its own process; its own tokens_per_sec."""
+    argv = ["--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
+            "--block_size", str(block_size), "--per_device_train_batch_size", str(micro), "--max_steps", str(steps),
+            "--logging_steps", str(warmup), "--learning_rate", str(lr), "--seed", str(seed), "--output_dir", str(out),
+            "--resume", "never", "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"]
+    subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *argv], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_sec" in r][1:]  # the first window is the warmup
-    tokens = sum(r["tokens_per_sec"] for r in timed) / len(timed)  # equal-size windows: mean of rates
-    return tokens
+    return sum(r["tokens_per_sec"] for r in timed) / len(timed)  # equal-size windows: mean of rates
+
+
+def bare_tokens_per_s_in_process(*args) -> float:
+    """The bare loop in its own process too, so neither loop inherits the other's heap."""
+    out = subprocess.run([sys.executable, __file__, "--bare_loop", json.dumps([str(a) for a in args])], check=True,
+                         cwd=REPO, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, steps, warmup, repeats) -> dict:
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
     cache = workdir / "train_cache"
     ours, bare = [], []
     for i in range(repeats):  # interleaved, so drift in machine load hits both alike
-        bare.append(bare_loop_tokens_per_s(corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3))
+        bare.append(bare_tokens_per_s_in_process(corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3))
         ours.append(trainrig_tokens_per_s(corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3,
                                           workdir / f"run_{preset}_{i}"))
     return {"preset": preset, "block_size": block_size, "micro_batch": micro, "steps": steps, "warmup": warmup,
@@ -227,7 +232,8 @@ def write_report(path: Path, info: dict, data: dict, training: list[dict]) -> No
                      f"**{t['ratio']:.3f}** | {t['trainrig_all']} / {t['bare_all']} |")
     lines += ["", f"Each run: {training[0]['steps']} steps, the first {training[0]['warmup']} excluded; medians of "
               f"{training[0]['repeats']} runs, the two loops interleaved. trainrig's figure is its own `tokens_per_sec` "
-              "(time inside training steps, data loading included); the bare loop is timed the same way.", ""]
+              "(time inside training steps, data loading included); the bare loop is timed over the same steps. Each run is "
+              "its own process (`python launch/pretrain.py`, and the bare loop alike).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -236,7 +242,13 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docs", type=int, default=60000, help="documents in the synthetic corpus")
+    parser.add_argument("--bare_loop", help=argparse.SUPPRESS)  # internal: one bare-loop measurement, JSON args
     args = parser.parse_args()
+    if args.bare_loop:
+        corpus, tok, cache, preset, block, micro, steps, warmup, seed, lr = json.loads(args.bare_loop)
+        print(bare_loop_tokens_per_s(Path(corpus), Path(tok), Path(cache), preset, int(block), int(micro), int(steps),
+                                     int(warmup), int(seed), float(lr)))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
     import logging
