@@ -197,14 +197,15 @@ def train(cfg: PretrainConfig) -> dict:
         window = [next(batches) for _ in range(accumulation)]
         (global_tokens,) = runtime.all_reduce_sum([sum(trained_tokens(b["labels"]) for b in window)])
         scale = accumulation * runtime.world_size  # undo the engines' mean over micro steps and ranks
+        loss_denominator = torch.tensor(global_tokens, device=runtime.device)
         step_loss = torch.zeros((), device=runtime.device)
         grad_norm = None
         for batch in window:
             with runtime.accumulate(model):
-                out_ = model(input_ids=batch["input_ids"].to(runtime.device), labels=batch["labels"].to(runtime.device),
-                             num_items_in_batch=torch.tensor(global_tokens, device=runtime.device))
-                runtime.backward(out_.loss * scale)  # out_.loss = this micro batch's token-loss sum / global tokens
-                step_loss += out_.loss.detach().float()
+                outputs = model(input_ids=batch["input_ids"].to(runtime.device), labels=batch["labels"].to(runtime.device),
+                             num_items_in_batch=loss_denominator)
+                runtime.backward(outputs.loss * scale)  # outputs.loss = this micro batch's token-loss sum / global tokens
+                step_loss += outputs.loss.detach().float()
                 if runtime.sync_gradients:
                     grad_norm = runtime.clip_grad_norm(model, cfg.optim.max_grad_norm)
                 optimizer.step()

@@ -441,7 +441,7 @@ def _untie(state: dict) -> dict:
 
 
 def check_deepspeed_files_safe(directory: Path) -> None:
-    """DeepSpeed loads its checkpoint files with weights_only=False (arbitrary code on load).
+    """DeepSpeed unpickles its checkpoint files without restriction (arbitrary code on load).
     Open each with the restricted unpickler first, allowing only the plain types DeepSpeed
     writes, so a file with a pickle payload is refused before any of its code runs."""
     import torch.serialization as ser
