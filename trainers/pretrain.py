@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from trainers import checkpoint as ckpt
 from trainers.config import PretrainConfig, save_resolved_config
@@ -118,8 +118,8 @@ def train(cfg: PretrainConfig) -> dict:
     if d.validation_files:
         eval_blocks = blocks_for(d.validation_files, "--validation_files")
     elif d.validation_split_ratio > 0 and len(train_blocks) >= 2:
-        held_out = max(1, int(len(train_blocks) * d.validation_split_ratio))
-        train_blocks, eval_blocks = train_blocks.split_tail(held_out)
+        split = len(train_blocks) - max(1, int(len(train_blocks) * d.validation_split_ratio))
+        train_blocks, eval_blocks = Subset(train_blocks, range(split)), Subset(train_blocks, range(split, len(train_blocks)))
     else:
         eval_blocks = None
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps

@@ -168,7 +168,7 @@ def _remove_dead_builds(out_dir: Path) -> None:
 class BlockDataset:
     """Memory-mapped blocks; item i is `{"input_ids": int64 array [block_size], "index": i}`."""
 
-    def __init__(self, path: Path, indices: np.ndarray | None = None):
+    def __init__(self, path: Path):
         import pyarrow as pa
 
         self.path = path
@@ -179,23 +179,13 @@ class BlockDataset:
         # zero-copy numpy views of each Arrow chunk, concatenated lazily by row lookup
         self._chunks = [c.values.to_numpy(zero_copy_only=True).reshape(-1, bs) for c in column.chunks if len(c)]
         self._offsets = np.cumsum([0] + [len(c) for c in self._chunks])
-        self.indices = np.arange(self._offsets[-1]) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return int(self._offsets[-1])
 
-    def __getitem__(self, i: int) -> dict:
-        row = int(self.indices[i])
+    def __getitem__(self, row: int) -> dict:
         chunk = int(np.searchsorted(self._offsets, row, side="right") - 1)
-        return {"input_ids": self._chunks[chunk][row - self._offsets[chunk]].astype(np.int64), "index": row}
-
-    def split_tail(self, n: int) -> tuple["BlockDataset", "BlockDataset"]:
-        """(all but the last n blocks, the last n blocks): a held-out validation split."""
-        head, tail = BlockDataset.__new__(BlockDataset), BlockDataset.__new__(BlockDataset)
-        for part, idx in ((head, self.indices[:-n]), (tail, self.indices[-n:])):
-            part.__dict__.update(self.__dict__)
-            part.indices = idx
-        return head, tail
+        return {"input_ids": self._chunks[chunk][row - self._offsets[chunk]].astype(np.int64), "index": int(row)}
 
 
 def prepare_blocks(patterns: list[str], flag: str, tokenizer, block_size: int, text_field: str,
