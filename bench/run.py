@@ -117,7 +117,7 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from trainers.config import ModelConfig, OptimConfig
+    from trainers.config import OptimConfig, PretrainModelConfig
     from trainers.data.collate import collate_blocks
     from trainers.data.packing import prepare_blocks
     from trainers.models import build_model, load_tokenizer, resolve_model_config
@@ -126,7 +126,7 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(str(tokenizer_dir), False, "--tokenizer_name_or_path")
     blocks = prepare_blocks([str(corpus)], "--train_files", tokenizer, block_size, "text", str(cache_dir), 1000, build=True)
-    model_cfg = ModelConfig(model_preset=preset)
+    model_cfg = PretrainModelConfig(model_preset=preset)
     model = build_model(model_cfg, resolve_model_config(model_cfg, block_size), tokenizer, "sdpa", seed)
     optimizer = build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
     sampler = DistributedSampler(blocks, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)

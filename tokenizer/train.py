@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainers.config import opt, parse_config
+from trainers.data.chat import CHATML_TEMPLATE
 from trainers.data.sources import iter_document_batches, resolve_files
 from trainers.errors import UsageError, check_output_dir, exit_on_usage_error
 
@@ -28,15 +29,6 @@ ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Ids 0..3 in this order. Pad is its own token, so no loss mask can confuse padding with a
 # real end-of-text (the classic Qwen scripts' ignore-index-equals-pad-id bug cannot arise).
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]
-
-# ChatML as Qwen2 renders it, without the default system prompt Qwen's template injects.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 @dataclass
 class TokenizerArgs:

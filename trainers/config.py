@@ -89,12 +89,17 @@ class DistributedConfig:
 
 @dataclass
 class ModelConfig:
-    model_preset: str = opt("", "From-scratch Qwen2 shape from configs/models/ (tiny, small, 125m, 0.5b, 1.5b); vocab comes from the tokenizer.")
-    model_name_or_path: str = opt("", "Continue pretraining this model: a local HF directory (or a hub id when online).")
-    tokenizer_name_or_path: str = opt("", "Tokenizer directory (default: the model directory); required with --model_preset.")
+    model_name_or_path: str = opt("", "The model to start from: a local HF directory (e.g. <output_dir>/final), or a hub id when online.")
+    tokenizer_name_or_path: str = opt("", "Tokenizer directory (default: the model directory).")
     attn_implementation: str = opt("auto", "auto: flash_attention_2 when flash-attn imports and the GPU supports it, else sdpa.", ("auto", "flash_attention_2", "sdpa", "eager"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% more compute).")
     trust_remote_code: bool = opt(False, "Allow a model/tokenizer directory's own Python code (auto_map) to run. Off by default.")
+
+
+@dataclass
+class PretrainModelConfig(ModelConfig):
+    model_preset: str = opt("", "From-scratch Qwen2 shape from configs/models/ (tiny, small, 125m, 0.5b, 1.5b); vocab comes from the tokenizer. "
+                                "Without it, --model_name_or_path is continued pretraining.")
 
 
 @dataclass
@@ -116,8 +121,45 @@ class PretrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+
+
+@dataclass
+class SFTDataConfig:
+    train_files: list[str] = opt(None, "Chat data: .jsonl/.json, .parquet or a `datasets` directory, in messages (OpenAI), ShareGPT or Alpaca form; several allowed, mixed.", factory=list)
+    validation_files: list[str] = opt(None, "Validation chat data in the same forms (default: --validation_split_ratio of the training samples).", factory=list)
+    validation_split_ratio: float = opt(0.01, "Without --validation_files, hold out this fraction of the training samples (at least 1 when there are 2+).", minimum=0)
+    chat_format: str = opt("auto", "Record layout; auto decides per file from its first record.", ("auto", "messages", "sharegpt", "alpaca"))
+    max_seq_length: int = opt(2048, "Longest sample in tokens (and the packed row length); longer samples are cut after a whole assistant turn, or dropped if none fits.", minimum=8)
+    packing: bool = opt(True, "Pack samples into --max_seq_length rows, padding-free (position_ids restart per sample); --no-packing pads length-grouped batches.")
+    train_on: str = opt("all_assistant", "Which assistant turns carry loss: every one, or only the last of each conversation.", ("all_assistant", "last_assistant"))
+    default_system_prompt: str = opt("", "System prompt for conversations without one (default: the one the tokenizer's chat template adds, if any).")
+    strict: bool = opt(False, "Stop at the first bad sample (exit 2) instead of skipping and counting it.")
+    data_cache_dir: str = opt("", "Directory for the encoded-sample caches (default: $TRAINRIG_CACHE/chat, $TRAINRIG_CACHE defaulting to ~/.cache/trainrig).")
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = opt(0, "LoRA rank; 0 trains every weight (full fine-tuning).", minimum=0)
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator: updates are scaled by alpha / r.", minimum=0)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", minimum=0)
+    lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
+    merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
+
+
+@dataclass
+class SFTConfig:
+    """Everything `launch/sft.py` takes. SFT defaults: learning rate 2e-5 for full fine-tuning
+    (2e-4 with LoRA unless --learning_rate is given), 3% warmup, no weight decay."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-5, warmup_ratio=0.03, weight_decay=0.0))
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # ------------------------------------------------------------------------------ flat view
@@ -314,8 +356,8 @@ def parse_config(cfg_cls, argv: list[str] | None, prog: str):
     sections = {s.name: {} for s in _sections(cfg_cls)}
     for key, value in merged.items():
         sections[leaves[key].section][key] = value
-    hints = typing.get_type_hints(cfg_cls)
-    cfg = cfg_cls(**{name: hints[name](**values) for name, values in sections.items()})
+    defaults = cfg_cls()  # a section's defaults may differ per stage (SFT's learning rate)
+    cfg = cfg_cls(**{name: dataclasses.replace(getattr(defaults, name), **values) for name, values in sections.items()})
     cfg._sources = sources  # where each non-default value came from, for messages
     return cfg
 

@@ -92,12 +92,12 @@ def load_tokenizer(path: str, trust_remote_code: bool, flag: str):
     return tokenizer
 
 
-def resolve_model_config(model_cfg, block_size: int):
-    """The HF config of the model to train, checked against --block_size before any data work.
+def resolve_model_config(model_cfg, block_size: int, length_flag: str = "--block_size"):
+    """The HF config of the model to train, checked against --block_size (--max_seq_length) before any data work.
     A preset's vocab size is set later, from the tokenizer."""
     from transformers import AutoConfig, Qwen2Config
 
-    if model_cfg.model_preset:
+    if getattr(model_cfg, "model_preset", ""):
         config = Qwen2Config(**load_preset(model_cfg.model_preset))
         what = f"--model_preset {model_cfg.model_preset}"
     else:
@@ -108,7 +108,7 @@ def resolve_model_config(model_cfg, block_size: int):
         except (OSError, ValueError) as err:
             raise UsageError(f"--model_name_or_path {path}: cannot load ({str(err).splitlines()[0]}); pass a local model directory (hub ids need network)") from None
         what = f"--model_name_or_path {path}"
-    _check_block_size(block_size, config, what)
+    _check_block_size(block_size, config, what, length_flag)
     return config
 
 
@@ -116,7 +116,7 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
     """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.model_preset:
+    if getattr(model_cfg, "model_preset", ""):
         config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
         torch.manual_seed(seed)  # identical init on every rank and every rerun
@@ -141,10 +141,10 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
     return model
 
 
-def _check_block_size(block_size: int, config, what: str) -> None:
+def _check_block_size(block_size: int, config, what: str, flag: str) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and block_size > limit:
-        raise UsageError(f"--block_size {block_size} exceeds the {limit} positions of {what}; use --block_size {limit} or less")
+        raise UsageError(f"{flag} {block_size} exceeds the {limit} positions of {what}; use {flag} {limit} or less")
 
 
 def count_parameters(model) -> int:

@@ -357,39 +357,59 @@ class Runtime:
     # ----------------------------------------------------------------------- checkpoints
 
     def save_training_state(self, model, optimizer, directory: Path) -> None:
-        """Model and optimizer state into `directory` (every rank calls this).
-        DeepSpeed: its own sharded files; else rank 0 writes model.safetensors + optimizer.pt."""
+        """Model and optimizer state into `directory` (every rank calls this). Only trainable
+        weights are saved (a LoRA checkpoint holds the adapter; the frozen base is reloaded from
+        --model_name_or_path). DeepSpeed: its own sharded files; else rank 0 writes
+        model.safetensors + optimizer.pt."""
+        frozen = _has_frozen_parameters(self.unwrap(model))
         if self.uses_deepspeed:
-            model.save_checkpoint(str(directory), tag="deepspeed", client_state={}, save_latest=False)
+            model.save_checkpoint(str(directory), tag="deepspeed", client_state={}, save_latest=False,
+                                  exclude_frozen_parameters=frozen)
             return
         if self.is_main:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().contiguous().cpu() for k, v in self.unwrap(model).state_dict().items()}
+            unwrapped = self.unwrap(model)
+            keep = {n for n, p in unwrapped.named_parameters() if p.requires_grad} if frozen else None
+            state = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items() if keep is None or k in keep}
             save_file(_untie(state), str(directory / "model.safetensors"))
             torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_training_state(self, model, optimizer, directory: Path) -> None:
+        frozen = _has_frozen_parameters(self.unwrap(model))
         if self.uses_deepspeed:
             check_deepspeed_files_safe(directory / "deepspeed")
             path, _ = model.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+                                            load_lr_scheduler_states=False, load_module_strict=not frozen)
             if path is None:
                 raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
             return
         from safetensors.torch import load_file
 
+        unwrapped = self.unwrap(model)
         state = load_file(str(directory / "model.safetensors"))
-        missing, unexpected = self.unwrap(model).load_state_dict(state, strict=False)
-        tied = set(getattr(self.unwrap(model), "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied]:
+        missing, unexpected = unwrapped.load_state_dict(state, strict=False)
+        tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k not in tied and (not frozen or k in trainable)]
+        if unexpected or missing:
             raise RuntimeError(f"{directory}/model.safetensors does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
 
-    def full_state_dict(self, model) -> dict | None:
-        """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere."""
-        state = self.accelerator.get_state_dict(model)
-        return state if self.is_main else None
+    def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
+        """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere; with
+        trainable_only, just the trainable parameters (a LoRA adapter), gathering only those."""
+        if not trainable_only:
+            state = self.accelerator.get_state_dict(model)
+            return state if self.is_main else None
+        named = [(n, p) for n, p in self.unwrap(model).named_parameters() if p.requires_grad]
+        gather = contextlib.nullcontext()
+        if self.uses_deepspeed and self.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with gather:
+            return {n: p.detach().cpu().clone() for n, p in named} if self.is_main else None
 
     def end(self) -> None:
         """Close trackers and the process group, and forget accelerate's process-wide state, so a
@@ -425,6 +445,10 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _has_frozen_parameters(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
 
 
 def _untie(state: dict) -> dict:

@@ -1,0 +1,27 @@
+"""SFT on chat data (messages / ShareGPT / Alpaca), full or LoRA (--lora_r > 0), assistant-only loss.
+
+Runs unchanged under every launcher:
+    python launch/sft.py --config configs/sft_lora_tiny.yaml
+    torchrun --nproc_per_node 2 launch/sft.py --config ...
+    accelerate launch --num_processes 2 [--use_deepspeed] launch/sft.py --config ...
+    deepspeed --num_gpus 2 launch/sft.py --deepspeed ds_configs/zero3.json --config ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+from trainers.config import SFTConfig, parse_config
+from trainers.errors import exit_on_usage_error
+
+
+@exit_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    from trainers.sft import train
+
+    cfg = parse_config(SFTConfig, argv, prog="launch/sft.py")
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

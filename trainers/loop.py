@@ -1,0 +1,182 @@
+"""What every training loop shares: batch arithmetic, the optimizer step over a window of micro
+batches, logging, evaluation, checkpoints and the final save. Each trainer (pretrain.py, sft.py)
+keeps its own loop, top to bottom, and calls these.
+
+The loss of an optimizer step is the mean over every trained token of the whole global batch
+(all micro batches, all ranks): each micro batch's summed loss is divided by the global token
+count, which is known before the first backward because the window's batches are fetched first.
+So accumulation, world size and packing change nothing but the speed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers import checkpoint as ckpt
+from trainers.data.collate import model_inputs, num_tokens, trained_tokens
+from trainers.errors import UsageError
+
+log = logging.getLogger("trainrig.loop")
+
+
+def resolve_accumulation(batch_cfg, world_size: int) -> int:
+    """--global_batch_size, when given, fixes the accumulation: global = micro x accumulation x world."""
+    if batch_cfg.global_batch_size <= 0:
+        return batch_cfg.gradient_accumulation_steps
+    per_step = batch_cfg.per_device_train_batch_size * world_size
+    if batch_cfg.global_batch_size % per_step:
+        raise UsageError(f"--global_batch_size {batch_cfg.global_batch_size} is not a multiple of micro batch "
+                         f"{batch_cfg.per_device_train_batch_size} x world {world_size} = {per_step}; pick a multiple of {per_step}")
+    return batch_cfg.global_batch_size // per_step
+
+
+def check_run_settings(cfg, out: Path) -> None:
+    """Settings that contradict each other or the output directory, before any work."""
+    if cfg.run.save_best and (cfg.run.eval_steps == 0 or cfg.run.save_steps % cfg.run.eval_steps):
+        raise UsageError(f"--save_best needs --eval_steps dividing --save_steps (got {cfg.run.eval_steps} and {cfg.run.save_steps}), "
+                         f"so every checkpoint has an eval loss")
+    if cfg.run.resume == "never" and ckpt.complete_checkpoints(out):
+        raise UsageError(f"--resume never, but {out} holds checkpoints of an earlier run that --save_total_limit would mix "
+                         f"with this one; use --resume auto to continue it, or a new --output_dir")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(is_main: bool) -> None:
+    """trainrig's messages on stdout; other ranks only warn (one log a user can follow)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("trainrig").setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def batch_stream(loader, sampler, state: dict, micro: int):
+    """Micro batches forever, epoch after epoch, from the saved position. The position counts
+    batches handed out, so a window that crosses an epoch is recorded exactly."""
+    while True:
+        sampler.set_position(state["epoch"], state["samples_in_epoch"])
+        for batch in loader:
+            state["samples_in_epoch"] += micro
+            yield batch
+        state["epoch"] += 1
+        state["samples_in_epoch"] = 0
+
+
+def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: float) -> tuple[float, float | None, int, int]:
+    """One optimizer step over `window` (this rank's micro batches). Returns the global mean loss
+    per trained token, the pre-clip gradient norm (None where the engine keeps it), and the global
+    numbers of trained tokens and of input tokens (padding excluded)."""
+    global_tokens, input_tokens = runtime.all_reduce_sum([sum(trained_tokens(b["labels"]) for b in window),
+                                                          sum(num_tokens(b) for b in window)])
+    if global_tokens == 0:  # the data preparation drops every sample without a trained token
+        raise RuntimeError("a global batch without a single trained token reached the loss")
+    scale = len(window) * runtime.world_size  # undo the engines' mean over micro steps and ranks
+    loss_denominator = torch.tensor(global_tokens, device=runtime.device)
+    step_loss = torch.zeros((), device=runtime.device)
+    grad_norm = None
+    for batch in window:
+        with runtime.accumulate(model):
+            outputs = model(**model_inputs(batch, runtime.device), num_items_in_batch=loss_denominator)
+            runtime.backward(outputs.loss * scale)  # outputs.loss = this micro batch's token-loss sum / global tokens
+            step_loss += outputs.loss.detach().float()
+            if runtime.sync_gradients:
+                grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if grad_norm is None:
+        grad_norm = runtime.grad_norm_after_step()
+    (loss,) = runtime.all_reduce_sum([step_loss.item()])
+    return loss, grad_norm, int(global_tokens), int(input_tokens)
+
+
+@torch.no_grad()
+def evaluate(runtime, model, dataset, batch_size: int, collate) -> dict:
+    """Mean loss per trained token and perplexity over `dataset`, split across ranks. Every rank
+    runs the same number of forward passes (ZeRO-3 gathers parameters collectively in each)."""
+    model.eval()
+    parts = np.array_split(np.arange(len(dataset)), runtime.world_size)
+    mine = parts[runtime.rank]
+    n_batches = math.ceil(max(len(p) for p in parts) / batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        weight = 1.0 if len(idx) else 0.0  # an idle rank still joins the collective forward
+        batch = collate([dataset[int(i)] for i in (idx if len(idx) else [0])])
+        out = model(**model_inputs(batch, runtime.device), num_items_in_batch=1)  # reduction "sum" over the batch's tokens
+        loss_sum += weight * out.loss.double().cpu()
+        tokens += trained_tokens(batch["labels"]) if weight else 0
+    model.train()
+    total_loss, total_tokens = runtime.all_reduce_sum([loss_sum.item(), tokens])
+    mean = total_loss / max(total_tokens, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(total_tokens)}
+
+
+def log_line(step: int, total_steps: int, record: dict, eta_s: float) -> str:
+    norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+    return (f"step {step}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {norm} "
+            f"tok/s {record['tokens_per_sec']:,.0f} mem {record['peak_memory_gb']:.2f} GB eta {eta_s / 60:.1f} min")
+
+
+def save_and_prune(runtime, model, optimizer, state: dict, out: Path, run_cfg, evaluated: dict | None) -> None:
+    """checkpoint-<step>/ (all ranks), then rank 0 applies --save_total_limit (keeping the best)."""
+    step = state["step"]
+    is_best = evaluated is not None and (state["best_eval_loss"] is None or evaluated["eval_loss"] < state["best_eval_loss"])
+    if is_best:
+        state.update(best_eval_loss=evaluated["eval_loss"], best_checkpoint=f"checkpoint-{step}")
+    path = ckpt.save_checkpoint(runtime, model, optimizer, dict(state), out, step)
+    log.info("saved %s", path)
+    if runtime.is_main:
+        best = out / state["best_checkpoint"] if run_cfg.save_best and state["best_checkpoint"] else None
+        ckpt.prune_checkpoints(out, run_cfg.save_total_limit, best)
+
+
+def write_plan(out: Path, runtime, cfg, attn: str, why: str, global_batch: int, extra: dict | None = None) -> None:
+    """plan.json: what this run decided (strategy, batch arithmetic, precision, attention)."""
+    device = runtime.device
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    plan = {
+        "hardware": {"device": hardware, "world_size": runtime.world_size},
+        "strategy": {"name": runtime.strategy, "zero_stage": runtime.zero_stage or 0, "offload": runtime.offload},
+        "env": {k: os.environ[k] for k in ("NCCL_P2P_DISABLE", "NCCL_IB_DISABLE") if k in os.environ},
+        "micro_batch_size": cfg.batch.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.batch.gradient_accumulation_steps,
+        "global_batch_size": global_batch, "world_size": runtime.world_size,
+        "precision": runtime.precision, "attn_implementation": attn, "attn_reason": why, **(extra or {}),
+    }
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    if runtime.ds_config is not None:
+        (out / "ds_config.json").write_text(json.dumps(runtime.ds_config, indent=2))
+
+
+def save_final(runtime, model, tokenizer, out: Path, adapter_only: bool = False) -> Path:
+    """final/: save_pretrained (safetensors) + tokenizer -- the whole model, or with LoRA only the
+    adapter -- written under a temporary name and renamed when complete; gathered from all ranks
+    under ZeRO-3."""
+    state_dict = runtime.full_state_dict(model, trainable_only=adapter_only)
+    final, partial = out / "final", out / "final.partial"
+    if runtime.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        unwrapped = runtime.unwrap(model)
+        if not adapter_only:
+            unwrapped.config.use_cache = True  # for generation after training
+        unwrapped.save_pretrained(str(partial), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(partial))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        log.info("saved %s", final)
+    runtime.barrier()
+    return final

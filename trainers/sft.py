@@ -1,0 +1,233 @@
+"""Supervised fine-tuning on chat data: assistant-only loss, packed rows, full or LoRA.
+
+Sections, in the order every trainer follows:
+config -> runtime -> data -> model -> optimizer -> resume -> loop -> save -> eval.
+The step itself (loss normalised by the global trained-token count, so packing, accumulation
+and world size give the same gradients) is trainers/loop.py's.
+
+Data: trainers/data/chat.py renders ChatML and computes the labels; with --packing the samples
+are packed best-fit into --max_seq_length rows (position_ids restart per sample, no attention
+across samples); without it, batches are length-grouped and padded to their longest sample.
+The micro batch counts rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from trainers import checkpoint as ckpt
+from trainers import loop
+from trainers.config import SFTConfig, save_resolved_config
+from trainers.data.chat import CHATML_TEMPLATE, ChatSettings, prepare_chat
+from trainers.data.collate import ResumableSampler, collate_rows
+from trainers.data.packing import RowDataset, pack_rows
+from trainers.errors import UsageError, check_output_dir
+from trainers.lora import apply_lora, merge_adapter
+from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
+from trainers.optim import build_optimizer, set_learning_rate
+from trainers.runtime import Runtime, launcher_world
+from trainers.tracking import METRICS_FILE, Throughput, Tracker, plot_loss
+
+log = logging.getLogger("trainrig.sft")
+
+LORA_LEARNING_RATE = 2e-4  # the SFT default with LoRA; adapters start at zero and need ~10x full FT's 2e-5
+LENGTH_GROUP = 64  # without packing: sort lengths within chunks of 64 global micro batches (HF uses 50)
+
+
+def make_rows(samples, indices: np.ndarray, max_seq_length: int, packed: bool, seed: int) -> RowDataset:
+    """Rows over `indices` of `samples`: packed best-fit, or one sample per row."""
+    if not packed:
+        return RowDataset(samples, [[int(i)] for i in indices])
+    rows = pack_rows(samples.lengths[indices], max_seq_length, seed)
+    return RowDataset(samples, [[int(indices[j]) for j in row] for row in rows])
+
+
+def train(cfg: SFTConfig) -> dict:
+    # ------------------------------------------------------------------------ config
+    out = Path(cfg.run.output_dir)
+    world_size, _, _ = launcher_world()
+    cfg.batch.gradient_accumulation_steps = loop.resolve_accumulation(cfg.batch, world_size)
+    m, d, lora = cfg.model, cfg.data, cfg.lora
+    if not m.model_name_or_path:
+        raise UsageError("--model_name_or_path is required: the model to fine-tune (a directory written by save_pretrained, e.g. <pretrain output>/final)")
+    if lora.merge_lora and lora.lora_r == 0:
+        raise UsageError("--merge_lora needs LoRA (--lora_r > 0); full fine-tuning already writes a plain model to final/")
+    if lora.lora_r > 0 and "learning_rate" not in getattr(cfg, "_sources", {}):
+        cfg.optim.learning_rate = LORA_LEARNING_RATE
+    model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
+    loop.check_run_settings(cfg, out)
+    check_output_dir(out)
+    loop.seed_everything(cfg.run.seed)
+
+    # ----------------------------------------------------------------------- runtime
+    runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}),
+                      uses_muon=cfg.optim.optimizer == "muon")
+    loop.setup_logging(runtime.is_main)
+    if runtime.is_main:
+        save_resolved_config(cfg, out / "resolved_config.yaml")
+
+    # -------------------------------------------------------------------------- data
+    tokenizer_flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, tokenizer_flag)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE  # final/ then generates in the format it was trained on
+    settings = ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt)
+
+    def samples_for(patterns, flag):
+        return runtime.main_first(lambda: prepare_chat(patterns, flag, tokenizer, settings, d.chat_format, d.strict,
+                                                       d.data_cache_dir, build=runtime.is_main, tokenizer_flag=tokenizer_flag))
+
+    samples = samples_for(d.train_files, "--train_files")
+    train_idx, eval_idx, eval_samples = np.arange(len(samples)), None, samples
+    if d.validation_files:
+        eval_samples = samples_for(d.validation_files, "--validation_files")
+        eval_idx = np.arange(len(eval_samples))
+    elif d.validation_split_ratio > 0 and len(samples) >= 2:
+        split = len(samples) - max(1, int(len(samples) * d.validation_split_ratio))
+        order = np.random.default_rng(cfg.run.seed).permutation(len(samples))  # files are often sorted by topic
+        train_idx, eval_idx = np.sort(order[:split]), np.sort(order[split:])
+    train_rows = make_rows(samples, train_idx, d.max_seq_length, d.packing, cfg.run.seed)
+    eval_rows = make_rows(eval_samples, eval_idx, d.max_seq_length, d.packing, cfg.run.seed) if eval_idx is not None else None
+    micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
+    row_lengths = None if d.packing else samples.lengths[train_idx]
+    sampler = ResumableSampler(train_rows, runtime.world_size, runtime.rank, seed=cfg.run.seed, lengths=row_lengths,
+                               group_size=LENGTH_GROUP * micro * runtime.world_size)
+    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    collate = partial(collate_rows, pad_id=pad_id, packed=d.packing)
+    loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
+                        num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda")
+    steps_per_epoch = sampler.num_samples // (micro * accumulation)
+    if steps_per_epoch == 0:
+        global_batch = micro * accumulation * runtime.world_size
+        raise UsageError(f"--train_files: {len(train_rows)} training rows make less than one global batch of {global_batch} "
+                         f"(micro {micro} x accumulation {accumulation} x world {runtime.world_size}); add data or lower "
+                         f"--per_device_train_batch_size/--gradient_accumulation_steps")
+    total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else math.ceil(cfg.run.num_train_epochs * steps_per_epoch)
+    evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate)
+    fill = train_rows.tokens() / (len(train_rows) * d.max_seq_length)
+    log.info("rows: %d training samples -> %d rows (%s), %.1f%% of %d-token rows filled; %s validation rows",
+             len(train_idx), len(train_rows), "packed" if d.packing else "one sample each, length-grouped",
+             100 * fill, d.max_seq_length, len(eval_rows) if eval_rows is not None else "no")
+
+    # ------------------------------------------------------------------------- model
+    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
+    log.info("attention: %s (%s)", attn, why)
+    with runtime.model_init_context(sharded=True):
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
+    if lora.lora_r > 0:
+        model = apply_lora(model, lora, cfg.run.seed)
+    n_params = count_parameters(model)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+    # --------------------------------------------------------------------- optimizer
+    optimizer = build_optimizer(model, cfg.optim, runtime.device)
+    raw_optimizer = optimizer  # its param_groups carry the lr the schedule sets, whatever wraps it
+    model, optimizer = runtime.prepare(model, optimizer)
+    global_batch = micro * accumulation * runtime.world_size
+    log.info("model: %s, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, device %s, lr %.1e",
+             m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, f"LoRA r={lora.lora_r}" if lora.lora_r else "full",
+             runtime.strategy, runtime.precision, runtime.device, cfg.optim.learning_rate)
+    log.info("batch: micro %d x accumulation %d x world %d = global %d rows of up to %d tokens per step; %d steps (%d per epoch over %d rows)",
+             micro, accumulation, runtime.world_size, global_batch, d.max_seq_length, total_steps, steps_per_epoch, len(train_rows))
+    if runtime.is_main:
+        loop.write_plan(out, runtime, cfg, attn, why, global_batch,
+                        extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "row_fill": round(fill, 4),
+                               "lora_r": lora.lora_r, "trainable_parameters": n_trainable})
+
+    # ------------------------------------------------------------------------ resume
+    state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0, "input_tokens_seen": 0,
+             "world_size": runtime.world_size, "best_eval_loss": None, "best_checkpoint": None}
+    layout = {"micro_batch": micro, "accumulation": accumulation, "packing": d.packing,
+              "max_seq_length": d.max_seq_length, "rows": len(train_rows)}
+    resume_from = ckpt.resolve_resume(cfg.run.resume, out)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(runtime, model, optimizer, resume_from, expect=layout)
+        log.info("resumed from %s at step %d (epoch %d, %d rows into it per rank)",
+                 resume_from, state["step"], state["epoch"], state["samples_in_epoch"])
+    state.update(layout)
+    tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state["step"])
+    batches = loop.batch_stream(loader, sampler, state, micro)
+
+    # -------------------------------------------------------------------------- loop
+    from tqdm.auto import tqdm
+
+    model.train()
+    # the bar only on a terminal; batch logs (sbatch, CI) get the per-logging-step lines with ETA
+    progress = tqdm(total=total_steps, initial=state["step"], desc="sft", dynamic_ncols=True, mininterval=1.0,
+                    disable=not (runtime.is_main and sys.stdout.isatty()), file=sys.stdout)
+    speed = Throughput()
+    window_losses: list[float] = []
+    tokens_at_start, trained_at_start, start_step = state["input_tokens_seen"], state["tokens_seen"], state["step"]
+    last_record: dict = {}
+    while state["step"] < total_steps:
+        speed.resume()
+        lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
+        window = [next(batches) for _ in range(accumulation)]
+        loss, grad_norm, trained, tokens = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
+        state["micro_step"] += accumulation
+        state["step"] += 1
+        state["tokens_seen"] += trained
+        state["input_tokens_seen"] += tokens
+        window_losses.append(loss)
+        speed.pause()
+        progress.update(1)
+        step = state["step"]
+
+        if step % cfg.run.logging_steps == 0 or step == total_steps:
+            rate = speed.tick(state["input_tokens_seen"] - tokens_at_start)
+            last_record = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
+                           "grad_norm": grad_norm, "tokens_per_sec": round(rate, 1),
+                           "trained_tokens_per_sec": round((state["tokens_seen"] - trained_at_start) / max(speed.train_seconds, 1e-9), 1),
+                           "elapsed_s": round(speed.elapsed(), 2), "tokens": state["input_tokens_seen"],
+                           "trained_tokens": state["tokens_seen"],
+                           "epoch": round(state["epoch"] + state["samples_in_epoch"] / sampler.num_samples, 4),
+                           "peak_memory_gb": round(runtime.peak_memory_gb(), 3)}
+            window_losses = []
+            tracker.log(last_record)
+            progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            if runtime.is_main:
+                eta = (total_steps - step) * speed.train_seconds / max(step - start_step, 1)
+                progress.write(loop.log_line(step, total_steps, last_record, eta))
+
+        evaluated = None
+        if eval_rows is not None and cfg.run.eval_steps > 0 and step % cfg.run.eval_steps == 0 and step < total_steps:
+            evaluated = evaluate(runtime, model, eval_rows)
+            tracker.log({"step": step, **evaluated})
+            log.info("step %d eval_loss %.4f eval_ppl %.2f", step, evaluated["eval_loss"], evaluated["eval_ppl"])
+
+        if cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0:
+            loop.save_and_prune(runtime, model, optimizer, state, out, cfg.run, evaluated)
+    progress.close()
+
+    # -------------------------------------------------------------------------- save
+    final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
+    if lora.merge_lora:
+        if runtime.is_main:
+            merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
+        runtime.barrier()
+
+    # -------------------------------------------------------------------------- eval
+    summary = {"step": state["step"], "loss": last_record.get("loss"), "trained_tokens": state["tokens_seen"],
+               "tokens": state["input_tokens_seen"], "parameters": n_params, "trainable_parameters": n_trainable,
+               "strategy": runtime.strategy, "world_size": runtime.world_size, "rows": len(train_rows),
+               "row_fill": round(fill, 4), "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}}
+    if eval_rows is not None:
+        final_eval = evaluate(runtime, model, eval_rows)
+        tracker.log({"step": state["step"], **final_eval})
+        log.info("final eval_loss %.4f eval_ppl %.2f over %d trained tokens", final_eval["eval_loss"], final_eval["eval_ppl"],
+                 final_eval["eval_tokens"])
+        summary.update(final_eval)
+    tracker.close()
+    if runtime.is_main:
+        plot_loss(out / METRICS_FILE, out / "loss.png", title=f"sft {m.model_name_or_path}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    runtime.end()
+    return summary
