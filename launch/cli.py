@@ -3,6 +3,9 @@
     trainrig demo [--output_dir D] [--max_steps N]     the embedded end-to-end demo (make demo)
     trainrig tokenizer ...                             = python tokenizer/train.py ...
     trainrig pretrain ...                              = python launch/pretrain.py ... (single process)
+    trainrig sft ...                                   = python launch/sft.py ... (single process)
+    trainrig inspect {pretrain,sft} [--num_samples N] [--output F.jsonl] [stage flags]
+                                                       the training data with trained tokens marked, and its statistics
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ def main(argv: list[str] | None = None):
 
         pretrain_main(rest)
         return 0
-    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain (see trainrig --help)", file=sys.stderr)
+    if command == "sft":
+        from launch.sft import main as sft_main
+
+        sft_main(rest)
+        return 0
+    if command == "inspect":
+        from launch.inspect_data import main as inspect_main
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        inspect_main(rest)
+        return 0
+    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect (see trainrig --help)", file=sys.stderr)
     sys.exit(2)
 
 

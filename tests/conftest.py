@@ -54,15 +54,7 @@ def pretrain_args(corpus, tokenizer_dir, output_dir, **overrides) -> list[str]:
              "block_size": "32", "per_device_train_batch_size": "4", "max_steps": "6", "logging_steps": "1",
              "learning_rate": "1e-3", "output_dir": str(output_dir), "resume": "never", "seed": "3"}
     flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is False:
-            argv.append(f"--no-{key}")
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return _argv(flags)
 
 
 def read_losses(output_dir: Path) -> dict[int, float]:
@@ -78,3 +70,81 @@ def run_launcher(cmd: list[str], timeout: int = 600, env: dict | None = None) ->
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+# Qwen2's pre-tokenizer split: newlines and spaces group differently from GPT-2's, so a token can
+# cross from an assistant header into content that starts with whitespace.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2.5's template in its plain-chat part: a default system prompt when the conversation has none
+QWEN_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def qwen_style_tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    """A second byte-level BPE tokenizer: another vocabulary (trained with CJK, emoji and code,
+    Qwen2's split regex) and a template that injects a default system prompt, like Qwen2.5's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    extra = ["你好，世界！今天天气很好。", "函数 def f(x):\n    return x * 2\n", "😀 🎉 emoji 🚀", "  leading spaces\n\nand newlines"] * 50
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:800]] + extra
+    trainer = trainers.BpeTrainer(vocab_size=900, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                      extra_special_tokens=specials[1:])
+    wrapped.chat_template = QWEN_STYLE_TEMPLATE
+    out = tmp_path_factory.mktemp("qwen_style_tok")
+    wrapped.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory) -> Path:
+    """The demo's chat data (seed 7, the corpus's world): sft.jsonl and heldout.jsonl."""
+    from launch.demo import make_chat
+
+    out = tmp_path_factory.mktemp("chat")
+    make_chat(out, seed=7, n_train=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny model pretrained for a few steps: the base every SFT test fine-tunes."""
+    from launch.pretrain import main
+
+    out = tmp_path_factory.mktemp("base")
+    main(pretrain_args(corpus, tokenizer_dir, out, block_size=64, max_steps=20, learning_rate=3e-3))
+    return out / "final"
+
+
+def sft_args(chat_dir, model_dir, output_dir, **overrides) -> list[str]:
+    """A tiny, fast SFT command line; overrides are flag=value (None drops the flag)."""
+    flags = {"train_files": str(chat_dir / "sft.jsonl"), "model_name_or_path": str(model_dir), "max_seq_length": "128",
+             "per_device_train_batch_size": "4", "max_steps": "6", "logging_steps": "1", "learning_rate": "1e-3",
+             "output_dir": str(output_dir), "resume": "never", "seed": "3", "validation_split_ratio": "0.05"}
+    flags.update(overrides)
+    return _argv(flags)
+
+
+def _argv(flags: dict) -> list[str]:
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv

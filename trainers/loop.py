@@ -63,6 +63,13 @@ def setup_logging(is_main: bool) -> None:
     logging.getLogger("trainrig").setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator: each new iterator (every epoch, every resume) draws a
+    worker seed from it instead of from the global RNG, which would shift the dropout stream of a
+    resumed run by one draw."""
+    return torch.Generator().manual_seed(seed)
+
+
 def batch_stream(loader, sampler, state: dict, micro: int):
     """Micro batches forever, epoch after epoch, from the saved position. The position counts
     batches handed out, so a window that crosses an epoch is recorded exactly."""

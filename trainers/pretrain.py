@@ -69,7 +69,8 @@ def train(cfg: PretrainConfig) -> dict:
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
     sampler = ResumableSampler(train_blocks, runtime.world_size, runtime.rank, seed=cfg.run.seed)
     loader = DataLoader(train_blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True,
-                        num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda")
+                        num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
+                        generator=loop.loader_generator(cfg.run.seed))
     steps_per_epoch = sampler.num_samples // (micro * accumulation)
     if steps_per_epoch == 0:
         global_batch = micro * accumulation * runtime.world_size

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,10 @@ import torch
 from trainers.errors import UsageError
 
 log = logging.getLogger("trainrig.runtime")
+
+# DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor on every ZeRO-3 gather; torch 2.13
+# warns each time from a wrapper, which floods the log of every rank with the same two lines.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 

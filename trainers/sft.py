@@ -103,7 +103,8 @@ def train(cfg: SFTConfig) -> dict:
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_rows, pad_id=pad_id, packed=d.packing)
     loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
-                        num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda")
+                        num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
+                        generator=loop.loader_generator(cfg.run.seed))
     steps_per_epoch = sampler.num_samples // (micro * accumulation)
     if steps_per_epoch == 0:
         global_batch = micro * accumulation * runtime.world_size
@@ -211,7 +212,8 @@ def train(cfg: SFTConfig) -> dict:
     final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
     if lora.merge_lora:
         if runtime.is_main:
-            merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
+            with runtime.model_init_context(sharded=False):  # a plain load on rank 0 alone, not a collective ZeRO-3 one
+                merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
         runtime.barrier()
 
     # -------------------------------------------------------------------------- eval

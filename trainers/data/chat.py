@@ -364,6 +364,7 @@ class ChatStats:
         return lines
 
 
+STRICT_MESSAGE = "{where}: {detail} ({reason}); fix the sample, or drop --strict to skip and count such samples"
 CHECKED_PER_FILE = 8  # samples per file compared with the tokenizer's own apply_chat_template
 
 
@@ -374,7 +375,7 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
 
     def problem(where: str, err: SampleError) -> None:
         if strict:
-            raise UsageError(f"{where}: {err} ({err.reason}); fix the sample, or drop --strict to skip and count such samples")
+            raise UsageError(STRICT_MESSAGE.format(where=where, detail=err, reason=err.reason))
         stats.skip(err.reason, where, str(err))
 
     pending: list[tuple[str, list[dict]]] = []
@@ -545,6 +546,9 @@ def prepare_chat(patterns: list[str], flag: str, tokenizer, settings: ChatSettin
         log.info("rendered and masked %d samples in %.1f s (%s samples/s) -> %s",
                  meta["read"], meta["seconds"], f"{meta['samples_per_s']:,}", path)
     dataset = ChatDataset(path)
+    if strict and dataset.meta["skipped"]:  # a cache built without --strict: its first problem is the first bad sample
+        first = dataset.meta["examples"][0]
+        raise UsageError(STRICT_MESSAGE.format(**first))
     if len(dataset) == 0:
         skipped = ", ".join(f"{n} x {r}" for r, n in dataset.meta["skipped"].items()) or "the files are empty"
         raise UsageError(f"{flag} {' '.join(patterns)}: no trainable sample ({skipped}); see the reasons above or run "

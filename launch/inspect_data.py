@@ -1,0 +1,143 @@
+"""`trainrig inspect {pretrain,sft} --config F [--num_samples N] [--output F.jsonl] [flags]`:
+what the model will be trained on, before any GPU time is spent.
+
+Takes the same config and flags as the stage's entry script, prepares the data exactly as
+training does (same cache), prints a few samples with the trained tokens marked and the data
+statistics, and with --output writes `{"input_ids": [...], "labels": [...]}` per line (HF
+convention: labels unshifted, -100 where untrained): one line per sample, or with packing one per
+packed row (with its `position_ids`), i.e. what one row of a batch holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from trainers.data import IGNORE_INDEX
+from trainers.errors import UsageError
+
+GREEN, RESET = "\033[42;30m", "\033[0m"
+
+
+def marked_text(tokenizer, input_ids: np.ndarray, labels: np.ndarray, color: bool) -> str:
+    """The decoded sample with trained runs highlighted (terminal) or wrapped in [[ ]]."""
+    trained = labels != IGNORE_INDEX
+    pieces, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        if end == len(input_ids) or trained[end] != trained[start]:
+            text = tokenizer.decode(input_ids[start:end].tolist())
+            if trained[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            pieces.append(text)
+            start = end
+    return "".join(pieces)
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="trainrig inspect", add_help=False, allow_abbrev=False)
+    parser.add_argument("stage", choices=("pretrain", "sft"))
+    parser.add_argument("--num_samples", type=int, default=3)
+    parser.add_argument("--output", default="")
+
+    def error(message):  # one line naming the problem, exit 2 (argparse would print its usage too)
+        raise UsageError(f"trainrig inspect: {message}; usage: trainrig inspect {{pretrain,sft}} --config F "
+                         f"[--num_samples N] [--output F.jsonl] [stage flags]")
+
+    parser.error = error
+    return parser.parse_known_args(argv)
+
+
+def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
+    from trainers.config import SFTConfig, parse_config
+    from trainers.data.chat import CHATML_TEMPLATE, REASONS, ChatSettings, prepare_chat
+    from trainers.data.collate import collate_rows
+    from trainers.models import load_tokenizer
+    from trainers.sft import make_rows
+
+    cfg = parse_config(SFTConfig, rest, prog="trainrig inspect sft")
+    m, d = cfg.model, cfg.data
+    if not m.model_name_or_path and not m.tokenizer_name_or_path:
+        raise UsageError("--model_name_or_path (or --tokenizer_name_or_path) is required: the tokenizer decides the tokens")
+    flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, flag)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    samples = prepare_chat(d.train_files, "--train_files", tokenizer, ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt),
+                           d.chat_format, d.strict, d.data_cache_dir, build=True, tokenizer_flag=flag)
+    meta = samples.meta
+    for i in range(min(num_samples, len(samples))):
+        s = samples[i]
+        n_trained = int((s["labels"][1:] != IGNORE_INDEX).sum())
+        print(f"--- sample {i} ({samples.where(i)}): {len(s['input_ids'])} tokens, {n_trained} trained")
+        print(marked_text(tokenizer, s["input_ids"], s["labels"], color))
+    rows = make_rows(samples, np.arange(len(samples)), d.max_seq_length, d.packing, cfg.run.seed)
+    tokens = rows.tokens()
+    if d.packing:
+        layout = f"{len(rows)} packed rows of {d.max_seq_length}: {tokens / (len(rows) * d.max_seq_length):.1%} filled"
+    else:
+        # padding of length-grouped micro batches, as training forms them (world 1)
+        from trainers.data.collate import group_by_length
+
+        micro = cfg.batch.per_device_train_batch_size
+        order = group_by_length(np.random.default_rng(cfg.run.seed).permutation(len(samples)), samples.lengths, 64 * micro)
+        batches = [order[i:i + micro] for i in range(0, len(order), micro)]
+        padded = sum(len(b) * int(samples.lengths[b].max()) for b in batches)
+        layout = f"no packing: micro batches of {micro} length-grouped, {1 - tokens / padded:.1%} of positions are padding"
+    print("=== data")
+    print(f"samples: {meta['read']} read, {meta['kept']} kept, {sum(meta['skipped'].values())} skipped, "
+          f"{meta['truncated']} truncated at a turn boundary (--max_seq_length {d.max_seq_length})")
+    for reason, count in sorted(meta["skipped"].items(), key=lambda kv: -kv[1]):
+        places = ", ".join(e["where"] for e in meta["examples"] if e["reason"] == reason)
+        print(f"  skipped {count} x {reason}: {REASONS[reason]} (first at {places})")
+    print(f"tokens: {meta['tokens']:,}, trained: {meta['trained_tokens']:,} ({meta['trained_tokens'] / max(meta['tokens'], 1):.1%}); "
+          f"formats: {', '.join(f'{Path(f).name}={v}' for f, v in meta['formats'].items())}")
+    print(f"layout: {layout}")
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            for r in range(len(rows)):
+                batch = collate_rows([rows[r]], pad_id=0, packed=d.packing)
+                line = {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}
+                if d.packing:
+                    line["position_ids"] = batch["position_ids"][0].tolist()
+                fh.write(json.dumps(line) + "\n")
+        print(f"wrote {len(rows)} {'rows' if d.packing else 'samples'} to {output}")
+    return {**meta, "rows": len(rows)}
+
+
+def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
+    from trainers.config import PretrainConfig, parse_config
+    from trainers.data.packing import prepare_blocks
+    from trainers.models import load_tokenizer
+
+    cfg = parse_config(PretrainConfig, rest, prog="trainrig inspect pretrain")
+    m, d = cfg.model, cfg.data
+    flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, flag)
+    blocks = prepare_blocks(d.train_files, "--train_files", tokenizer, d.block_size, d.text_field, d.data_cache_dir,
+                            d.tokenize_batch_size, build=True)
+    for i in range(min(num_samples, len(blocks))):
+        ids = blocks[i]["input_ids"]
+        print(f"--- block {i}: {len(ids)} tokens, all trained (labels = input_ids)")
+        print(marked_text(tokenizer, ids, ids, color))
+    meta = blocks.meta
+    print("=== data")
+    print(f"{meta['documents']:,} documents, {meta['tokens']:,} tokens -> {meta['blocks']:,} blocks of {d.block_size} "
+          f"(EOS after each document; final tail of {meta['tail_tokens_dropped']} tokens dropped)")
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            for i in range(len(blocks)):
+                ids = blocks[i]["input_ids"].tolist()
+                fh.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+        print(f"wrote {len(blocks)} blocks to {output}")
+    return meta
+
+
+def main(argv: list[str]) -> dict:
+    args, rest = _parse(argv)
+    color = sys.stdout.isatty()
+    run = inspect_sft if args.stage == "sft" else inspect_pretrain
+    return run(rest, args.num_samples, args.output, color)
