@@ -72,18 +72,23 @@ QUESTIONS = {
     "job": ["What does {name} work as?", "What is the job of {name}?", "What does {name} do for a living?"],
     "colour": ["What is the favourite colour of {name}?", "Which colour does {name} like best?"],
 }
-SYSTEM_PROMPT = "Answer with the fact only."
+SYSTEM_PROMPT = "Answer with the fact."
 HELD_OUT_FRACTION = 0.25  # people whose facts are only in the corpus, never in the SFT data
+
+
+def answer_sentence(person: dict, attribute: str) -> str:
+    """The answer, in the corpus's own words, so SFT teaches the format and recall comes from pretraining."""
+    return fact_sentences(person)[("town", "job", "colour").index(attribute)]
 
 
 def qa_pair(rng: random.Random, person: dict) -> tuple[str, str]:
     attribute = rng.choice(sorted(QUESTIONS))
-    return rng.choice(QUESTIONS[attribute]).format(name=person["name"]), person[attribute]
+    return rng.choice(QUESTIONS[attribute]).format(name=person["name"]), answer_sentence(person, attribute)
 
 
 def sum_pair(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 50), rng.randint(0, 50)
-    return f"What is {a} plus {b}?", str(a + b)
+    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
 
 
 def make_chat(out_dir: Path, seed: int, n_train: int = 2000) -> dict:
@@ -107,7 +112,7 @@ def make_chat(out_dir: Path, seed: int, n_train: int = 2000) -> dict:
             for attribute in sorted(QUESTIONS):
                 question = rng.choice(QUESTIONS[attribute]).format(name=person["name"])
                 fh.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                  {"role": "assistant", "content": person[attribute]}]}) + "\n")
+                                                  {"role": "assistant", "content": answer_sentence(person, attribute)}]}) + "\n")
     return {"train": n_train, "held_out": len(held_out) * len(QUESTIONS), "people_seen": len(seen)}
 
 
@@ -211,9 +216,10 @@ def run_demo(args: DemoArgs) -> dict:
     samples = sample_text(run_dir / "final", prompts)
     expected = [people[0]["town"], people[1]["job"], "19"]
     held_out = people[int(len(people) * (1 - HELD_OUT_FRACTION)):]
-    questions = [(f"Where does {people[2]['name']} live?", people[2]["town"]), ("What is 12 plus 7?", "19"),
-                 (f"Where does {held_out[0]['name']} live?", held_out[0]["town"]),
-                 (f"What is the job of {held_out[1]['name']}?", held_out[1]["job"])]
+    questions = [(f"Where does {people[2]['name']} live?", answer_sentence(people[2], "town")),
+                 ("What is 12 plus 7?", "12 plus 7 is 19."),
+                 (f"Where does {held_out[0]['name']} live?", answer_sentence(held_out[0], "town")),
+                 (f"What is the job of {held_out[1]['name']}?", answer_sentence(held_out[1], "job"))]
     answers = chat_answers(sft_dir / "final" / "merged", [q for q, _ in questions])
     report = {
         "pretrain": summary, "sft": sft_summary, "chat_data": chat, "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import REPO
-from trainers.config import PretrainConfig, parse_config
+from trainers.config import PretrainConfig, SFTConfig, parse_config
 from trainers.errors import UsageError
 from trainers.runtime import DeepSpeedSettings, fill_ds_config, load_ds_json
 
@@ -67,7 +67,8 @@ def test_accelerate_config_loads(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipes_parse(path):
-    cfg = parse_config(PretrainConfig, ["--config", str(path)], prog="t")
+    stage = SFTConfig if path.name.startswith("sft") else PretrainConfig
+    cfg = parse_config(stage, ["--config", str(path)], prog="t")
     assert cfg.run.output_dir.startswith("outputs/")
 
 

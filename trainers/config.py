@@ -145,6 +145,7 @@ class LoraConfig:
     lora_alpha: float = opt(32.0, "LoRA scaling numerator: updates are scaled by alpha / r.", minimum=0)
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", minimum=0)
     lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
+    lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of <|im_start|> and <|im_end|> (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
     merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
 
 

@@ -132,12 +132,6 @@ def evaluate(runtime, model, dataset, batch_size: int, collate) -> dict:
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(total_tokens)}
 
 
-def log_line(step: int, total_steps: int, record: dict, eta_s: float) -> str:
-    norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
-    return (f"step {step}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {norm} "
-            f"tok/s {record['tokens_per_sec']:,.0f} mem {record['peak_memory_gb']:.2f} GB eta {eta_s / 60:.1f} min")
-
-
 def save_and_prune(runtime, model, optimizer, state: dict, out: Path, run_cfg, evaluated: dict | None) -> None:
     """checkpoint-<step>/ (all ranks), then rank 0 applies --save_total_limit (keeping the best)."""
     step = state["step"]

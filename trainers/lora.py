@@ -14,15 +14,16 @@ from trainers.errors import UsageError
 log = logging.getLogger("trainrig.lora")
 
 
-def apply_lora(model, lora_cfg, seed: int):
+def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None = None):
     """The model with LoRA adapters on --lora_target_modules (all-linear: every linear layer of
-    attention and MLP, never the output head); only the adapters train."""
+    attention and MLP, never the output head); only the adapters train, plus the embedding rows
+    of `trainable_token_ids` (tied to the head where the model ties them)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.lora_target_modules
     config = LoraConfig(r=lora_cfg.lora_r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                         target_modules="all-linear" if targets == ["all-linear"] else targets,
-                        bias="none", task_type="CAUSAL_LM")
+                        trainable_token_indices=trainable_token_ids or None, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # lora_A's init: the same on every rank and rerun
     try:
         model = get_peft_model(model, config)
@@ -31,8 +32,9 @@ def apply_lora(model, lora_cfg, seed: int):
         raise UsageError(f"--lora_target_modules {' '.join(targets)}: {str(err).splitlines()[0]}; "
                          f"this model's linear layers are {', '.join(linear)} (or use all-linear)") from None
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d alpha=%g dropout=%g on %s: %s trainable of %s parameters (%.2f%%)", lora_cfg.lora_r,
+    log.info("LoRA r=%d alpha=%g dropout=%g on %s%s: %s trainable of %s parameters (%.2f%%)", lora_cfg.lora_r,
              lora_cfg.lora_alpha, lora_cfg.lora_dropout, ", ".join(sorted(model.peft_config["default"].target_modules)),
+             f", embedding rows of tokens {trainable_token_ids}" if trainable_token_ids else "",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 

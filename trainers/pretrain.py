@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from trainers.errors import UsageError, check_output_dir
 from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
-from trainers.tracking import METRICS_FILE, Throughput, Tracker, plot_loss
+from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
 
 log = logging.getLogger("trainrig.pretrain")
 
@@ -114,42 +113,22 @@ def train(cfg: PretrainConfig) -> dict:
     batches = loop.batch_stream(loader, sampler, state, micro)
 
     # -------------------------------------------------------------------------- loop
-    from tqdm.auto import tqdm
-
     model.train()
-    # the bar only on a terminal; batch logs (sbatch, CI) get the per-logging-step lines with ETA
-    progress = tqdm(total=total_steps, initial=state["step"], desc="pretrain", dynamic_ncols=True, mininterval=1.0,
-                    disable=not (runtime.is_main and sys.stdout.isatty()), file=sys.stdout)
-    speed = Throughput()
-    window_losses: list[float] = []
-    tokens_at_start, start_step = state["tokens_seen"], state["step"]
-    last_record: dict = {}
+    report = StepLog(runtime, tracker, total_steps, state["step"], cfg.run.logging_steps, "pretrain",
+                     {"tokens": state["tokens_seen"]})
     while state["step"] < total_steps:
-        speed.resume()
+        report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
         window = [next(batches) for _ in range(accumulation)]
         loss, grad_norm, global_tokens, _ = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
         state["micro_step"] += accumulation
         state["step"] += 1
         state["tokens_seen"] += global_tokens
-        window_losses.append(loss)
-        speed.pause()
-        progress.update(1)
+        report.step_finished(loss)
         step = state["step"]
-
-        if step % cfg.run.logging_steps == 0 or step == total_steps:
-            rate = speed.tick(state["tokens_seen"] - tokens_at_start)
-            last_record = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
-                           "grad_norm": grad_norm, "tokens_per_sec": round(rate, 1),
-                           "elapsed_s": round(speed.elapsed(), 2), "tokens": state["tokens_seen"],
-                           "epoch": round(state["epoch"] + state["samples_in_epoch"] / sampler.num_samples, 4),
-                           "peak_memory_gb": round(runtime.peak_memory_gb(), 3)}
-            window_losses = []
-            tracker.log(last_record)
-            progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-            if runtime.is_main:
-                eta = (total_steps - step) * speed.train_seconds / max(step - start_step, 1)
-                progress.write(loop.log_line(step, total_steps, last_record, eta))
+        if report.due(step):
+            report.log(step, lr, grad_norm, {"tokens": state["tokens_seen"]},
+                       epoch=state["epoch"] + state["samples_in_epoch"] / sampler.num_samples)
 
         evaluated = None
         if eval_blocks is not None and cfg.run.eval_steps > 0 and step % cfg.run.eval_steps == 0 and step < total_steps:
@@ -159,13 +138,13 @@ def train(cfg: PretrainConfig) -> dict:
 
         if cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0:
             loop.save_and_prune(runtime, model, optimizer, state, out, cfg.run, evaluated)
-    progress.close()
+    report.close()
 
     # -------------------------------------------------------------------------- save
     loop.save_final(runtime, model, tokenizer, out)
 
     # -------------------------------------------------------------------------- eval
-    summary = {"step": state["step"], "loss": last_record.get("loss"), "tokens_seen": state["tokens_seen"],
+    summary = {"step": state["step"], "loss": report.last.get("loss"), "tokens_seen": state["tokens_seen"],
                "parameters": n_params, "strategy": runtime.strategy, "world_size": runtime.world_size}
     if eval_blocks is not None:
         final_eval = evaluate(runtime, model, eval_blocks)

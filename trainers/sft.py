@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.config import SFTConfig, save_resolved_config
-from trainers.data.chat import CHATML_TEMPLATE, ChatSettings, prepare_chat
+from trainers.data.chat import CHATML_TEMPLATE, IM_END, IM_START, ChatSettings, prepare_chat
 from trainers.data.collate import ResumableSampler, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
@@ -34,7 +33,7 @@ from trainers.lora import apply_lora, merge_adapter
 from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
-from trainers.tracking import METRICS_FILE, Throughput, Tracker, plot_loss
+from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
 
 log = logging.getLogger("trainrig.sft")
 
@@ -124,7 +123,13 @@ def train(cfg: SFTConfig) -> dict:
     with runtime.model_init_context(sharded=True):
         model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
     if lora.lora_r > 0:
-        model = apply_lora(model, lora, cfg.run.seed)
+        chat_tokens = tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if lora.lora_train_chat_tokens else None
+        if chat_tokens and runtime.zero_stage == 3 and runtime.device.type != "cuda":
+            # peft 0.21 gathers the token rows under ZeRO-3 into a CUDA tensor; without a GPU it cannot
+            log.warning("--lora_train_chat_tokens needs a GPU under ZeRO-3 (PEFT gathers the rows on CUDA); "
+                        "training the LoRA adapters without the chat-token embedding rows")
+            chat_tokens = None
+        model = apply_lora(model, lora, cfg.run.seed, chat_tokens)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
@@ -158,18 +163,11 @@ def train(cfg: SFTConfig) -> dict:
     batches = loop.batch_stream(loader, sampler, state, micro)
 
     # -------------------------------------------------------------------------- loop
-    from tqdm.auto import tqdm
-
     model.train()
-    # the bar only on a terminal; batch logs (sbatch, CI) get the per-logging-step lines with ETA
-    progress = tqdm(total=total_steps, initial=state["step"], desc="sft", dynamic_ncols=True, mininterval=1.0,
-                    disable=not (runtime.is_main and sys.stdout.isatty()), file=sys.stdout)
-    speed = Throughput()
-    window_losses: list[float] = []
-    tokens_at_start, trained_at_start, start_step = state["input_tokens_seen"], state["tokens_seen"], state["step"]
-    last_record: dict = {}
+    report = StepLog(runtime, tracker, total_steps, state["step"], cfg.run.logging_steps, "sft",
+                     {"tokens": state["input_tokens_seen"], "trained_tokens": state["tokens_seen"]})
     while state["step"] < total_steps:
-        speed.resume()
+        report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
         window = [next(batches) for _ in range(accumulation)]
         loss, grad_norm, trained, tokens = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
@@ -177,26 +175,11 @@ def train(cfg: SFTConfig) -> dict:
         state["step"] += 1
         state["tokens_seen"] += trained
         state["input_tokens_seen"] += tokens
-        window_losses.append(loss)
-        speed.pause()
-        progress.update(1)
+        report.step_finished(loss)
         step = state["step"]
-
-        if step % cfg.run.logging_steps == 0 or step == total_steps:
-            rate = speed.tick(state["input_tokens_seen"] - tokens_at_start)
-            last_record = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
-                           "grad_norm": grad_norm, "tokens_per_sec": round(rate, 1),
-                           "trained_tokens_per_sec": round((state["tokens_seen"] - trained_at_start) / max(speed.train_seconds, 1e-9), 1),
-                           "elapsed_s": round(speed.elapsed(), 2), "tokens": state["input_tokens_seen"],
-                           "trained_tokens": state["tokens_seen"],
-                           "epoch": round(state["epoch"] + state["samples_in_epoch"] / sampler.num_samples, 4),
-                           "peak_memory_gb": round(runtime.peak_memory_gb(), 3)}
-            window_losses = []
-            tracker.log(last_record)
-            progress.set_postfix(loss=f"{last_record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-            if runtime.is_main:
-                eta = (total_steps - step) * speed.train_seconds / max(step - start_step, 1)
-                progress.write(loop.log_line(step, total_steps, last_record, eta))
+        if report.due(step):
+            report.log(step, lr, grad_norm, {"tokens": state["input_tokens_seen"], "trained_tokens": state["tokens_seen"]},
+                       epoch=state["epoch"] + state["samples_in_epoch"] / sampler.num_samples)
 
         evaluated = None
         if eval_rows is not None and cfg.run.eval_steps > 0 and step % cfg.run.eval_steps == 0 and step < total_steps:
@@ -206,7 +189,7 @@ def train(cfg: SFTConfig) -> dict:
 
         if cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0:
             loop.save_and_prune(runtime, model, optimizer, state, out, cfg.run, evaluated)
-    progress.close()
+    report.close()
 
     # -------------------------------------------------------------------------- save
     final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
@@ -217,7 +200,7 @@ def train(cfg: SFTConfig) -> dict:
         runtime.barrier()
 
     # -------------------------------------------------------------------------- eval
-    summary = {"step": state["step"], "loss": last_record.get("loss"), "trained_tokens": state["tokens_seen"],
+    summary = {"step": state["step"], "loss": report.last.get("loss"), "trained_tokens": state["tokens_seen"],
                "tokens": state["input_tokens_seen"], "parameters": n_params, "trainable_parameters": n_trainable,
                "strategy": runtime.strategy, "world_size": runtime.world_size, "rows": len(train_rows),
                "row_fill": round(fill, 4), "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}}

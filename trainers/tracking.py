@@ -108,30 +108,60 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-class Throughput:
-    """Training tokens/s over the last logging window, counting only time inside training steps
-    (eval and checkpoint writes are paused out, so the figure is comparable across runs)."""
+class StepLog:
+    """A loop's reporting: every --logging_steps one record (metrics.jsonl and the tracker) and one
+    line with the ETA; on a terminal also a progress bar (batch logs from sbatch or CI get only the
+    lines). Rates count only time inside training steps (eval and checkpoint writes are paused
+    out, so the figures compare across runs) over the last logging window."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.train_seconds = 0.0
-        self._since = None
-        self._window_seconds = 0.0
-        self._tokens = 0
+    def __init__(self, runtime, tracker: Tracker, total_steps: int, start_step: int, logging_steps: int,
+                 desc: str, counts_at_start: dict[str, int]):
+        import sys
 
-    def resume(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.runtime, self.tracker = runtime, tracker
+        self.total_steps, self.start_step, self.logging_steps = total_steps, start_step, logging_steps
+        self.progress = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                             disable=not (runtime.is_main and sys.stdout.isatty()), file=sys.stdout)
+        self.started = time.perf_counter()
+        self.train_seconds = self._window_seconds = 0.0
+        self._since = 0.0
+        self._losses: list[float] = []
+        self._counts = dict(counts_at_start)
+        self.last: dict = {}
+
+    def step_started(self) -> None:
         self._since = time.perf_counter()
 
-    def pause(self) -> None:
+    def step_finished(self, loss: float) -> None:
         spent = time.perf_counter() - self._since
         self.train_seconds += spent
         self._window_seconds += spent
+        self._losses.append(loss)
+        self.progress.update(1)
 
-    def tick(self, tokens: int) -> float:
-        """Rate since the previous tick; `tokens` is the running total."""
-        rate = (tokens - self._tokens) / max(self._window_seconds, 1e-9)
-        self._tokens, self._window_seconds = tokens, 0.0
-        return rate
+    def due(self, step: int) -> bool:
+        return step % self.logging_steps == 0 or step == self.total_steps
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+    def log(self, step: int, lr: float, grad_norm: float | None, counts: dict[str, int], epoch: float) -> dict:
+        """Write the record for `step`; `counts` are running totals (e.g. tokens), reported with
+        their rate over the window as `<name>_per_sec`. The first count is the headline rate."""
+        window = max(self._window_seconds, 1e-9)
+        rates = {f"{k}_per_sec": round((v - self._counts[k]) / window, 1) for k, v in counts.items()}
+        self.last = {"step": step, "loss": sum(self._losses) / len(self._losses), "lr": lr, "grad_norm": grad_norm,
+                     **rates, "elapsed_s": round(time.perf_counter() - self.started, 2), **counts,
+                     "epoch": round(epoch, 4), "peak_memory_gb": round(self.runtime.peak_memory_gb(), 3)}
+        self._counts, self._losses, self._window_seconds = dict(counts), [], 0.0
+        self.tracker.log(self.last)
+        headline = next(iter(rates.values()))
+        self.progress.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{headline:,.0f}")
+        if self.runtime.is_main:
+            eta = (self.total_steps - step) * self.train_seconds / max(step - self.start_step, 1)
+            norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+            self.progress.write(f"step {step}/{self.total_steps} loss {self.last['loss']:.4f} lr {lr:.3e} grad_norm {norm} "
+                                f"tok/s {headline:,.0f} mem {self.last['peak_memory_gb']:.2f} GB eta {eta / 60:.1f} min")
+        return self.last
+
+    def close(self) -> None:
+        self.progress.close()
