@@ -5,6 +5,7 @@ numbers of assistant tokens still add up to the single-process gradient. LoRA dr
 here: dropout masks depend on how a batch is split, which is not what these tests compare.
 Tolerance as in test_distributed.py (1e-5; a missing 1/world or an unsynced rank moves 1e-3+)."""
 
+import shutil
 import socket
 
 import pytest
@@ -57,12 +58,21 @@ def test_ddp_full(single, chat_dir, sft_model_dir, tmp_path):
     assert_same(single["full"], out)
 
 
-def test_zero2_lora_deepspeed_launcher(single, chat_dir, sft_model_dir, tmp_path):
+def test_zero2_lora_deepspeed_launcher_and_resume(single, chat_dir, sft_model_dir, tmp_path):
     out = tmp_path / "zero2_lora"
-    run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                  *script(chat_dir, sft_model_dir, out, lora_r=4, zero_stage=2, save_steps=STEPS)])
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    run_launcher([*cmd, *script(chat_dir, sft_model_dir, out, lora_r=4, zero_stage=2, save_steps=3)])
     assert_same(single["lora"], out)
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+    # the engine's checkpoint holds only the trainable weights; resuming rebuilds the frozen base
+    resumed = tmp_path / "zero2_lora_resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    run_launcher([*cmd, *script(chat_dir, sft_model_dir, resumed, lora_r=4, zero_stage=2, resume="auto")])
+    again = read_losses(resumed)
+    assert sorted(again) == [4, 5]
+    assert max(abs(again[s] - single["lora"][s]) for s in again) < TOLERANCE
 
 
 def test_zero3_lora_accelerate_saves_a_loadable_adapter(single, chat_dir, sft_model_dir, tmp_path):
