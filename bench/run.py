@@ -6,15 +6,31 @@
     vs. HF run_clm's recipe (`datasets.load_dataset` -> `map(tokenize, num_proc)` -> `map(group_texts)`).
 (b) training step throughput: `launch/pretrain.py` vs. a bare hand-written PyTorch loop on the
     same model init, blocks, micro batch, optimizer and precision.
+(c) SFT on a length-skewed chat set: `launch/sft.py` packed (default) and `--no-packing`
+    (length-grouped) vs. pad-to-max (Qwen's classic `preprocess` + a bare PyTorch loop): non-pad
+    share of the batches, trained (assistant) tokens/s, and the loss after equal steps.
 Every figure in RESULTS.md comes from this script's measurements (medians of --repeats runs).
+
+    python bench/run.py --only sft [--repeats 3]     # one section: data, pretrain or sft
+    python bench/run.py --only report                # re-render RESULTS.md from the JSONs, nothing measured
+
+Results: each section writes its figures to results/<section>.json beside --output (data.json,
+pretrain.json, sft.json, with the machine and date they were measured on) as soon as it finishes,
+and RESULTS.md is then rendered from every JSON there. So `--only X` refreshes section X and keeps
+the others' last measurements (each section states its own date), an interrupted run loses only the
+section it was in, and the report never mixes hand-typed figures in. A section with no JSON yet
+that the existing RESULTS.md has (measured before the JSONs existed) is carried over verbatim,
+marked as carried over, until that section is run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -185,19 +201,279 @@ def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, st
             "trainrig_all": [round(x) for x in ours], "bare_all": [round(x) for x in bare]}
 
 
+# ------------------------------------------------------------------------------- (c) SFT
+
+SFT_LR = 1e-3  # all three loops; high enough that the loss moves in a few dozen steps from a barely trained model
+
+
+def make_chat_set(path: Path, corpus: Path, tokenizer, n_samples: int, max_seq_length: int, seed: int) -> dict:
+    """A length-skewed chat set, deterministic by seed: `{"messages": [user, assistant, ...]}`
+    records (70% one exchange, 20% two, 10% three) whose ChatML token lengths are drawn from a
+    log-normal (median max_seq_length / 5, sigma 0.8) truncated to [16, max_seq_length]. Contents
+    are runs of words from the corpus. Every record fits max_seq_length, so no loop truncates."""
+    import numpy as np
+
+    from trainers.data.chat import render_chatml
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines()[:4000]).split()
+    cost: dict[str, int] = {}  # tokens of " word" (byte-level BPE splits before every space)
+
+    def length(messages) -> int:
+        return len(tokenizer(render_chatml(messages)[0], add_special_tokens=False).input_ids)
+
+    overhead = length([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])  # per exchange
+
+    def take(budget: int) -> str:
+        start, used, out = int(rng.integers(len(words))), 0, []
+        while not out or used < budget:
+            w = words[(start + len(out)) % len(words)]
+            if w not in cost:
+                cost[w] = len(tokenizer(" " + w, add_special_tokens=False).input_ids)
+            used += cost[w]
+            out.append(w)
+        return " ".join(out)
+
+    median, sigma = max_seq_length / 5, 0.8
+    records = []
+    while len(records) < n_samples:
+        target = float(np.exp(rng.normal(np.log(median), sigma)))
+        if not 16 <= target <= max_seq_length:
+            continue  # truncated, not clipped: no spike of samples at either bound
+        exchanges = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
+        content = max(2 * exchanges, int(target) - exchanges * overhead)
+        messages = []
+        for share in rng.dirichlet(np.ones(exchanges)):
+            budget = max(2, int(content * share))
+            user = max(1, int(budget * rng.uniform(0.15, 0.45)))
+            messages += [{"role": "user", "content": take(user)}, {"role": "assistant", "content": take(budget - user)}]
+        records.append({"messages": messages})
+    lengths = []
+    for record in records:  # the exact rendered length; while over, shorten the longest turn (or drop an exchange)
+        messages = record["messages"]
+        while (n := length(messages)) > max_seq_length:
+            turn = max((m for m in messages if " " in m["content"]), key=lambda m: len(m["content"]), default=None)
+            if turn is None and len(messages) == 2:
+                raise ValueError(f"max_seq_length {max_seq_length} is too short for a one-word exchange ({n} tokens)")
+            if turn is None:
+                del messages[-2:]
+                continue
+            words = turn["content"].split()
+            turn["content"] = " ".join(words[:max(1, len(words) - max(1, (n - max_seq_length) // 2))])
+        lengths.append(n)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lengths = np.array(lengths)
+    return {"samples": n_samples, "mean_tokens": float(lengths.mean()), "median_tokens": float(np.median(lengths)),
+            "max_tokens": int(lengths.max()), "min_tokens": int(lengths.min()),
+            "multi_turn": sum(len(r["messages"]) > 2 for r in records)}
+
+
+def run_quietly(cmd: list[str]) -> None:
+    """A child process from the repo root; its output is shown only if it fails."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def make_sft_model(corpus: Path, tokenizer_dir: Path, out: Path, preset: str, cache_dir: Path) -> Path:
+    """The model to fine-tune: `launch/pretrain.py --max_steps 1` from the preset, run in this
+    process (nothing here is timed, and it spares a child's imports); its out/final."""
+    from launch.pretrain import main as pretrain
+
+    logger = logging.getLogger("trainrig")
+    level = logger.level  # the run sets INFO for itself; the caller's level comes back after it
+    pretrain(["--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
+              "--block_size", "256", "--max_steps", "1", "--output_dir", str(out), "--resume", "never",
+              "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"])
+    logger.setLevel(level)
+    return out / "final"
+
+
+def trainrig_sft(chat, model_dir, cache_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, out, packing: bool) -> dict:
+    """`python launch/sft.py` as a user runs it, in its own process, logging every `warmup` steps. Its
+    metrics lines carry running totals (`trained_tokens`, `tokens`) and wall time (`elapsed_s`); the
+    rates are the deltas between the line at step `warmup` and the last one, so the warmup steps are
+    excluded.
+    The loss is the mean over the last `loss_steps` steps (a multiple of `warmup`, dividing `steps`)."""
+    assert steps % warmup == 0 and loss_steps % warmup == 0 and loss_steps <= steps - warmup
+    argv = ["--train_files", str(chat), "--model_name_or_path", str(model_dir), "--max_seq_length", str(max_len),
+            "--per_device_train_batch_size", str(micro), "--max_steps", str(steps), "--logging_steps", str(warmup),
+            "--learning_rate", str(lr), "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--seed", str(seed),
+            "--output_dir", str(out), "--resume", "never", "--data_cache_dir", str(cache_dir),
+            "--validation_split_ratio", "0", "--packing" if packing else "--no-packing"]
+    run_quietly([sys.executable, str(REPO / "launch" / "sft.py"), *argv])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "trained_tokens" in r]
+    first, last = next(r for r in timed if r["step"] == warmup), timed[-1]
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    tail = [r["loss"] for r in timed if r["step"] > steps - loss_steps]  # equal windows: the mean of their means
+    plan = json.loads((out / "plan.json").read_text())
+    return {"trained_tok_s": (last["trained_tokens"] - first["trained_tokens"]) / seconds,
+            "tok_s": (last["tokens"] - first["tokens"]) / seconds, "loss": sum(tail) / len(tail), "batch_fill": plan["batch_fill"],
+            "trained_tokens": last["trained_tokens"] - first["trained_tokens"]}
+
+
+def pad_to_max_preprocess(conversations: list[list[dict]], tokenizer, max_len: int) -> dict:
+    """The classic Qwen fine-tuning `preprocess` (Qwen's finetune.py), for `messages` records: each
+    turn tokenized piece by piece as `<|im_start|>role\\n content <|im_end|>\\n`, labels -100 on
+    system and user turns, on the assistant header and on the padding, then every sample padded to
+    max_len (and cut there) into one tensor; attention_mask = input_ids != pad. Unlike the original,
+    the assistant's `<|im_start|>` and the "\\n" after `<|im_end|>` are not trained, matching trainrig."""
+    import torch
+
+    ignore = -100
+    im_start, im_end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    nl = tokenizer("\n", add_special_tokens=False).input_ids
+    input_ids, targets = [], []
+    for messages in conversations:
+        input_id, target = [], []
+        for message in messages:
+            header = [im_start] + tokenizer(message["role"], add_special_tokens=False).input_ids + nl
+            body = tokenizer(message["content"], add_special_tokens=False).input_ids
+            input_id += header + body + [im_end] + nl
+            if message["role"] == "assistant":
+                target += [ignore] * len(header) + body + [im_end] + [ignore] * len(nl)
+            else:
+                target += [ignore] * (len(header) + len(body) + 1 + len(nl))
+        input_ids.append((input_id + [pad_id] * (max_len - len(input_id)))[:max_len])
+        targets.append((target + [ignore] * (max_len - len(target)))[:max_len])
+    input_ids = torch.tensor(input_ids, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": torch.tensor(targets, dtype=torch.long), "attention_mask": input_ids.ne(pad_id)}
+
+
+def bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed) -> dict:
+    """Pad-to-max SFT as a user writes it by hand: Qwen's preprocess above, a shuffled loader of
+    the padded tensors, the same model (fp32, SDPA) and fused AdamW (trainrig's SFT defaults:
+    betas 0.9/0.95, no weight decay, constant lr), clip 1.0. Trained tokens are the labels that
+    are not -100 after the one-token shift; timed from step `warmup` on; the loss is the mean of
+    the last `loss_steps` steps' losses, as trainrig's is."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    conversations = [json.loads(line)["messages"] for line in Path(chat).read_text().splitlines()]
+    data = pad_to_max_preprocess(conversations, tokenizer, max_len)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+    loader = DataLoader(TensorDataset(data["input_ids"], data["labels"], data["attention_mask"]), batch_size=micro,
+                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+    model.train()
+    start, trained, real, losses = None, 0, 0, []
+    for step in range(steps):
+        if step == warmup:
+            start = time.perf_counter()
+        input_ids, labels, attention_mask = next(stream)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if step >= warmup:
+            trained += int((labels[:, 1:] != -100).sum())
+            real += int(attention_mask.sum())
+        if step >= steps - loss_steps:
+            losses.append(value)
+    seconds = time.perf_counter() - start
+    return {"trained_tok_s": trained / seconds, "tok_s": real / seconds, "loss": sum(losses) / len(losses),
+            "non_pad": data["attention_mask"].sum().item() / data["input_ids"].numel(), "trained_tokens": trained,
+            "dataset_trained_tokens": int((data["labels"][:, 1:] != -100).sum())}
+
+
+def bare_sft_in_process(*args) -> dict:
+    """The pad-to-max loop in its own process, like every other training run here."""
+    cmd = [sys.executable, __file__, "--bare_sft", json.dumps([str(a) for a in args])]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the pad-to-max loop exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sft_data_stats(chat, tokenizer, cache_dir, max_len, seed) -> dict:
+    """What trainrig's SFT data preparation makes of the chat set (its own prepare_chat and
+    make_rows, in-process, on the cache the runs use): rows, samples per packed row, counts."""
+    import numpy as np
+
+    from trainers.data.chat import ChatSettings, prepare_chat
+    from trainers.sft import make_rows
+
+    samples = prepare_chat([str(chat)], "--train_files", tokenizer, ChatSettings(max_len), "auto", False, str(cache_dir),
+                           build=True)
+    rows = make_rows(samples, np.arange(len(samples)), max_len, True, seed)
+    return {"rows": len(rows), "rows_used": float(rows.row_lengths().sum() / (len(rows) * max_len)),
+            "samples_per_row": len(samples) / len(rows), "kept": samples.meta["kept"], "read": samples.meta["read"],
+            "truncated": samples.meta["truncated"], "dataset_trained_tokens": samples.meta["trained_tokens"]}
+
+
+def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=2, steps=0, warmup=4, loss_steps=16,
+              samples=2000, repeats=3, seed=0) -> dict:
+    """(c): trainrig SFT, packed and length-grouped, vs. pad-to-max in a bare loop: the same chat set,
+    model, micro batch (rows), steps, optimizer and lr; medians of `repeats`, the three interleaved.
+
+    By default (steps=0) the timed window, steps - warmup, is exactly one of `--no-packing`'s
+    length-group chunks (trainrig sorts each chunk of LENGTH_GROUP micro batches longest first), so
+    that loop is timed on the whole spread of lengths, not only on a chunk's longest batches."""
+    from trainers.models import load_tokenizer
+    from trainers.sft import LENGTH_GROUP
+
+    steps = steps or warmup + LENGTH_GROUP
+    corpus, tokenizer_dir, workdir = (Path(p).resolve() for p in (corpus, tokenizer_dir, workdir))  # children run in REPO
+    cache = workdir / "sft_cache"
+    model_dir = make_sft_model(corpus, tokenizer_dir, workdir / f"sft_base_{preset}", preset, cache)
+    # the tokenizer every loop uses: launch/sft.py's default, the model directory's (see load_tokenizer)
+    tokenizer = load_tokenizer(str(model_dir), False, "--model_name_or_path")
+    chat = workdir / "sft_chat.jsonl"
+    chat_stats = make_chat_set(chat, corpus, tokenizer, samples, max_len, seed=5)
+    runs: dict[str, list[dict]] = {"packed": [], "grouped": [], "pad_to_max": []}
+    for i in range(repeats):
+        runs["pad_to_max"].append(bare_sft_in_process(chat, model_dir, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed))
+        for name in ("packed", "grouped"):
+            runs[name].append(trainrig_sft(chat, model_dir, cache, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed,
+                                           workdir / f"sft_{name}_{i}", packing=name == "packed"))
+    data = sft_data_stats(chat, tokenizer, cache, max_len, seed)
+    result = {"preset": preset, "max_seq_length": max_len, "micro_batch": micro, "steps": steps, "warmup": warmup,
+              "loss_steps": loss_steps, "length_group": LENGTH_GROUP, "lr": SFT_LR, "repeats": repeats, "chat": chat_stats,
+              "kept": data["kept"], "truncated": data["truncated"]}
+    for name, rs in runs.items():
+        result[name] = {"trained_tok_s": statistics.median(r["trained_tok_s"] for r in rs),
+                        "tok_s": statistics.median(r["tok_s"] for r in rs),
+                        "loss": statistics.median(r["loss"] for r in rs),
+                        "all": [round(r["trained_tok_s"]) for r in rs]}
+    result["packed"].update(non_pad=runs["packed"][0]["batch_fill"], rows_used=data["rows_used"],
+                            samples_per_row=data["samples_per_row"])
+    result["grouped"].update(non_pad=runs["grouped"][0]["batch_fill"], samples_per_row=1.0)
+    result["pad_to_max"].update(non_pad=runs["pad_to_max"][0]["non_pad"], samples_per_row=1.0)
+    result["trained_labels"] = {"trainrig": data["dataset_trained_tokens"],
+                                "pad_to_max": runs["pad_to_max"][0]["dataset_trained_tokens"]}
+    result["ratio"] = result["packed"]["trained_tok_s"] / result["pad_to_max"]["trained_tok_s"]
+    result["grouped_ratio"] = result["grouped"]["trained_tok_s"] / result["pad_to_max"]["trained_tok_s"]
+    result["targets"] = {"non_pad": result["packed"]["non_pad"] >= 0.95, "speedup": result["ratio"] >= 2.0}
+    return result
+
+
 # -------------------------------------------------------------------------------- report
 
+SECTIONS = {"data": "(a)", "pretrain": "(b)", "sft": "(c)"}  # results/<name>.json -> RESULTS.md section
 
-def write_report(path: Path, info: dict, data: dict, training: list[dict]) -> None:
+
+def machine_line(info: dict) -> str:
+    return (f"{info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}. Python {info['python']}, torch {info['torch']}, "
+            f"transformers {info['transformers']}, accelerate {info['accelerate']}, deepspeed {info['deepspeed']}, "
+            f"datasets {info['datasets']}, tokenizers {info['tokenizers']}.")
+
+
+def render_data(data: dict, info: dict) -> list[str]:
     lines = [
-        "# trainrig benchmarks",
-        "",
-        f"Generated by `make bench` (`bench/run.py`) on {info['date']}. Do not edit by hand.",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}. Python {info['python']}, torch {info['torch']}, "
-        f"transformers {info['transformers']}, accelerate {info['accelerate']}, deepspeed {info['deepspeed']}, "
-        f"datasets {info['datasets']}, tokenizers {info['tokenizers']}.",
-        "",
         f"## (a) Tokenize + pack into {data['block_size']}-token blocks, jsonl file to blocks (median of {data['repeats']})",
         "",
         "| pipeline | seconds | tokens/s | trainrig's speed-up | blocks |",
@@ -221,7 +497,12 @@ def write_report(path: Path, info: dict, data: dict, training: list[dict]) -> No
         "what is left is BPE time in the Rust tokenizer, which both pipelines pay; the margin over run_clm is run_clm's "
         "work outside the tokenizer (Arrow round trips, Python lists in group_texts). trainrig appends EOS after every "
         "document and drops only the corpus's final tail; run_clm drops a tail per 1000-document map batch, hence the block counts.",
-        "",
+    ]
+    return lines
+
+
+def render_training(training: list[dict]) -> list[str]:
+    lines = [
         "## (b) Pretraining step throughput, 1 process, fp32, fused AdamW",
         "",
         "| model | block x micro | steps (warmup excluded) | trainrig tokens/s | bare PyTorch loop tokens/s | ratio (target >= 0.97) | runs (trainrig / bare) |",
@@ -232,25 +513,160 @@ def write_report(path: Path, info: dict, data: dict, training: list[dict]) -> No
                      f"**{t['ratio']:.3f}** | {t['trainrig_all']} / {t['bare_all']} |")
     lines += ["", f"Medians of {training[0]['repeats']} runs, the two loops interleaved, the warmup steps excluded. trainrig's figure is its own `tokens_per_sec` "
               "(time inside training steps, data loading included); the bare loop is timed over the same steps. Each run is "
-              "its own process (`python launch/pretrain.py`, and the bare loop alike).", ""]
+              "its own process (`python launch/pretrain.py`, and the bare loop alike)."]
+    return lines
+
+
+def render_sft(r: dict) -> list[str]:
+    c, L = r["chat"], r["max_seq_length"]
+    met = {k: "met" if v else "NOT met" for k, v in r["targets"].items()}
+    labels = {"packed": "trainrig `launch/sft.py` (default: best-fit packing, padding-free)",
+              "grouped": "trainrig `launch/sft.py --no-packing` (length-grouped batches, padded to their longest)",
+              "pad_to_max": f"pad-to-max: Qwen's classic `preprocess` + bare PyTorch loop (every sample padded to {L})"}
+    timed = r["steps"] - r["warmup"]
+    timing_note = (f"The {timed} timed steps are as many as one of `--no-packing`'s length-group chunks ({r['length_group']} "
+                   "micro batches, sorted longest first), so it is timed on all lengths, not on a chunk's longest batches."
+                   if timed == r["length_group"] else
+                   f"The {timed} timed steps are not one whole `--no-packing` length-group chunk ({r['length_group']} micro "
+                   "batches, sorted longest first), so its figure leans to the lengths those steps drew.")
+    lines = [
+        f"## (c) SFT on length-skewed chat data, {r['preset']} model, fp32, fused AdamW (median of {r['repeats']})",
+        "",
+        f"{c['samples']:,} `messages` records ({c['multi_turn']:,} multi-turn), ChatML lengths log-normal in [16, {L}] tokens: "
+        f"mean {c['mean_tokens']:.0f}, median {c['median_tokens']:.0f}, max {c['max_tokens']} ({r['kept']:,} kept, "
+        f"{r['truncated']} truncated by trainrig). Same model, micro batch {r['micro_batch']} rows of up to {L} tokens, "
+        f"{r['steps']} steps (the first {r['warmup']} excluded from timing), constant lr {r['lr']:g}, clip 1.0, for all three.",
+        "",
+        "| loop | non-pad tokens per batch | samples per row | trained tokens/s | non-pad tokens/s | vs pad-to-max | "
+        f"loss, mean of the last {r['loss_steps']} steps | runs, trained tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    base = r["pad_to_max"]["trained_tok_s"]
+    for key, label in labels.items():
+        x = r[key]
+        lines.append(f"| {label} | {x['non_pad']:.1%} | {x['samples_per_row']:.2f} | {x['trained_tok_s']:,.0f} | {x['tok_s']:,.0f} | "
+                     f"**{x['trained_tok_s'] / base:.2f}x** | {x['loss']:.3f} | {x['all']} |")
+    lines += [
+        "",
+        f"Target non-pad >= 95% with packing: **{met['non_pad']}** ({r['packed']['non_pad']:.1%}). "
+        f"Target >= 2x pad-to-max's trained tokens/s: **{met['speedup']}** ({r['ratio']:.2f}x; without packing "
+        f"{r['grouped_ratio']:.2f}x).",
+        "",
+        f"Non-pad fraction: for trainrig, plan.json's `batch_fill`, the non-pad share of all positions of the micro "
+        f"batches its loader builds in the first epoch (rows padded to the longest in their batch; the packed rows "
+        f"themselves use {r['packed']['rows_used']:.1%} of {L} tokens). Pad-to-max, mean length / {L}. "
+        f"Trained tokens/s counts labels that are not -100 after the one-token shift; trainrig's rates are the deltas of its "
+        f"metrics.jsonl running totals (`trained_tokens`, `tokens`, `elapsed_s`) between step {r['warmup']} and the last step, "
+        f"the bare loop is timed over the same steps. {timing_note} Each run "
+        f"is its own process, the three interleaved. Trained labels over the whole set (assistant content and its "
+        f"`<|im_end|>` in both): trainrig {r['trained_labels']['trainrig']:,}, the pad-to-max preprocess "
+        f"{r['trained_labels']['pad_to_max']:,}.",
+        "",
+        f"Fairness of the losses: every loop takes {r['steps']} optimizer steps of {r['micro_batch']} rows, but a packed row "
+        f"holds {r['packed']['samples_per_row']:.1f} samples, so packing sees ~{r['packed']['samples_per_row']:.1f}x the "
+        "samples and trained tokens per step: equal steps are not equal data, and a lower packed loss is that, not a better optimizer. Each step's "
+        "loss is the mean over its trained tokens in all three, and the three see different samples in different orders "
+        "(`--no-packing` in length-sorted runs, so its last steps hold a length mix unlike the others'). "
+        "The model is a preset pretrained for one step (a near-random start), so the losses show that all three loops train, "
+        "not what SFT achieves.",
+    ]
+    return lines
+
+
+def _split_sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """An existing RESULTS.md -> (its header lines, {section name: its lines})."""
+    header, sections, current = [], {}, None
+    by_tag = {tag: name for name, tag in SECTIONS.items()}
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = by_tag.get(line[3:].split(" ", 1)[0])
+            if current:
+                sections[current] = []
+        if current:
+            sections[current].append(line)
+        elif not sections:
+            header.append(line)
+    return header, sections
+
+
+def write_report(path: Path, results: dict[str, dict], results_dir: Path | None = None) -> None:
+    """RESULTS.md from every section's results (`results[name] = {"machine": ..., ...}` as stored in
+    bench/results/<name>.json), in the order (a) (b) (c). A section without results that the
+    existing RESULTS.md has (measured before the JSONs existed) is carried over verbatim, marked so."""
+    old_header, old_sections = _split_sections(path.read_text()) if path.is_file() else ([], {})
+    newest = max((r["machine"] for r in results.values()), key=lambda m: m["date"], default=None)
+    lines = ["# trainrig benchmarks", "",
+             f"Generated by `make bench` (`bench/run.py`) from `{os.path.relpath(results_dir or path.parent / 'results', path.parent)}/*.json` "
+             "beside this file; one section alone: `bench/run.py --only data|pretrain|sft`. Do not edit by hand.", ""]
+    if newest:
+        lines += [f"Machine: {machine_line(newest)}", ""]
+    for name in SECTIONS:
+        if name in results:
+            info = results[name]["machine"]
+            try:
+                body = {"data": lambda r: render_data(r, info), "pretrain": lambda r: render_training(r["runs"]),
+                        "sft": render_sft}[name](results[name])
+            except (KeyError, TypeError, IndexError) as err:  # a JSON written by an older bench/run.py
+                body = [f"## {SECTIONS[name]} {name}", "",
+                        f"`results/{name}.json` lacks {err} (written by an older bench/run.py); rerun `bench/run.py --only {name}`."]
+            same = newest is not None and {k: v for k, v in info.items() if k != "date"} == \
+                {k: v for k, v in newest.items() if k != "date"}
+            where = "" if same else f" on: {machine_line(info)}"
+            lines += [body[0], "", f"Measured {info['date']}{where}", *body[1:], ""]
+        elif name in old_sections:
+            body = old_sections[name]
+            while body and not body[-1].strip():
+                body.pop()
+            if not any(line.startswith("Carried over") for line in body):
+                when = next((m for m in (re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", line) for line in old_header) if m), None)
+                machine_was = next((line for line in old_header if line.startswith("Machine: ")), "")
+                body = [body[0], "", f"Carried over from the previous RESULTS.md{' (measured ' + when.group(1) + ')' if when else ''}; "
+                        f"rerun `bench/run.py --only {name}` to refresh. {machine_was}".rstrip(), *body[1:]]
+            lines += [*body, ""]
     path.write_text("\n".join(lines))
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    return {name: json.loads((results_dir / f"{name}.json").read_text())
+            for name in SECTIONS if (results_dir / f"{name}.json").is_file()}
+
+
+def save_result(results_dir: Path, name: str, info: dict, result) -> None:
+    """One section's figures, written as soon as it finishes (an interrupted run keeps them)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, **(result if isinstance(result, dict) else {"runs": result})}
+    (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--results_dir", default="", help="per-section JSON results (default: results/ beside --output)")
+    parser.add_argument("--only", choices=("all", *SECTIONS, "report"), default="all",
+                        help="run one section (the others keep their last results), or none: report re-renders RESULTS.md from the JSONs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docs", type=int, default=60000, help="documents in the synthetic corpus")
     parser.add_argument("--bare_loop", help=argparse.SUPPRESS)  # internal: one bare-loop measurement, JSON args
+    parser.add_argument("--bare_sft", help=argparse.SUPPRESS)  # internal: one pad-to-max SFT measurement, JSON args
     args = parser.parse_args()
     if args.bare_loop:
         corpus, tok, cache, preset, block, micro, steps, warmup, seed, lr = json.loads(args.bare_loop)
         print(bare_loop_tokens_per_s(Path(corpus), Path(tok), Path(cache), preset, int(block), int(micro), int(steps),
                                      int(warmup), int(seed), float(lr)))
         return
+    if args.bare_sft:
+        chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed = json.loads(args.bare_sft)
+        print(json.dumps(bare_sft_loop(Path(chat), Path(model_dir), int(max_len), int(micro), int(steps), int(warmup),
+                                       int(loss_steps), float(lr), int(seed))))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-    import logging
+    output = Path(args.output)
+    results_dir = Path(args.results_dir) if args.results_dir else output.parent / "results"
+    run = set(SECTIONS) if args.only == "all" else {args.only}
+    if args.only == "report":
+        write_report(output, load_results(results_dir), results_dir)
+        print(f"wrote {output} from {results_dir}")
+        return
 
     logging.basicConfig(level=logging.WARNING)
     from launch.demo import make_corpus
@@ -264,16 +680,26 @@ def main() -> None:
         train_tokenizer(["--train_files", str(corpus), "--vocab_size", "4096", "--output_dir", str(work / "tok")])
         tokenizer = load_tokenizer(str(work / "tok"), False, "--tokenizer_name_or_path")
         info = machine()
-        data = bench_data(corpus, tokenizer, 512, args.repeats, work)
-        data["block_size"] = 512
-        print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict)}, flush=True)
-        training = []
-        for preset, block, micro, steps, warmup in (("tiny", 256, 16, 60, 10), ("small", 256, 8, 24, 4)):
-            result = bench_training(corpus, work / "tok", work, preset, block, micro, steps, warmup, args.repeats)
-            print(f"(b) {preset}: trainrig {result['trainrig_tok_s']:,.0f} tok/s vs bare {result['bare_tok_s']:,.0f} = {result['ratio']:.3f}", flush=True)
-            training.append(result)
-        write_report(Path(args.output), info, data, training)
-    print(f"wrote {args.output}")
+        if "data" in run:
+            data = bench_data(corpus, tokenizer, 512, args.repeats, work)
+            data["block_size"] = 512
+            print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict)}, flush=True)
+            save_result(results_dir, "data", info, data)
+        if "pretrain" in run:
+            training = []
+            for preset, block, micro, steps, warmup in (("tiny", 256, 16, 60, 10), ("small", 256, 8, 24, 4)):
+                result = bench_training(corpus, work / "tok", work, preset, block, micro, steps, warmup, args.repeats)
+                print(f"(b) {preset}: trainrig {result['trainrig_tok_s']:,.0f} tok/s vs bare {result['bare_tok_s']:,.0f} = {result['ratio']:.3f}", flush=True)
+                training.append(result)
+            save_result(results_dir, "pretrain", info, training)
+        if "sft" in run:
+            sft = bench_sft(corpus, work / "tok", work, repeats=args.repeats)
+            print(f"(c) sft: trained tok/s packed {sft['packed']['trained_tok_s']:,.0f}, no-packing {sft['grouped']['trained_tok_s']:,.0f}, "
+                  f"pad-to-max {sft['pad_to_max']['trained_tok_s']:,.0f} = {sft['ratio']:.2f}x; non-pad packed "
+                  f"{sft['packed']['non_pad']:.1%}", flush=True)
+            save_result(results_dir, "sft", info, sft)
+    write_report(output, load_results(results_dir), results_dir)
+    print(f"wrote {output} from {results_dir}")
 
 
 if __name__ == "__main__":

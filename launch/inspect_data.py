@@ -54,9 +54,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
     from trainers.config import SFTConfig, parse_config
     from trainers.data.chat import CHATML_TEMPLATE, REASONS, ChatSettings, prepare_chat
-    from trainers.data.collate import collate_rows
+    from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
     from trainers.models import load_tokenizer
-    from trainers.sft import make_rows
+    from trainers.sft import LENGTH_GROUP, make_rows
 
     cfg = parse_config(SFTConfig, rest, prog="trainrig inspect sft")
     m, d = cfg.model, cfg.data
@@ -75,18 +75,15 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
         print(f"--- sample {i} ({samples.where(i)}): {len(s['input_ids'])} tokens, {n_trained} trained")
         print(marked_text(tokenizer, s["input_ids"], s["labels"], color))
     rows = make_rows(samples, np.arange(len(samples)), d.max_seq_length, d.packing, cfg.run.seed)
-    tokens = rows.tokens()
+    micro, row_lengths = cfg.batch.per_device_train_batch_size, rows.row_lengths()
+    sampler = ResumableSampler(rows, 1, 0, seed=cfg.run.seed, lengths=None if d.packing else samples.lengths,
+                               group_size=LENGTH_GROUP * micro)  # one rank's first epoch, as training batches it
+    fill = batch_fill(row_lengths, list(sampler), micro)
     if d.packing:
-        layout = f"{len(rows)} packed rows of {d.max_seq_length}: {tokens / (len(rows) * d.max_seq_length):.1%} filled"
+        layout = (f"{len(rows)} packed rows of {d.max_seq_length} ({row_lengths.sum() / (len(rows) * d.max_seq_length):.1%} used); "
+                  f"micro batches of {micro} rows are {fill:.1%} non-pad")
     else:
-        # padding of length-grouped micro batches, as training forms them (world 1)
-        from trainers.data.collate import group_by_length
-
-        micro = cfg.batch.per_device_train_batch_size
-        order = group_by_length(np.random.default_rng(cfg.run.seed).permutation(len(samples)), samples.lengths, 64 * micro)
-        batches = [order[i:i + micro] for i in range(0, len(order), micro)]
-        padded = sum(len(b) * int(samples.lengths[b].max()) for b in batches)
-        layout = f"no packing: micro batches of {micro} length-grouped, {1 - tokens / padded:.1%} of positions are padding"
+        layout = f"no packing: length-grouped micro batches of {micro} are {fill:.1%} non-pad"
     print("=== data")
     print(f"samples: {meta['read']} read, {meta['kept']} kept, {sum(meta['skipped'].values())} skipped, "
           f"{meta['truncated']} truncated at a turn boundary (--max_seq_length {d.max_seq_length})")

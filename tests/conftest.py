@@ -72,9 +72,6 @@ def run_launcher(cmd: list[str], timeout: int = 600, env: dict | None = None) ->
     return proc
 
 
-# Qwen2's pre-tokenizer split: newlines and spaces group differently from GPT-2's, so a token can
-# cross from an assistant header into content that starts with whitespace.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Qwen2.5's template in its plain-chat part: a default system prompt when the conversation has none
 QWEN_STYLE_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
@@ -85,16 +82,15 @@ QWEN_STYLE_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def qwen_style_tokenizer_dir(corpus, tmp_path_factory) -> Path:
-    """A second byte-level BPE tokenizer: another vocabulary (trained with CJK, emoji and code,
-    Qwen2's split regex) and a template that injects a default system prompt, like Qwen2.5's."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A second byte-level BPE tokenizer: another vocabulary (trained with CJK, emoji and code),
+    GPT-2's pre-split instead of Qwen2's, EOS <|im_end|>, and a template that injects a default
+    system prompt, like Qwen2.5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     extra = ["你好，世界！今天天气很好。", "函数 def f(x):\n    return x * 2\n", "😀 🎉 emoji 🚀", "  leading spaces\n\nand newlines"] * 50
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:800]] + extra

@@ -62,7 +62,7 @@ def test_full_sft_run(chat_dir, sft_model_dir, tmp_path):
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5] - 0.5, losses  # it learns the short answers
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["packing"] is True and plan["row_fill"] > 0.5 and plan["lora_r"] == 0
+    assert plan["packing"] is True and plan["batch_fill"] > 0.8 and plan["lora_r"] == 0
     assert summary["data"]["kept"] == 400 and summary["trainable_parameters"] == summary["parameters"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["trained_tokens_per_sec"] > 0 for r in lines if "loss" in r)

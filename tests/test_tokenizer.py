@@ -66,3 +66,38 @@ def test_bad_input_exits_2_naming_the_file(tmp_path, monkeypatch, capsys, setup,
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_a_model_dir_tokenizes_like_the_tokenizer_it_was_trained_with(tokenizer_dir, tmp_path):
+    """transformers 5 loads a tokenizer from a qwen2 model directory as Qwen2Tokenizer, rebuilding
+    its pre-tokenizer; trainrig's tokenizer has that very pipeline, so final/ tokenizes the same."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    own = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_dir = tmp_path / "final"
+    Qwen2Config(vocab_size=640, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model_dir)
+    own.save_pretrained(model_dir)
+    from_model = AutoTokenizer.from_pretrained(model_dir)
+    assert type(from_model).__name__ == "Qwen2Tokenizer"  # what any user of final/ gets
+    text = "12 plus 7 is 19.\n\n  Velora lives in Dastrel. 你好 😀 <|im_start|>user\nhi<|im_end|>"
+    assert from_model(text)["input_ids"] == own(text)["input_ids"]
+
+
+def test_load_tokenizer_uses_tokenizer_json_when_transformers_would_swap_it(qwen_style_tokenizer_dir, tmp_path, caplog):
+    """A GPT-2-split tokenizer.json in a qwen2 model directory: AutoTokenizer would re-split it the
+    Qwen2 way; trainrig loads the file as written and warns."""
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from trainers.models import load_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(qwen_style_tokenizer_dir, model_dir)
+    Qwen2Config(vocab_size=960, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model_dir)
+    text = "12 plus 7 is 19."
+    written = AutoTokenizer.from_pretrained(qwen_style_tokenizer_dir)(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"] != written  # the swap this guards against
+    loaded = load_tokenizer(str(model_dir), False, "--model_name_or_path")
+    assert loaded(text)["input_ids"] == written
+    assert "using tokenizer.json as written" in caplog.text

@@ -47,15 +47,24 @@ class TokenizerTrainConfig:
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
 
 
+# Qwen2's pre-tokenizer split: digits one by one, runs of newlines kept together. transformers 5
+# rebuilds exactly this pipeline (Qwen2Tokenizer: NFC, this split, byte-level) whenever it loads a
+# tokenizer from a qwen2 model directory, whatever tokenizer.json says; with any other split a
+# model's final/ would tokenize unlike the data it was trained on.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
 def build_bpe_tokenizer():
-    """An untrained byte-level BPE `tokenizers.Tokenizer` (NFC, GPT-2 pre-split, byte-level decode)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    """An untrained byte-level BPE `tokenizers.Tokenizer`, the pipeline of Qwen2's tokenizer (NFC,
+    Qwen2 split, byte-level; no post-processor, so offsets cover whole tokens)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets cover whole tokens
     return tok
 
 

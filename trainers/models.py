@@ -89,7 +89,26 @@ def load_tokenizer(path: str, trust_remote_code: bool, flag: str):
         raise UsageError(f"{flag} {path}: cannot load a tokenizer ({str(err).splitlines()[0]}); pass a local tokenizer directory") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{flag} {path}: a slow (Python) tokenizer; trainrig needs a fast one (tokenizer.json)")
-    return tokenizer
+    return _as_written(tokenizer, local, path)
+
+
+def _as_written(tokenizer, local: Path, path: str):
+    """transformers 5 swaps a generic tokenizer for the model type's class (a model directory with
+    model_type qwen2 gets Qwen2Tokenizer, which rebuilds its own pre-tokenizer) even when the
+    directory's tokenizer.json, the tokenization the model was trained with, says otherwise.
+    Where the two differ, use tokenizer.json as written, and say so."""
+    from transformers import PreTrainedTokenizerFast
+
+    file = local / "tokenizer.json"
+    if not file.is_file():
+        return tokenizer
+    written, loaded = json.loads(file.read_text(encoding="utf-8")), json.loads(tokenizer.backend_tokenizer.to_str())
+    differs = [k for k in ("normalizer", "pre_tokenizer", "decoder") if written.get(k) != loaded.get(k)]
+    if not differs:
+        return tokenizer
+    log.warning("%s: AutoTokenizer returns %s, whose %s differs from tokenizer.json; using tokenizer.json as written "
+                "(the tokenization the model was trained with)", path, type(tokenizer).__name__, " and ".join(differs))
+    return PreTrainedTokenizerFast.from_pretrained(str(local))
 
 
 def resolve_model_config(model_cfg, block_size: int, length_flag: str = "--block_size"):

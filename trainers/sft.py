@@ -26,7 +26,7 @@ from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.config import SFTConfig, save_resolved_config
 from trainers.data.chat import CHATML_TEMPLATE, IM_END, IM_START, ChatSettings, prepare_chat
-from trainers.data.collate import ResumableSampler, collate_rows
+from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora, merge_adapter
@@ -96,8 +96,8 @@ def train(cfg: SFTConfig) -> dict:
     train_rows = make_rows(samples, train_idx, d.max_seq_length, d.packing, cfg.run.seed)
     eval_rows = make_rows(eval_samples, eval_idx, d.max_seq_length, d.packing, cfg.run.seed) if eval_idx is not None else None
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
-    row_lengths = None if d.packing else samples.lengths[train_idx]
-    sampler = ResumableSampler(train_rows, runtime.world_size, runtime.rank, seed=cfg.run.seed, lengths=row_lengths,
+    sampler = ResumableSampler(train_rows, runtime.world_size, runtime.rank, seed=cfg.run.seed,
+                               lengths=None if d.packing else samples.lengths[train_idx],
                                group_size=LENGTH_GROUP * micro * runtime.world_size)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_rows, pad_id=pad_id, packed=d.packing)
@@ -112,10 +112,12 @@ def train(cfg: SFTConfig) -> dict:
                          f"--per_device_train_batch_size/--gradient_accumulation_steps")
     total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else math.ceil(cfg.run.num_train_epochs * steps_per_epoch)
     evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate)
-    fill = train_rows.tokens() / (len(train_rows) * d.max_seq_length)
-    log.info("rows: %d training samples -> %d rows (%s), %.1f%% of %d-token rows filled; %s validation rows",
+    row_lengths = train_rows.row_lengths()
+    fill = batch_fill(row_lengths, list(sampler), micro)  # this rank's first epoch, as the loader will batch it
+    log.info("rows: %d training samples -> %d rows (%s, %.1f%% of %d tokens used); batches %.1f%% non-pad; %s validation rows",
              len(train_idx), len(train_rows), "packed" if d.packing else "one sample each, length-grouped",
-             100 * fill, d.max_seq_length, len(eval_rows) if eval_rows is not None else "no")
+             100 * row_lengths.sum() / (len(train_rows) * d.max_seq_length), d.max_seq_length, 100 * fill,
+             len(eval_rows) if eval_rows is not None else "no")
 
     # ------------------------------------------------------------------------- model
     attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
@@ -145,7 +147,7 @@ def train(cfg: SFTConfig) -> dict:
              micro, accumulation, runtime.world_size, global_batch, d.max_seq_length, total_steps, steps_per_epoch, len(train_rows))
     if runtime.is_main:
         loop.write_plan(out, runtime, cfg, attn, why, global_batch,
-                        extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "row_fill": round(fill, 4),
+                        extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
                                "lora_r": lora.lora_r, "trainable_parameters": n_trainable})
 
     # ------------------------------------------------------------------------ resume
@@ -203,7 +205,7 @@ def train(cfg: SFTConfig) -> dict:
     summary = {"step": state["step"], "loss": report.last.get("loss"), "trained_tokens": state["tokens_seen"],
                "tokens": state["input_tokens_seen"], "parameters": n_params, "trainable_parameters": n_trainable,
                "strategy": runtime.strategy, "world_size": runtime.world_size, "rows": len(train_rows),
-               "row_fill": round(fill, 4), "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}}
+               "batch_fill": round(fill, 4), "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}}
     if eval_rows is not None:
         final_eval = evaluate(runtime, model, eval_rows)
         tracker.log({"step": state["step"], **final_eval})

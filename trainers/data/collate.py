@@ -71,6 +71,14 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def batch_fill(row_lengths: np.ndarray, order: list[int], micro: int) -> float:
+    """Non-pad share of all positions of the micro batches cut from `order`, each padded to its
+    longest row (what collate_rows builds)."""
+    rows = np.asarray(order[:len(order) // micro * micro], dtype=np.int64).reshape(-1, micro)
+    lengths = row_lengths[rows]
+    return float(lengths.sum() / max(int(lengths.max(axis=1).sum()) * micro, 1))
+
+
 def group_by_length(order: np.ndarray, lengths: np.ndarray, group_size: int) -> np.ndarray:
     """Sort each consecutive `group_size` chunk of `order` by length, longest first, so batches
     cut from it hold similar lengths (little padding) while the chunks stay in random order."""

@@ -254,5 +254,5 @@ class RowDataset:
     def __getitem__(self, r: int) -> list[dict]:
         return [self.samples[i] for i in self.rows[r]]
 
-    def tokens(self) -> int:
-        return int(sum(self.samples.lengths[i] for row in self.rows for i in row))
+    def row_lengths(self) -> np.ndarray:
+        return np.array([sum(int(self.samples.lengths[i]) for i in row) for row in self.rows], dtype=np.int64)
