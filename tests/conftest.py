@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ def pretrain_args(corpus, tokenizer_dir, output_dir, **overrides) -> list[str]:
 def read_losses(output_dir: Path) -> dict[int, float]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def free_port() -> int:
+    """A free TCP port for a launcher's rendezvous (each test its own: no clash with a lingering one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_launcher(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,22 +8,15 @@ A wrong gradient (an unsynced rank, a missing 1/world) moves the losses by 1e-3 
 """
 
 import shutil
-import socket
 
 import pytest
 
-from conftest import VENV_BIN, pretrain_args, read_losses, run_launcher
+from conftest import VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
 from launch.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

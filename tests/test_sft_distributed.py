@@ -6,22 +6,15 @@ here: dropout masks depend on how a batch is split, which is not what these test
 Tolerance as in test_distributed.py (1e-5; a missing 1/world or an unsynced rank moves 1e-3+)."""
 
 import shutil
-import socket
 
 import pytest
 
-from conftest import VENV_BIN, read_losses, run_launcher, sft_args
+from conftest import VENV_BIN, free_port, read_losses, run_launcher, sft_args
 from launch.sft import main as sft_main
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5
 STEPS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def args(chat_dir, model_dir, out, **kw):

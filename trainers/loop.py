@@ -40,6 +40,17 @@ def resolve_accumulation(batch_cfg, world_size: int) -> int:
     return batch_cfg.global_batch_size // per_step
 
 
+def plan_steps(sampler, run_cfg, micro: int, accumulation: int, world_size: int, what: str, lower: str) -> tuple[int, int]:
+    """(steps per epoch, total steps) from this rank's share of the data; less than one global
+    batch is a usage error naming `what` (e.g. "1,000 training blocks") and the flags to `lower`."""
+    steps_per_epoch = sampler.num_samples // (micro * accumulation)
+    if steps_per_epoch == 0:
+        raise UsageError(f"--train_files: {what} make less than one global batch of {micro * accumulation * world_size} "
+                         f"(micro {micro} x accumulation {accumulation} x world {world_size}); add data or lower {lower}")
+    total = run_cfg.max_steps if run_cfg.max_steps > 0 else math.ceil(run_cfg.num_train_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
 def check_run_settings(cfg, out: Path) -> None:
     """Settings that contradict each other or the output directory, before any work."""
     if cfg.run.save_best and (cfg.run.eval_steps == 0 or cfg.run.save_steps % cfg.run.eval_steps):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from functools import partial
 from pathlib import Path
 
@@ -70,13 +69,8 @@ def train(cfg: PretrainConfig) -> dict:
     loader = DataLoader(train_blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
                         generator=loop.loader_generator(cfg.run.seed))
-    steps_per_epoch = sampler.num_samples // (micro * accumulation)
-    if steps_per_epoch == 0:
-        global_batch = micro * accumulation * runtime.world_size
-        raise UsageError(f"--train_files: {len(train_blocks)} training blocks make less than one global batch of {global_batch} "
-                         f"(micro {micro} x accumulation {accumulation} x world {runtime.world_size}); add data or lower "
-                         f"--per_device_train_batch_size/--gradient_accumulation_steps/--block_size")
-    total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else math.ceil(cfg.run.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = loop.plan_steps(sampler, cfg.run, micro, accumulation, runtime.world_size, f"{len(train_blocks)} training blocks",
+                                                   "--per_device_train_batch_size/--gradient_accumulation_steps/--block_size")
     evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate_blocks)
 
     # ------------------------------------------------------------------------- model

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from functools import partial
 from pathlib import Path
 
@@ -104,13 +103,8 @@ def train(cfg: SFTConfig) -> dict:
     loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
                         generator=loop.loader_generator(cfg.run.seed))
-    steps_per_epoch = sampler.num_samples // (micro * accumulation)
-    if steps_per_epoch == 0:
-        global_batch = micro * accumulation * runtime.world_size
-        raise UsageError(f"--train_files: {len(train_rows)} training rows make less than one global batch of {global_batch} "
-                         f"(micro {micro} x accumulation {accumulation} x world {runtime.world_size}); add data or lower "
-                         f"--per_device_train_batch_size/--gradient_accumulation_steps")
-    total_steps = cfg.run.max_steps if cfg.run.max_steps > 0 else math.ceil(cfg.run.num_train_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = loop.plan_steps(sampler, cfg.run, micro, accumulation, runtime.world_size, f"{len(train_rows)} training rows",
+                                                   "--per_device_train_batch_size/--gradient_accumulation_steps")
     evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate)
     row_lengths = train_rows.row_lengths()
     fill = batch_fill(row_lengths, list(sampler), micro)  # this rank's first epoch, as the loader will batch it
