@@ -53,19 +53,17 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
     from trainers.config import SFTConfig, parse_config
-    from trainers.data.chat import CHATML_TEMPLATE, REASONS, ChatSettings, prepare_chat
+    from trainers.data.chat import ChatSettings, ensure_chat_template, prepare_chat, summary_lines
     from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
-    from trainers.models import load_tokenizer
+    from trainers.models import tokenizer_for
     from trainers.sft import LENGTH_GROUP, make_rows
 
     cfg = parse_config(SFTConfig, rest, prog="trainrig inspect sft")
     m, d = cfg.model, cfg.data
     if not m.model_name_or_path and not m.tokenizer_name_or_path:
         raise UsageError("--model_name_or_path (or --tokenizer_name_or_path) is required: the tokenizer decides the tokens")
-    flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, flag)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer, flag = tokenizer_for(m)
+    ensure_chat_template(tokenizer)
     samples = prepare_chat(d.train_files, "--train_files", tokenizer, ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt),
                            d.chat_format, d.strict, d.data_cache_dir, build=True, tokenizer_flag=flag)
     meta = samples.meta
@@ -85,13 +83,9 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
     else:
         layout = f"no packing: length-grouped micro batches of {micro} are {fill:.1%} non-pad"
     print("=== data")
-    print(f"samples: {meta['read']} read, {meta['kept']} kept, {sum(meta['skipped'].values())} skipped, "
-          f"{meta['truncated']} truncated at a turn boundary (--max_seq_length {d.max_seq_length})")
-    for reason, count in sorted(meta["skipped"].items(), key=lambda kv: -kv[1]):
-        places = ", ".join(e["where"] for e in meta["examples"] if e["reason"] == reason)
-        print(f"  skipped {count} x {reason}: {REASONS[reason]} (first at {places})")
-    print(f"tokens: {meta['tokens']:,}, trained: {meta['trained_tokens']:,} ({meta['trained_tokens'] / max(meta['tokens'], 1):.1%}); "
-          f"formats: {', '.join(f'{Path(f).name}={v}' for f, v in meta['formats'].items())}")
+    for line in summary_lines(meta):
+        print(line)
+    print(f"formats: {', '.join(f'{Path(f).name}={v}' for f, v in meta['formats'].items())}; --max_seq_length {d.max_seq_length}")
     print(f"layout: {layout}")
     if output:
         with open(output, "w", encoding="utf-8") as fh:
@@ -108,12 +102,11 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
 def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
     from trainers.config import PretrainConfig, parse_config
     from trainers.data.packing import prepare_blocks
-    from trainers.models import load_tokenizer
+    from trainers.models import tokenizer_for
 
     cfg = parse_config(PretrainConfig, rest, prog="trainrig inspect pretrain")
-    m, d = cfg.model, cfg.data
-    flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, flag)
+    d = cfg.data
+    tokenizer, _ = tokenizer_for(cfg.model)
     blocks = prepare_blocks(d.train_files, "--train_files", tokenizer, d.block_size, d.text_field, d.data_cache_dir,
                             d.tokenize_batch_size, build=True)
     for i in range(min(num_samples, len(blocks))):

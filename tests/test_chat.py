@@ -10,7 +10,7 @@ import pytest
 
 from trainers.data import IGNORE_INDEX
 from trainers.data.chat import (ChatRenderer, ChatSettings, ChatStats, iter_encoded, prepare_chat, render_chatml,
-                                to_messages)
+                                summary_lines, to_messages)
 from trainers.data.packing import pack_rows
 from trainers.errors import UsageError
 
@@ -183,7 +183,7 @@ def test_bad_samples_are_skipped_and_counted_per_reason(tokenizer_dir, tmp_path)
     assert stats.read == len(BAD) + 2 and stats.kept == 2
     wrong_order_places = [e["where"] for e in stats.examples if e["reason"] == "wrong_order"]
     assert wrong_order_places == [f"{path}:5", f"{path}:6"]
-    summary = "\n".join(stats.summary_lines())
+    summary = "\n".join(summary_lines(stats.to_dict()))
     assert "skipped 2 x wrong_order" in summary and f"{path}:2" in summary
 
 

@@ -75,6 +75,13 @@ def _check_model_dir(path: str, trust_remote_code: bool, flag: str) -> None:
             raise UsageError(f"{config}: the model ships its own Python code (auto_map); pass --trust_remote_code only if you trust {path}")
 
 
+def tokenizer_for(model_cfg):
+    """(tokenizer, the flag that named it): --tokenizer_name_or_path, else the model directory's."""
+    flag = "--model_name_or_path" if model_cfg.model_name_or_path and not model_cfg.tokenizer_name_or_path else "--tokenizer_name_or_path"
+    path = model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
+    return load_tokenizer(path, model_cfg.trust_remote_code, flag), flag
+
+
 def load_tokenizer(path: str, trust_remote_code: bool, flag: str):
     from transformers import AutoTokenizer
 

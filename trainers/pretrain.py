@@ -20,7 +20,7 @@ from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError, check_output_dir
-from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
+from trainers.models import build_model, count_parameters, resolve_attn_implementation, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -49,8 +49,7 @@ def train(cfg: PretrainConfig) -> dict:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
     # -------------------------------------------------------------------------- data
-    tokenizer_flag = "--model_name_or_path" if m.model_name_or_path and not m.tokenizer_name_or_path else "--tokenizer_name_or_path"
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, tokenizer_flag)
+    tokenizer, _ = tokenizer_for(m)
 
     def blocks_for(patterns, flag):
         return runtime.main_first(lambda: prepare_blocks(patterns, flag, tokenizer, d.block_size, d.text_field,

@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.config import SFTConfig, save_resolved_config
-from trainers.data.chat import CHATML_TEMPLATE, IM_END, IM_START, ChatSettings, prepare_chat
+from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora, merge_adapter
-from trainers.models import build_model, count_parameters, load_tokenizer, resolve_attn_implementation, resolve_model_config
+from trainers.models import build_model, count_parameters, resolve_attn_implementation, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -73,10 +73,8 @@ def train(cfg: SFTConfig) -> dict:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
     # -------------------------------------------------------------------------- data
-    tokenizer_flag = "--tokenizer_name_or_path" if m.tokenizer_name_or_path else "--model_name_or_path"
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, tokenizer_flag)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE  # final/ then generates in the format it was trained on
+    tokenizer, tokenizer_flag = tokenizer_for(m)
+    ensure_chat_template(tokenizer)
     settings = ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt)
 
     def samples_for(patterns, flag):

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.data import IGNORE_INDEX
-from trainers.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, is_datasets_dir
+from trainers.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, arrow_batches, is_json_array, read_json_array
 from trainers.errors import UsageError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -51,7 +51,6 @@ CHATML_TEMPLATE = (
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FORMATS = ("messages", "sharegpt", "alpaca")
 
 # Why a sample is skipped (the key is what the summary and `trainrig inspect` print).
 REASONS = {
@@ -156,32 +155,11 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) per sample: `file:line` for JSON lines, `file[i]` for a JSON array,
     `file row i` for parquet and datasets directories. A bad JSON line comes out as a
     SampleError instead of a record, so it can be skipped and counted."""
-    if is_datasets_dir(path):
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise UsageError(f"{path}: a DatasetDict without a 'train' split (splits: {list(loaded)}); save the split you want on its own")
-            loaded = loaded["train"]
-        yield from _arrow_records(loaded.data.to_batches(max_chunksize=1024), str(path))
-    elif path.name.endswith(PARQUET_SUFFIXES):
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise UsageError(f"{path}: not a readable parquet file ({err}); re-export it") from None
-        yield from _arrow_records(parquet.iter_batches(batch_size=1024), str(path))
+    if path.is_dir() or path.name.endswith(PARQUET_SUFFIXES):
+        yield from _arrow_records(arrow_batches(path, 1024), str(path))
     elif path.name.endswith(JSON_SUFFIXES):
-        with open(path, "rb") as fh:
-            head = fh.read(64).lstrip()
-        if head.startswith(b"["):  # one JSON array: parsed whole (use .jsonl for big sets)
-            try:
-                records = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise UsageError(f"{path}: not a valid JSON array ({err}); fix the file or write one object per line (.jsonl)") from None
-            for i, record in enumerate(records):
+        if is_json_array(path):  # one JSON array: parsed whole (use .jsonl for big sets)
+            for i, record in enumerate(read_json_array(path)):
                 yield f"{path}[{i}]", record
             return
         with open(path, "rb") as fh:
@@ -354,14 +332,17 @@ class ChatStats:
                 "trained_tokens": self.trained_tokens, "skipped": dict(self.skipped), "examples": self.examples,
                 "formats": self.formats}
 
-    def summary_lines(self) -> list[str]:
-        lines = [f"chat data: {self.read} samples read, {self.kept} kept, {sum(self.skipped.values())} skipped, "
-                 f"{self.truncated} truncated at a turn boundary; {self.tokens:,} tokens, {self.trained_tokens:,} trained "
-                 f"({self.trained_tokens / max(self.tokens, 1):.1%})"]
-        for reason, count in self.skipped.most_common():
-            places = ", ".join(e["where"] for e in self.examples if e["reason"] == reason)
-            lines.append(f"  skipped {count} x {reason} ({REASONS[reason]}): first at {places}")
-        return lines
+
+def summary_lines(stats: dict) -> list[str]:
+    """What data preparation did, for the log and `trainrig inspect` (`stats`: ChatStats.to_dict(),
+    as kept in the cache's meta.json)."""
+    lines = [f"chat data: {stats['read']} samples read, {stats['kept']} kept, {sum(stats['skipped'].values())} skipped, "
+             f"{stats['truncated']} truncated at a turn boundary; {stats['tokens']:,} tokens, {stats['trained_tokens']:,} trained "
+             f"({stats['trained_tokens'] / max(stats['tokens'], 1):.1%})"]
+    for reason, count in sorted(stats["skipped"].items(), key=lambda kv: -kv[1]):
+        places = ", ".join(e["where"] for e in stats["examples"] if e["reason"] == reason)
+        lines.append(f"  skipped {count} x {reason} ({REASONS[reason]}): first at {places}")
+    return lines
 
 
 STRICT_MESSAGE = "{where}: {detail} ({reason}); fix the sample, or drop --strict to skip and count such samples"
@@ -424,6 +405,12 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
 
 CHAT_CACHE_VERSION = 1  # bump when rendering or masking changes, so old caches are not reused
 SAMPLES_FILE = "samples.arrow"
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """A tokenizer without a chat template gets ChatML's, so final/ generates in the trained format."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
 
 
 def chat_cache_key(tokenizer, files: list[Path], chat_format: str, settings: ChatSettings) -> str:
@@ -539,9 +526,7 @@ def prepare_chat(patterns: list[str], flag: str, tokenizer, settings: ChatSettin
         if not build:
             raise RuntimeError(f"chat cache {path} missing after rank 0 built it; is --data_cache_dir on a filesystem all nodes share?")
         meta = build_chat_cache(files, chat_format, renderer, strict, path)
-        stats = ChatStats(read=meta["read"], kept=meta["kept"], truncated=meta["truncated"], tokens=meta["tokens"],
-                          trained_tokens=meta["trained_tokens"], skipped=Counter(meta["skipped"]), examples=meta["examples"])
-        for line in stats.summary_lines():
+        for line in summary_lines(meta):
             log.info("%s", line)
         log.info("rendered and masked %d samples in %.1f s (%s samples/s) -> %s",
                  meta["read"], meta["seconds"], f"{meta['samples_per_s']:,}", path)

@@ -101,15 +101,21 @@ def _raise_first_bad_line(path: Path, data: bytes, line_offset: int):
     raise AssertionError("unreachable: the chunk failed to decode")
 
 
-def _json_documents(path: Path, text_field: str) -> Iterator[str]:
+def is_json_array(path: Path) -> bool:
     with open(path, "rb") as fh:
-        head = fh.read(64).lstrip()
-    if head.startswith(b"["):  # one JSON array rather than JSON lines: parsed whole (use .jsonl for big corpora)
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UsageError(f"{path}: not a valid JSON array ({err}); fix the file or write one object per line (.jsonl)") from None
-        for i, record in enumerate(records):
+        return fh.read(64).lstrip().startswith(b"[")
+
+
+def read_json_array(path: Path) -> list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not a valid JSON array ({err}); fix the file or write one object per line (.jsonl)") from None
+
+
+def _json_documents(path: Path, text_field: str) -> Iterator[str]:
+    if is_json_array(path):  # one JSON array rather than JSON lines: parsed whole (use .jsonl for big corpora)
+        for i, record in enumerate(read_json_array(path)):
             yield _field(record, text_field, f"{path}[{i}]")
         return
     yield from _jsonl_documents_fast(path, text_field)
@@ -177,33 +183,30 @@ def _arrow_documents(batches, text_field: str, where: str) -> Iterator[str]:
                 yield text
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+def arrow_batches(path: Path, batch_size: int = 4096):
+    """Record batches of a parquet file or a `datasets` directory (its 'train' split if a DatasetDict)."""
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise UsageError(f"{path}: a DatasetDict without a 'train' split (splits: {list(loaded)}); save the split you want on its own")
+            loaded = loaded["train"]
+        return loaded.data.to_batches(max_chunksize=batch_size)
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UsageError(f"{path}: not a readable parquet file ({err}); re-export it") from None
-    yield from _arrow_documents(parquet.iter_batches(batch_size=4096, columns=None), text_field, str(path))
-
-
-def _datasets_documents(path: Path, text_field: str) -> Iterator[str]:
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise UsageError(f"{path}: a DatasetDict without a 'train' split (splits: {list(loaded)}); save the split you want on its own")
-        loaded = loaded["train"]
-    yield from _arrow_documents(loaded.data.to_batches(max_chunksize=4096), text_field, str(path))
+    return parquet.iter_batches(batch_size=batch_size)
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Documents of one resolved input, streamed."""
-    if path.is_dir():
-        yield from _datasets_documents(path, text_field)
-    elif path.name.endswith(PARQUET_SUFFIXES):
-        yield from _parquet_documents(path, text_field)
+    if path.is_dir() or path.name.endswith(PARQUET_SUFFIXES):
+        yield from _arrow_documents(arrow_batches(path), text_field, str(path))
     elif path.name.endswith(JSON_SUFFIXES):
         yield from _json_documents(path, text_field)
     else:
