@@ -430,21 +430,16 @@ def chat_cache_key(tokenizer, files: list[Path], chat_format: str, settings: Cha
 def build_chat_cache(files: list[Path], chat_format: str, renderer: ChatRenderer, strict: bool, out_dir: Path) -> dict:
     """Encode every sample into `out_dir/samples.arrow` (+ meta.json with the stats); written
     under a temporary name and renamed when complete."""
-    import os
-    import shutil
     import time
 
     import pyarrow as pa
 
-    from trainers.data.packing import META_FILE, remove_dead_builds
+    from trainers.data.packing import META_FILE, cache_build
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("where", pa.string())])
-    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    remove_dead_builds(out_dir)
-    tmp_dir.mkdir(parents=True)
     stats = ChatStats()
     start = time.perf_counter()
-    try:
+    with cache_build(out_dir) as tmp_dir:
         with pa.OSFile(str(tmp_dir / SAMPLES_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             rows: dict[str, list] = {"input_ids": [], "labels": [], "where": []}
 
@@ -461,18 +456,11 @@ def build_chat_cache(files: list[Path], chat_format: str, renderer: ChatRenderer
                     write()
             if rows["where"]:
                 write()
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - start
-    meta = {"version": CHAT_CACHE_VERSION, **stats.to_dict(), "system_prompt": renderer.system_prompt,
-            "files": [str(f) for f in files], "seconds": round(seconds, 3),
-            "samples_per_s": round(stats.read / max(seconds, 1e-9))}
-    (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():  # another run sharing the cache finished the same build first
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
+        seconds = time.perf_counter() - start
+        meta = {"version": CHAT_CACHE_VERSION, **stats.to_dict(), "system_prompt": renderer.system_prompt,
+                "files": [str(f) for f in files], "seconds": round(seconds, 3),
+                "samples_per_s": round(stats.read / max(seconds, 1e-9))}
+        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 

@@ -15,6 +15,7 @@ every rank reuse them. Rank 0 builds; the runtime makes the other ranks wait.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,17 +104,13 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
     dtype = token_dtype(len(tokenizer))
     value_type = pa.uint16() if dtype == np.uint16 else pa.uint32()
     schema = pa.schema([("input_ids", pa.list_(value_type, block_size))])
-    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    remove_dead_builds(out_dir)
-    tmp_dir.mkdir(parents=True)
-
     encoder = tokenizer.backend_tokenizer  # Rust; encode_batch spreads a batch over all cores
     eos_id, eos_token = tokenizer.eos_token_id, tokenizer.eos_token
     encode = None
     carry = np.zeros(0, dtype=np.int64)
     n_docs = n_tokens = n_blocks = 0
     start = time.perf_counter()
-    try:
+    with cache_build(out_dir) as tmp_dir:
         with pa.OSFile(str(tmp_dir / BLOCKS_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for docs in iter_document_batches(files, text_field, batch_size):
                 if encode is None:  # pick the route once, proving the fast one on real data
@@ -133,20 +130,31 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_field: str,
                     flat = pa.array(blocks.astype(dtype).ravel(), type=value_type)
                     writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, block_size)], schema=schema))
                     n_blocks += len(blocks)
+        seconds = time.perf_counter() - start
+        meta = {"version": PACKING_VERSION, "block_size": block_size, "blocks": n_blocks, "documents": n_docs,
+                "tokens": n_tokens, "tail_tokens_dropped": len(carry), "dtype": np.dtype(dtype).name,
+                "files": [str(f) for f in files], "seconds": round(seconds, 3),
+                "tokens_per_s": round(n_tokens / max(seconds, 1e-9))}
+        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+@contextlib.contextmanager
+def cache_build(out_dir: Path):
+    """A `<key>.tmp<pid>` directory to build a cache entry in: deleted if the build fails, renamed to
+    `out_dir` when it completes, so an interrupted build is never taken for a cache hit."""
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    remove_dead_builds(out_dir)
+    tmp_dir.mkdir(parents=True)
+    try:
+        yield tmp_dir
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - start
-    meta = {"version": PACKING_VERSION, "block_size": block_size, "blocks": n_blocks, "documents": n_docs,
-            "tokens": n_tokens, "tail_tokens_dropped": len(carry), "dtype": np.dtype(dtype).name,
-            "files": [str(f) for f in files], "seconds": round(seconds, 3),
-            "tokens_per_s": round(n_tokens / max(seconds, 1e-9))}
-    (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():  # another build (other job sharing the cache) finished first: same content
+    if out_dir.exists():  # another build (a job sharing the cache) finished first: same content
         shutil.rmtree(tmp_dir, ignore_errors=True)
     else:
         os.replace(tmp_dir, out_dir)
-    return meta
 
 
 def remove_dead_builds(out_dir: Path) -> None:
