@@ -14,6 +14,7 @@ from trainers.errors import UsageError
 log = logging.getLogger("trainrig.models")
 
 MODEL_SHAPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: tensor-core friendly matmuls for the head
 
 
@@ -138,8 +139,9 @@ def resolve_model_config(model_cfg, block_size: int, length_flag: str = "--block
     return config
 
 
-def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: int):
-    """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path."""
+def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: int, dtype: str = "fp32"):
+    """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path, its weights
+    in `dtype` (fp32 master weights for training them; bf16/fp16 for a frozen LoRA base)."""
     from transformers import AutoModelForCausalLM
 
     if getattr(model_cfg, "model_preset", ""):
@@ -149,7 +151,7 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     else:
         path = model_cfg.model_name_or_path
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=model_cfg.trust_remote_code)
         weight = model.get_input_embeddings().weight

@@ -160,7 +160,7 @@ class Runtime:
 
     def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool):
         import accelerate
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+        from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         expected_world, rank, _ = launcher_world()
         self.precision = resolve_precision(dist_cfg.precision)
@@ -189,7 +189,8 @@ class Runtime:
             mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],
             gradient_accumulation_steps=batch_cfg.gradient_accumulation_steps,
             deepspeed_plugin=plugin,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+            # DDP's gradients as views into its all-reduce buckets: no second full copy (4 B/param)
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout), DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
         from accelerate.utils import DistributedType
 

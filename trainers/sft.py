@@ -69,6 +69,7 @@ def train(cfg: SFTConfig) -> dict:
     runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}),
                       uses_muon=cfg.optim.optimizer == "muon")
     loop.setup_logging(runtime.is_main)
+    loop.check_plan_agrees(runtime, cfg)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
@@ -115,7 +116,9 @@ def train(cfg: SFTConfig) -> dict:
     attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
     log.info("attention: %s (%s)", attn, why)
     with runtime.model_init_context(sharded=True):
-        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
+        # a frozen LoRA base needs no fp32 master copy: load it in the training precision (7B: 15 GB, not 30)
+        base_dtype = runtime.precision if lora.lora_r > 0 else "fp32"
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, dtype=base_dtype)
     if lora.lora_r > 0:
         chat_tokens = tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if lora.lora_train_chat_tokens else None
         if chat_tokens and runtime.zero_stage == 3 and runtime.device.type != "cuda":
