@@ -1,0 +1,321 @@
+"""The memory model: bytes per GPU (or per CPU rank) for one training setup, term by term.
+
+Each term is a small pure function of the model's shapes and the setup, written for what trainrig
+actually runs (not a textbook model):
+
+- DDP / single device: Accelerate's autocast keeps fp32 weights in the model and casts each
+  matmul weight to bf16 inside the forward (those copies live until the layer's backward); a
+  LoRA base is loaded in bf16 and stays frozen. Gradients are DDP bucket views (no second copy).
+- DeepSpeed: the engine holds 16-bit weights; ZeRO shards fp32 master weights, Adam moments and
+  fp32 gradients over the ranks. The ZeRO-2/3 terms reproduce DeepSpeed's own estimators
+  (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`; see
+  tests/test_memory.py) so the planner agrees with the engine it configures.
+- Activations: what autograd saves per layer per token, measured on transformers 5 Qwen2 layers
+  with saved-tensor hooks for each precision mode (tests re-measure on other shapes, within 3%).
+- Logits: 12 bytes per vocabulary entry per token at the start of the backward: the saved fp32
+  log-softmax, the fp32 gradient coming out of the NLL loss and the one log-softmax's backward
+  makes (measured as peak RSS on CPU: 12.0-12.1 V bytes per token, every precision). The loop
+  drops the bf16 logits before the backward; kept, they would add 2 V more.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trainers.errors import UsageError
+
+GiB = 2**30
+MODEL_SHAPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # CUDA context + cuBLAS workspace + NCCL buffers, ~0.6-1.0 GiB on A100/H100
+CPU_PROCESS_BYTES = int(0.8 * GiB)  # python + torch + transformers resident in a CPU rank
+DS_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host-memory estimates
+LORA_TARGETS_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory terms need from a decoder-only model."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    parameters: int  # counted on a meta-device build (tied embeddings once)
+    largest_module_parameters: int  # DeepSpeed ZeRO-3's working buffer holds one gathered module
+    matrix_parameters: int  # 2-D weights inside the layers (Muon's share; autocast copies these)
+    max_positions: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def lora_parameters(self, rank: int, targets: tuple[str, ...] = LORA_TARGETS_ALL_LINEAR) -> int:
+        """Trainable adapter parameters: r x (d_in + d_out) for every targeted linear of every layer."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        sizes = {"q_proj": (h, self.heads * self.head_dim), "k_proj": (h, kv), "v_proj": (h, kv),
+                 "o_proj": (self.heads * self.head_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return self.layers * sum(rank * (sizes[t][0] + sizes[t][1]) for t in targets if t in sizes)
+
+
+def shape_from_config(config, name: str) -> ModelShape:
+    """Count parameters by building the model on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    layer_matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelShape(name=name, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                      layers=config.num_hidden_layers, heads=heads,
+                      kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                      vocab=config.vocab_size, parameters=params, largest_module_parameters=largest,
+                      matrix_parameters=layer_matrices, max_positions=getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def shipped_shape_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_SHAPES_DIR.glob("qwen*.json"))
+
+
+def load_shape(name: str) -> ModelShape:
+    """A shipped shape (qwen2.5-7b: configs/models/qwen2.5-7b.json, the model's own config.json),
+    so planning works offline. A run's own model directory goes through the trainer's config
+    loading instead (launch/plan.py)."""
+    from transformers import Qwen2Config
+
+    path = MODEL_SHAPES_DIR / f"{name.lower()}.json"
+    if name.lower() not in shipped_shape_names():
+        raise UsageError(f"--model_name_or_path {name}: not a shipped shape ({', '.join(shipped_shape_names())}) nor a model directory")
+    return shape_from_config(Qwen2Config(**json.loads(path.read_text())), name.lower())
+
+
+# --------------------------------------------------------------------------------- the setup
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to train: engine, sharding, precision, adapters, checkpointing, batch."""
+
+    world: int = 1  # data-parallel ranks
+    nodes: int = 1
+    deepspeed: bool = False  # False: DDP (or one process) with Accelerate autocast
+    zero_stage: int = 0
+    offload: str = "none"  # none | optimizer | all
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    optimizer: str = "adamw"  # adamw | muon
+    lora_parameters: int = 0  # 0: full fine-tuning
+    lora_dropout: bool = True
+    gradient_checkpointing: bool = False
+    attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    seq_len: int = 2048
+    micro_batch: int = 1
+    on_gpu: bool = True
+
+    @property
+    def half(self) -> bool:
+        return self.precision in ("bf16", "fp16")
+
+    @property
+    def name(self) -> str:
+        if not self.deepspeed:
+            base = "ddp" if self.world > 1 else "single"
+        else:
+            base = f"zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
+        return base + ("+ckpt" if self.gradient_checkpointing else "")
+
+
+# ------------------------------------------------------------------------------ model states
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    cpu: int  # host RAM per node (offloaded states, or the per-rank fp32 copy made while loading)
+
+
+def ddp_model_states(shape: ModelShape, s: Setup) -> ModelStates:
+    """Accelerate autocast (DDP or one process): weights stay fp32 in the model (4 B), each matmul
+    weight gets a bf16 copy in the forward (2 B), grads are fp32 (4 B), AdamW keeps m and v in fp32
+    (8 B), Muon one momentum buffer for the layers' 2-D matrices (4 B). A LoRA base is loaded in
+    the training precision and frozen; only the adapters carry grads and optimizer states."""
+    copies = 2 if s.half else 0  # autocast's bf16 copy of each trainable matmul weight
+    if s.lora_parameters:
+        base = (2 if s.half else 4) * shape.parameters
+        trainable = s.lora_parameters
+        params = base + (4 + copies) * trainable
+        optimizer = 8 * trainable
+    else:
+        trainable = shape.parameters
+        params = 4 * trainable + copies * shape.matrix_parameters
+        optimizer = 8 * trainable if s.optimizer == "adamw" else 4 * shape.matrix_parameters + 8 * (trainable - shape.matrix_parameters)
+    cpu = 4 * shape.parameters * max(s.world // s.nodes, 1)  # every rank loads the fp32 checkpoint before moving it
+    return ModelStates(parameters=params, gradients=4 * trainable, optimizer_states=optimizer, cpu=cpu)
+
+
+def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
+    """DeepSpeed ZeRO-`stage` with 16-bit (w = 2 B) or fp32 (w = 4 B) weights over N ranks.
+    16-bit: fp32 master weights (4 B) and fp32 gradients (4 B) beside the 16-bit ones; AdamW m, v
+    (8 B). ZeRO-1 shards the optimizer (master weights, fp32 grads, m, v); ZeRO-2 also the 16-bit
+    gradients; ZeRO-3 also the weights, plus a working buffer of one gathered module (2w B/param).
+    Matches DeepSpeed: ZeRO-2 2Psi + 18Psi/N, ZeRO-3 4 largest + 18Psi/N; offload moves the sharded
+    states to host RAM (their host estimate, with the 1.5 buffer factor)."""
+    n, nodes = s.world, s.nodes
+    per_node = max(n // nodes, 1)
+    w = 2 if s.half else 4
+    master = 4 if s.half else 0  # fp32 master copy; fp32 training updates the weights in place
+    fp32_grads = 4 if s.half else 0
+    frozen = shape.parameters if s.lora_parameters else 0
+    psi = s.lora_parameters or shape.parameters
+    largest = 2 * w * shape.largest_module_parameters
+    stage = s.zero_stage
+    if stage == 0:  # DeepSpeed's bf16 optimizer without sharding
+        params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi, (master + 8) * psi
+    elif stage == 1:
+        params, grads, optim = w * (psi + frozen), w * psi + fp32_grads * psi / n, (master + 8) * psi / n
+    elif stage == 2:
+        params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi / n, (master + 8) * psi / n
+    else:  # 16-bit weights sharded; the gradient partition is reduced into fp32
+        params, grads, optim = w * (psi + frozen) / n + largest, 4 * psi / n, (master + 8) * psi / n
+    loading = 4 * shape.parameters * per_node  # each rank's fp32 copy while the engine starts
+    cpu = loading * DS_BUFFER_FACTOR
+    if s.offload != "none":
+        grads = optim = 0
+        if stage == 3:  # fp32 master + moments (+ 16-bit weights with "all") of the whole model, per node
+            if s.offload == "all":
+                params = largest
+            cpu = max(loading, psi * (18 if s.offload == "all" else 16) / nodes) * DS_BUFFER_FACTOR
+        else:  # DeepSpeed's ZeRO-2 estimate counts a copy per rank of the whole job
+            cpu = max(4 * n * shape.parameters, 16 * psi) * DS_BUFFER_FACTOR
+    return ModelStates(parameters=int(params), gradients=int(grads), optimizer_states=int(optim), cpu=int(cpu))
+
+
+def model_states(shape: ModelShape, s: Setup) -> ModelStates:
+    return deepspeed_model_states(shape, s) if s.deepspeed else ddp_model_states(shape, s)
+
+
+# ------------------------------------------------------------------------------ activations
+
+# Bytes autograd saves per token in one Qwen2 decoder layer, as c_h*h + c_i*I + c_kv*kv_dim,
+# measured with torch.autograd.graph.saved_tensors_hooks on transformers 5.23 (least squares over
+# five shapes, residual < 0.3%). "amp": fp32 weights + bf16 autocast (fp32 residual stream, norms
+# save fp32); "half": 16-bit weights (DeepSpeed); "fp32": no autocast. LoRA rows: a 16-bit frozen
+# base (fp32 on CPU) with fp32 adapters; dropout > 0 adds each adapter's fp32 input copy and mask.
+LAYER_BYTES = {
+    # mode:             (c_h,  c_i,  c_kv)
+    "amp": (30.0, 8.0, 4.0),
+    "half": (20.0, 8.0, 4.0),
+    "fp32": (32.0, 16.0, 8.0),
+    "lora-half": (25.0, 8.2, 4.4),
+    "lora-fp32": (25.0, 16.0, 8.6),
+}
+LORA_DROPOUT_BYTES = {"lora-half": (24.0, 4.0), "lora-fp32": (40.0, 4.0)}  # (c_h, c_i)
+# With checkpointing only each layer's input survives the forward: fp32 residual 4 B, 16-bit 2 B.
+CHECKPOINT_BYTES = {"amp": 4, "half": 2, "fp32": 4, "lora-half": 2, "lora-fp32": 4}
+
+
+def activation_mode(s: Setup) -> str:
+    if s.lora_parameters:
+        return "lora-half" if s.half else "lora-fp32"
+    if not s.half:
+        return "fp32"
+    return "half" if s.deepspeed else "amp"
+
+
+def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
+    """Saved bytes of one layer per token without checkpointing. SDPA and FlashAttention keep
+    q, k, v, the output and a fp32 log-sum-exp per head; eager attention also keeps the fp32
+    softmax and its 16-bit copy (a x s each), so it grows with the sequence."""
+    mode = activation_mode(s)
+    c_h, c_i, c_kv = LAYER_BYTES[mode]
+    total = c_h * shape.hidden + c_i * shape.intermediate + c_kv * shape.kv_dim + 4 * shape.heads
+    if s.lora_parameters and s.lora_dropout:
+        d_h, d_i = LORA_DROPOUT_BYTES[mode]
+        total += d_h * shape.hidden + d_i * shape.intermediate
+    if s.attn == "eager":
+        per_score = 6 if s.half else 4
+        total += per_score * shape.heads * s.seq_len + (2 if s.half else 4) * shape.hidden - 4 * shape.heads
+    return total
+
+
+def activation_bytes(shape: ModelShape, s: Setup) -> int:
+    """All layers' saved activations for one micro batch, plus the embedding/final-norm/RoPE
+    tensors outside the layers. With checkpointing: each layer's input, plus one layer's full set
+    while it is recomputed in the backward."""
+    tokens = s.micro_batch * s.seq_len
+    layer = layer_activation_bytes(shape, s)
+    outside = 16 * shape.hidden + 8 * shape.head_dim
+    if s.gradient_checkpointing:
+        per_token = shape.layers * CHECKPOINT_BYTES[activation_mode(s)] + layer + outside
+    else:
+        per_token = shape.layers * layer + outside
+    return int(per_token * tokens)
+
+
+def logits_bytes(shape: ModelShape, s: Setup) -> int:
+    """Peak of the loss at the start of the backward: 3 fp32 (tokens x vocab) tensors."""
+    return 12 * shape.vocab * s.micro_batch * s.seq_len
+
+
+def overhead_bytes(shape: ModelShape, s: Setup) -> int:
+    """CUDA context and library workspaces (or a CPU rank's resident libraries), plus DeepSpeed's
+    communication buckets (reduce and all-gather, hidden^2 elements each, 16-bit)."""
+    base = CUDA_CONTEXT_BYTES if s.on_gpu else CPU_PROCESS_BYTES
+    buckets = 2 * 2 * shape.hidden**2 if s.deepspeed and s.zero_stage > 0 else 0
+    return base + buckets
+
+
+# ----------------------------------------------------------------------------------- totals
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per rank, by term (plan.json's memory_gb)."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    overhead: int
+    cpu: int  # host RAM per node, not counted in total
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states + self.activations + self.logits + self.overhead
+
+    def gb(self, available: int) -> dict:
+        out = {k: round(v / GiB, 3) for k, v in asdict(self).items() if k != "cpu"}
+        out.update(total=round(self.total / GiB, 3), available=round(available / GiB, 3), cpu_ram_per_node=round(self.cpu / GiB, 3))
+        return out
+
+
+def estimate(shape: ModelShape, s: Setup) -> Memory:
+    states = model_states(shape, s)
+    return Memory(parameters=states.parameters, gradients=states.gradients, optimizer_states=states.optimizer_states,
+                  activations=activation_bytes(shape, s), logits=logits_bytes(shape, s),
+                  overhead=overhead_bytes(shape, s), cpu=states.cpu)
+
+
+def training_flops_per_token(shape: ModelShape, s: Setup) -> float:
+    """6 Psi for a full backward (2 forward + 4 backward), 4 Psi with frozen weights (no weight
+    gradients: LoRA), +2 Psi with checkpointing (a second forward); attention adds 12 L h s
+    (REFERENCE.md)."""
+    per_param = 4 if s.lora_parameters else 6
+    if s.gradient_checkpointing:
+        per_param += 2
+    attention = 12 * shape.layers * shape.hidden * s.seq_len * (per_param / 6)
+    return per_param * shape.parameters + attention
