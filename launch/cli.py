@@ -6,6 +6,12 @@
     trainrig sft ...                                   = python launch/sft.py ... (single process)
     trainrig inspect {pretrain,sft} [--num_samples N] [--output F.jsonl] [stage flags]
                                                        the training data with trained tokens marked, and its statistics
+    trainrig plan --stage {pretrain,cpt,sft,reward} [--hardware H] [stage flags]
+                                                       strategy, micro batch, accumulation and memory per GPU; writes
+                                                       plan.json, ds_config.json, accelerate.yaml and the launch command
+    trainrig launch {pretrain,cpt,sft} [--hardware H] [stage flags]
+                                                       plan for this machine, then run the launch command
+    trainrig doctor [--output_dir D] [--json]          torch/CUDA build vs GPU, flash-attn, DeepSpeed ops, NCCL P2P, RAM, disk
 """
 
 from __future__ import annotations
@@ -53,7 +59,19 @@ def main(argv: list[str] | None = None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         inspect_main(rest)
         return 0
-    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect (see trainrig --help)", file=sys.stderr)
+    if command == "plan":
+        from launch.plan import main_plan
+
+        return main_plan(rest)
+    if command == "launch":
+        from launch.plan import main_launch
+
+        return main_launch(rest)
+    if command == "doctor":
+        from launch.doctor import main as doctor_main
+
+        return doctor_main(rest)
+    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect, plan, launch, doctor (see trainrig --help)", file=sys.stderr)
     sys.exit(2)
 
 

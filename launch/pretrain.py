@@ -17,9 +17,11 @@ from trainers.errors import exit_on_usage_error
 
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
+    from launch.plan import plan_in_process
     from trainers.pretrain import train
 
     cfg = parse_config(PretrainConfig, argv, prog="launch/pretrain.py")
+    plan_in_process(cfg, "cpt" if cfg.model.model_name_or_path else "pretrain")  # fills `auto` batch flags; memory goes to plan.json
     return train(cfg)
 
 

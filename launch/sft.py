@@ -17,9 +17,11 @@ from trainers.errors import exit_on_usage_error
 
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
+    from launch.plan import plan_in_process
     from trainers.sft import train
 
     cfg = parse_config(SFTConfig, argv, prog="launch/sft.py")
+    plan_in_process(cfg, "sft")  # fills `auto` batch flags; the memory estimate goes to plan.json
     return train(cfg)
 
 

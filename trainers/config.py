@@ -25,10 +25,12 @@ import yaml
 from trainers.errors import UsageError
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None, minimum: float | None = None):
-    """A config field: its default, its help text (shown by --help), optionally its choices or
-    the smallest value it accepts."""
-    meta = {"help": help, "choices": choices, "minimum": minimum}
+def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None, minimum: float | None = None,
+        auto: bool = False):
+    """A config field: its default, its help text (shown by --help), optionally its choices, the
+    smallest value it accepts, or (auto=True) the word "auto" instead of a number: the planner's
+    (launch/planner.py) to decide before training starts."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "auto": auto}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,9 +57,9 @@ class RunConfig:
 
 @dataclass
 class BatchConfig:
-    per_device_train_batch_size: int = opt(8, "Micro batch: sequences per rank per forward/backward pass.", minimum=1)
-    gradient_accumulation_steps: int = opt(1, "Micro batches accumulated per optimizer step.", minimum=1)
-    global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly).", minimum=0)
+    per_device_train_batch_size: int | str = opt(8, "Micro batch: sequences per rank per forward/backward pass; auto: the largest that fits this GPU (launch/planner.py).", minimum=1, auto=True)
+    gradient_accumulation_steps: int | str = opt(1, "Micro batches accumulated per optimizer step; auto: as many as reach --global_batch_size.", minimum=1, auto=True)
+    global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly unless the accumulation is auto).", minimum=0)
     per_device_eval_batch_size: int = opt(0, "Sequences per rank per eval pass (0: the training micro batch).", minimum=0)
     dataloader_num_workers: int = opt(0, "DataLoader worker processes per rank (blocks are memory-mapped, so 0 is usually enough).", minimum=0)
 
@@ -84,6 +86,7 @@ class DistributedConfig:
     deepspeed: str = opt("auto", "auto: DeepSpeed when --zero_stage or --offload asks for it; none: DDP/single process; or a DS JSON path whose \"auto\" fields are filled from this config.")
     zero_stage: str = opt("auto", "ZeRO stage 0-3 (DeepSpeed); auto: none unless a DS JSON is given.", ("auto", "0", "1", "2", "3"))
     offload: str = opt("auto", "ZeRO offload to CPU RAM: optimizer states, or all (optimizer + parameters, stage 3).", ("auto", "none", "optimizer", "all"))
+    hardware: str = opt("auto", "What the planner plans for: auto (detect), or a profile: rtx5090, 4x4090, cpu, <N>xcpu, <N>x<gpu>[x<nodes>] (gpu: a100-40g a100-80g h100 h200 l40s 3090 4090 5090).")
     ddp_timeout: int = opt(1800, "Seconds a collective may wait before the run fails (rank 0 building the data cache counts).", minimum=1)
 
 
@@ -205,13 +208,15 @@ def _base_type(annotation):
     origin = typing.get_origin(annotation)
     if origin in (list, typing.List):
         return str, True
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # Optional[X], or int | str for a number-or-"auto" field
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _base_type(args[0])
     return annotation, False
 
 
 def _coerce(name: str, leaf: _Leaf, value: Any, where: str) -> Any:
+    if leaf.field.metadata.get("auto") and value == "auto":
+        return "auto"
     value = _coerce_type(name, leaf, value, where)
     minimum = leaf.field.metadata.get("minimum")
     if minimum is not None and value < minimum:
@@ -240,14 +245,15 @@ def _coerce_type(name: str, leaf: _Leaf, value: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise UsageError(f"{where}: {name} must be a boolean (true/false), got {value!r}")
     if typ is int:
+        kind = "an integer or auto" if leaf.field.metadata.get("auto") else "an integer"
         if isinstance(value, bool):
-            raise UsageError(f"{where}: {name} must be an integer, got {value!r}")
+            raise UsageError(f"{where}: {name} must be {kind}, got {value!r}")
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            raise UsageError(f"{where}: {name} must be an integer, got {value!r}") from None
+            raise UsageError(f"{where}: {name} must be {kind}, got {value!r}") from None
     if typ is float:
         try:
             if isinstance(value, bool):

@@ -31,6 +31,9 @@ log = logging.getLogger("trainrig.loop")
 
 def resolve_accumulation(batch_cfg, world_size: int) -> int:
     """--global_batch_size, when given, fixes the accumulation: global = micro x accumulation x world."""
+    if "auto" in (batch_cfg.per_device_train_batch_size, batch_cfg.gradient_accumulation_steps):
+        raise UsageError("--per_device_train_batch_size/--gradient_accumulation_steps auto are sized by the planner: "
+                         "run launch/pretrain.py or launch/sft.py (or trainrig launch), or give numbers")
     if batch_cfg.global_batch_size <= 0:
         return batch_cfg.gradient_accumulation_steps
     per_step = batch_cfg.per_device_train_batch_size * world_size
@@ -107,9 +110,10 @@ def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: flo
     grad_norm = None
     for batch in window:
         with runtime.accumulate(model):
-            outputs = model(**model_inputs(batch, runtime.device), num_items_in_batch=loss_denominator)
-            runtime.backward(outputs.loss * scale)  # outputs.loss = this micro batch's token-loss sum / global tokens
-            step_loss += outputs.loss.detach().float()
+            # only the loss is kept: holding the 16-bit logits through the backward costs 2 x vocab bytes per token
+            loss = model(**model_inputs(batch, runtime.device), num_items_in_batch=loss_denominator).loss
+            runtime.backward(loss * scale)  # loss = this micro batch's token-loss sum / global tokens
+            step_loss += loss.detach().float()
             if runtime.sync_gradients:
                 grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
             optimizer.step()
@@ -156,8 +160,21 @@ def save_and_prune(runtime, model, optimizer, state: dict, out: Path, run_cfg, e
         ckpt.prune_checkpoints(out, run_cfg.save_total_limit, best)
 
 
+def check_plan_agrees(runtime, cfg) -> None:
+    """Every rank planned for itself (launch/plan.py); a rank whose GPU differs would size its
+    batch differently and the first collective would hang or mix shapes. Compare with rank 0's."""
+    mine = (cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps,
+            cfg.model.gradient_checkpointing, runtime.zero_stage, runtime.offload)
+    reference = runtime.broadcast_object(mine)
+    (disagreeing,) = runtime.all_reduce_sum([float(mine != reference)])
+    if disagreeing:
+        raise RuntimeError(f"{int(disagreeing)} rank(s) planned differently from rank 0 (rank {runtime.rank}: micro, accumulation, "
+                           f"checkpointing, ZeRO stage, offload = {mine}; rank 0: {reference}); mixed GPUs? pass the batch flags as numbers")
+
+
 def write_plan(out: Path, runtime, cfg, attn: str, why: str, global_batch: int, extra: dict | None = None) -> None:
-    """plan.json: what this run decided (strategy, batch arithmetic, precision, attention)."""
+    """plan.json: what this run decided (strategy, batch arithmetic, precision, attention) and the
+    memory model's estimate for it (launch/plan.py)."""
     device = runtime.device
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     plan = {
@@ -169,6 +186,14 @@ def write_plan(out: Path, runtime, cfg, attn: str, why: str, global_batch: int, 
         "global_batch_size": global_batch, "world_size": runtime.world_size,
         "precision": runtime.precision, "attn_implementation": attn, "attn_reason": why, **(extra or {}),
     }
+    planned = getattr(cfg, "_plan", None)
+    if planned:
+        plan.update(memory_gb=planned["memory_gb"], fits=planned["fits"], safety_margin=planned["safety_margin"],
+                    planned_for=planned["hardware"]["description"], plan_notes=planned["notes"])
+        memory = planned["memory_gb"]
+        log.info("memory model: %.2f GiB per rank of %.2f (%s)%s", memory["total"], memory["available"],
+                 "fits" if planned["fits"] else "DOES NOT FIT: expect out-of-memory",
+                 "" if planned["fits"] else "; try --per_device_train_batch_size auto")
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     if runtime.ds_config is not None:
         (out / "ds_config.json").write_text(json.dumps(runtime.ds_config, indent=2))

@@ -45,6 +45,7 @@ def train(cfg: PretrainConfig) -> dict:
     runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}),
                       uses_muon=cfg.optim.optimizer == "muon")
     loop.setup_logging(runtime.is_main)
+    loop.check_plan_agrees(runtime, cfg)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 

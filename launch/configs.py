@@ -1,0 +1,146 @@
+"""A plan -> the files and the command that run it: ds_config.json (DeepSpeed), accelerate.yaml,
+the NCCL environment, and the launcher command line.
+
+The DS JSON carries concrete values equal to the flags the command passes, so the run's own check
+(trainers/runtime.py fill_ds_config: a value contradicting the run config is an error) passes,
+and a user who edits one without the other is told. Bucket sizes follow the hidden size h (the
+HF/DeepSpeed convention): reduce and all-gather buckets h^2 elements, ZeRO-3 prefetch 0.9 h^2,
+parameters under 10 h elements stay whole on every rank instead of being gathered each time.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import zlib
+from pathlib import Path
+
+import yaml
+
+from launch.planner import Plan
+
+LAUNCH_DIR = Path(__file__).resolve().parent
+ENTRY_SCRIPTS = {"pretrain": "pretrain.py", "cpt": "pretrain.py", "sft": "sft.py", "reward": "reward.py"}
+
+
+def deepspeed_config(plan: Plan, max_grad_norm: float) -> dict | None:
+    """The DS JSON for the plan, or None when the plan runs DDP / one process."""
+    s = plan.setup
+    if not s.deepspeed:
+        return None
+    h = plan.request.shape.hidden
+    zero: dict = {"stage": s.zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": h * h}
+    if s.zero_stage <= 2:
+        zero.update(allgather_bucket_size=h * h, reduce_scatter=True)
+    else:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h,
+                    stage3_max_live_parameters=10**9, stage3_max_reuse_distance=10**9,
+                    stage3_gather_16bit_weights_on_model_save=True)  # final/ is gathered from the shards
+    if s.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if s.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    fp16 = {"enabled": s.precision == "fp16"}
+    if s.precision == "fp16":  # dynamic loss scaling, DeepSpeed's defaults written out
+        fp16.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+    return {
+        "train_micro_batch_size_per_gpu": s.micro_batch,
+        "gradient_accumulation_steps": plan.chosen.accumulation,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": float(max_grad_norm),
+        "bf16": {"enabled": s.precision == "bf16"},
+        "fp16": fp16,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # trainrig logs its own steps
+        "wall_clock_breakdown": False,
+    }
+
+
+def rendezvous_port(seed: str) -> int:
+    """A port in 20000-29999 derived from `seed` (a Slurm job id, an output dir), so two jobs on
+    one head node do not collide and every node computes the same one."""
+    return 20000 + zlib.crc32(seed.encode()) % 10000
+
+
+def accelerate_config(plan: Plan, ds_config_path: Path | None, main_process_ip: str = "127.0.0.1",
+                      main_process_port: int = 29500, machine_rank: int = 0) -> dict:
+    """accelerate.yaml: topology only (hyperparameters live in the run config, DESIGN.md)."""
+    s, hw = plan.setup, plan.request.hardware
+    if s.deepspeed:
+        kind = "DEEPSPEED"
+    elif hw.gpu is None:
+        kind = "MULTI_CPU" if s.world > 1 else "NO"
+    else:
+        kind = "MULTI_GPU" if s.world > 1 else "NO"
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": kind,
+        "num_machines": hw.nodes,
+        "num_processes": s.world,
+        "machine_rank": machine_rank,
+        "main_process_ip": main_process_ip,
+        "main_process_port": main_process_port,
+        "rdzv_backend": "c10d" if hw.nodes > 1 else "static",
+        "same_network": True,
+        "use_cpu": hw.gpu is None,
+        "gpu_ids": "all",
+        "main_training_function": "main",
+        "downcast_bf16": "no",
+    }
+    if s.deepspeed:
+        # precision comes from the DS JSON; zero.Init stays off so a from-scratch init is the same on every rank count
+        config["deepspeed_config"] = {"deepspeed_config_file": str(ds_config_path), "zero3_init_flag": False,
+                                      "deepspeed_multinode_launcher": "standard"}
+    else:
+        config["mixed_precision"] = {"bf16": "bf16", "fp16": "fp16"}.get(s.precision, "no")
+    return config
+
+
+def run_arguments(plan: Plan, ds_config_path: Path | None) -> list[str]:
+    """The flags that pin the run to the plan (appended after the user's, so they win)."""
+    s = plan.setup
+    return ["--per_device_train_batch_size", str(s.micro_batch),
+            "--gradient_accumulation_steps", str(plan.chosen.accumulation),
+            "--global_batch_size", str(plan.global_batch),
+            "--gradient_checkpointing" if s.gradient_checkpointing else "--no-gradient_checkpointing",
+            "--deepspeed", str(ds_config_path) if ds_config_path else "none",
+            "--precision", s.precision]
+
+
+def launch_command(plan: Plan, stage: str, user_args: list[str], ds_config_path: Path | None, rdzv_seed: str) -> list[str]:
+    """The command for one node: python (one rank), torchrun (several ranks on this node), or,
+    for several nodes, the torchrun line every node runs with its own $NODE_RANK and the head
+    node's address in $MASTER_ADDR (slurm/*.sbatch fill both from the allocation)."""
+    script = str(LAUNCH_DIR / ENTRY_SCRIPTS[stage])
+    args = [*user_args, *run_arguments(plan, ds_config_path)]
+    hw = plan.request.hardware
+    if hw.world_size == 1:
+        return [sys.executable, script, *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if hw.nodes == 1:
+        return [*torchrun, "--standalone", "--nproc_per_node", str(hw.devices_per_node), script, *args]
+    return [*torchrun, "--nnodes", str(hw.nodes), "--node_rank", "$NODE_RANK", "--nproc_per_node", str(hw.devices_per_node),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"$MASTER_ADDR:{rendezvous_port(rdzv_seed)}", script, *args]
+
+
+def shell_line(env: dict, command: list[str]) -> str:
+    """The command as a user would type it (placeholders like $NODE_RANK left unquoted)."""
+    words = [w if w.startswith("$") or "$MASTER_ADDR:" in w else shlex.quote(w) for w in command]
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), *words])
+
+
+def write_files(plan: Plan, out: Path, max_grad_norm: float) -> tuple[Path | None, Path]:
+    """ds_config.json (DeepSpeed plans) and accelerate.yaml into `out`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    ds = deepspeed_config(plan, max_grad_norm)
+    ds_path = None
+    if ds is not None:
+        ds_path = out / "ds_config.json"
+        ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+    acc_path = out / "accelerate.yaml"
+    acc = accelerate_config(plan, ds_path.resolve() if ds_path else None, main_process_port=rendezvous_port(str(out.resolve())))
+    acc_path.write_text("# written by trainrig plan: topology only; the run config holds the hyperparameters\n"
+                        + yaml.safe_dump(acc, sort_keys=False))
+    return ds_path, acc_path

@@ -1,0 +1,248 @@
+"""`trainrig plan` and `trainrig launch`, and the planning every entry script does before training.
+
+    trainrig plan --stage sft --hardware rtx5090 --model_name_or_path qwen2.5-7b --lora_r 16 --max_seq_length 2048
+    trainrig launch sft --config configs/sft_lora_qwen2.5-0.5b.yaml          (plans for this machine, then runs it)
+
+In an entry script (`launch/pretrain.py`, `launch/sft.py`, under any launcher) every rank makes the
+same plan from the same inputs -- the model's config, the flags, its own GPU's model and the world
+size the launcher exported -- so no rank waits on another to plan; the trainer then checks that
+all ranks agree before the first collective. `auto` batch flags take the plan's numbers (and, with
+--deepspeed/--zero_stage/--offload left on auto, its strategy and checkpointing); explicit flags
+are planned around, and the plan's memory estimate goes into plan.json either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from launch import configs, hardware, memory
+from launch.memory import GiB
+from launch.planner import Plan, Request, plan
+from trainers.config import PretrainConfig, SFTConfig, parse_config
+from trainers.errors import UsageError, exit_on_usage_error
+
+log = logging.getLogger("trainrig.plan")
+QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
+STAGE_CONFIGS = {"pretrain": PretrainConfig, "cpt": PretrainConfig, "sft": SFTConfig, "reward": SFTConfig}
+
+
+# ------------------------------------------------------------------------- config -> request
+
+
+def _opted_in(cfg) -> bool:
+    return "auto" in (cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps)
+
+
+def _vocab_of_tokenizer(model_cfg) -> int:
+    if not (model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path):
+        return 0
+    from trainers.models import VOCAB_MULTIPLE, tokenizer_for
+
+    tokenizer, _ = tokenizer_for(model_cfg)
+    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # as build_model pads it
+
+
+def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
+    """The shape to plan for: a shipped shape name (qwen2.5-7b), else the run's own model config,
+    resolved and checked exactly as the trainer will (same errors, before any data work)."""
+    from trainers.models import resolve_model_config
+
+    m = cfg.model
+    seq_len, flag = (cfg.data.block_size, "--block_size") if hasattr(cfg.data, "block_size") else (cfg.data.max_seq_length, "--max_seq_length")
+    preset = getattr(m, "model_preset", "")
+    if not preset and m.model_name_or_path.lower() in memory.shipped_shape_names() and not Path(m.model_name_or_path).exists():
+        return memory.load_shape(m.model_name_or_path)
+    if not preset and not m.model_name_or_path:
+        raise UsageError("--model_name_or_path (a model directory or a shipped shape: "
+                         f"{', '.join(memory.shipped_shape_names())}) or --model_preset is required to plan")
+    config = resolve_model_config(m, seq_len, flag)
+    if preset:
+        vocab = _vocab_of_tokenizer(m) if m.tokenizer_name_or_path and Path(m.tokenizer_name_or_path).exists() else 0
+        if not vocab:
+            vocab = QWEN_VOCAB
+            notes.append(f"--model_preset {preset} planned with a {QWEN_VOCAB:,}-token vocabulary; pass --tokenizer_name_or_path for yours")
+        config.vocab_size = vocab
+    return memory.shape_from_config(config, preset or Path(m.model_name_or_path).name)
+
+
+def _deepspeed_constraint(dist) -> tuple[str, str, str]:
+    """(deepspeed, zero_stage, offload) for the request, as the runtime will read them."""
+    by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    path = dist.deepspeed if dist.deepspeed not in ("auto", "none") else os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "") if by_launcher else ""
+    if path:
+        from trainers.runtime import ds_offload, load_ds_json
+
+        ds = load_ds_json(Path(path))
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        stage = int(dist.zero_stage) if stage == "auto" and dist.zero_stage != "auto" else 2 if stage == "auto" else int(stage)
+        return f"{stage}:{ds_offload(ds)}", "auto", "auto"
+    if by_launcher and dist.zero_stage == "auto":
+        return "auto", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), dist.offload
+    return dist.deepspeed, dist.zero_stage, dist.offload
+
+
+def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
+    """The planning request for a parsed run config. plan_everything: the planner picks what the
+    user left at its default (trainrig plan/launch, or an `auto` batch flag)."""
+    sources = getattr(cfg, "_sources", {})
+    batch = cfg.batch
+    micro = batch.per_device_train_batch_size
+    accumulation = batch.gradient_accumulation_steps
+    if plan_everything:
+        micro = None if micro == "auto" or "per_device_train_batch_size" not in sources else micro
+        accumulation = None if accumulation == "auto" or "gradient_accumulation_steps" not in sources else accumulation
+    else:
+        micro = None if micro == "auto" else micro
+        accumulation = None if accumulation == "auto" else accumulation
+    if accumulation is None and micro is not None and not batch.global_batch_size:
+        accumulation = 1
+    deepspeed, zero_stage, offload = _deepspeed_constraint(cfg.dist)
+    ckpt = cfg.model.gradient_checkpointing if ("gradient_checkpointing" in sources or not plan_everything) else None
+    if not plan_everything and deepspeed == "auto" and zero_stage == "auto" and offload in ("auto", "none"):
+        deepspeed = "none"  # the runtime runs DDP unless ZeRO is asked for
+    if not plan_everything and deepspeed == "auto" and zero_stage == "auto":
+        zero_stage = "3" if offload == "all" else "2"  # what runtime.template_for picks
+    lora = getattr(cfg, "lora", None)
+    seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
+    return Request(stage=stage, shape=model_shape(cfg, notes), seq_len=seq_len, hardware=hw,
+                   global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
+                   precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
+                   lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
+                   gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload,
+                   attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa")
+
+
+def make_plan(cfg, stage: str, local_only: bool, plan_everything: bool) -> Plan:
+    hw = hardware.resolve(cfg.dist.hardware, local_only=local_only)
+    notes: list[str] = []
+    result = plan(request_for(cfg, stage, hw, plan_everything, notes))
+    result.notes[:0] = notes
+    return result
+
+
+def _no_fit_message(result: Plan, flag: str) -> str:
+    best = result.chosen
+    tips = "; ".join(result.notes) if result.notes else "nothing"
+    return (f"{flag}: nothing fits {result.request.hardware.describe()} for {result.request.shape.name} at "
+            f"{result.request.seq_len} tokens (closest: {best.setup.name}, {best.why_not}); would fit: {tips}")
+
+
+# ---------------------------------------------------------------------- in the entry scripts
+
+
+def plan_in_process(cfg, stage: str) -> None:
+    """Fill the config's `auto` fields from a plan for the hardware this rank sees, and attach
+    the plan (cfg._plan) for plan.json. A plan that does not fit is an error when the planner was
+    asked to size the batch, and a warning in plan.json when the user sized it."""
+    opted_in = _opted_in(cfg)
+    result = make_plan(cfg, stage, local_only=True, plan_everything=opted_in)
+    if opted_in and not result.fits:
+        raise UsageError(_no_fit_message(result, "--per_device_train_batch_size auto"))
+    if opted_in:
+        s = result.setup
+        sources = getattr(cfg, "_sources", {})
+        cfg.batch.per_device_train_batch_size = s.micro_batch
+        cfg.batch.gradient_accumulation_steps = result.chosen.accumulation
+        cfg.batch.global_batch_size = result.global_batch
+        if "gradient_checkpointing" not in sources:
+            cfg.model.gradient_checkpointing = s.gradient_checkpointing
+        if cfg.dist.deepspeed == "auto" and cfg.dist.zero_stage == "auto" and s.deepspeed:
+            cfg.dist.zero_stage, cfg.dist.offload = str(s.zero_stage), s.offload
+    cfg._plan = result.to_json()
+
+
+# -------------------------------------------------------------------------------- the CLI
+
+
+def _parse(argv: list[str], stage: str | None, prog: str):
+    argv = list(argv)
+    if stage is None:
+        if "--stage" not in argv or argv.index("--stage") + 1 >= len(argv):
+            raise UsageError(f"{prog}: --stage {{pretrain,cpt,sft,reward}} is required")
+        i = argv.index("--stage")
+        stage = argv[i + 1]
+        del argv[i:i + 2]
+    if stage not in STAGE_CONFIGS:
+        raise UsageError(f"{prog}: unknown stage {stage!r}; one of {', '.join(STAGE_CONFIGS)}")
+    return stage, argv, parse_config(STAGE_CONFIGS[stage], argv, prog=f"{prog} {stage}")
+
+
+def table(result: Plan) -> str:
+    """The plan as a person reads it: every candidate, then the chosen one term by term."""
+    req, s = result.request, result.setup
+    lora = f", LoRA r{req.lora_rank} ({s.lora_parameters / 1e6:.1f}M trainable)" if req.lora_rank else ""
+    lines = [f"plan: {req.stage} {req.shape.name} ({req.shape.parameters / 1e9:.2f}B parameters), {req.seq_len} tokens{lora}, "
+             f"{s.precision}, on {req.hardware.describe()}",
+             "", f"  {'strategy':<32}{'micro':>6}{'GiB/rank':>10}  {'est. s/step':>11}  fits"]
+    for c in result.candidates:
+        micro = str(c.setup.micro_batch) if c.fits else "-"
+        step = f"{c.step_seconds:.2f}" if c.fits else ""
+        mark = "<- chosen" if c is result.chosen and c.fits else ("yes" if c.fits else f"no: {c.why_not}")
+        lines.append(f"  {c.setup.name:<32}{micro:>6}{c.memory.total / GiB:>10.1f}  {step:>11}  {mark}")
+    m = result.chosen.memory
+    lines += ["", f"chosen: {s.name}, micro batch {s.micro_batch} x accumulation {result.chosen.accumulation} x world {s.world} "
+                  f"= global {result.global_batch} sequences ({result.global_batch * req.seq_len:,} tokens)" if result.fits else
+              "chosen: nothing fits",
+              f"memory per rank (GiB): parameters {m.parameters / GiB:.2f} | gradients {m.gradients / GiB:.2f} | "
+              f"optimizer states {m.optimizer_states / GiB:.2f} | activations {m.activations / GiB:.2f} | logits {m.logits / GiB:.2f} | "
+              f"overhead {m.overhead / GiB:.2f} | total {m.total / GiB:.2f} of {req.hardware.device_memory_bytes / GiB:.2f} "
+              f"(budget {result.budget / GiB:.2f} after the {result.to_json()['safety_margin']:.0%} margin); "
+              f"host RAM per node {m.cpu / GiB:.0f} GiB"]
+    if result.env:
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in result.env.items()) + "  (GPUs without peer-to-peer access)")
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def write_plan_files(cfg, result: Plan, stage: str, user_args: list[str]) -> tuple[list[str], str]:
+    out = Path(cfg.run.output_dir)
+    ds_path, acc_path = configs.write_files(result, out, cfg.optim.max_grad_norm)
+    command = configs.launch_command(result, stage, user_args, ds_path, rdzv_seed=str(out.resolve()))
+    line = configs.shell_line(result.env, command)
+    record = {**result.to_json(), "command": line,
+              "files": [str(p) for p in (out / "plan.json", ds_path, acc_path) if p is not None]}
+    (out / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    return command, line
+
+
+@exit_on_usage_error
+def main_plan(argv: list[str] | None = None) -> int:
+    stage, rest, cfg = _parse(sys.argv[1:] if argv is None else argv, None, "trainrig plan")
+    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    print(table(result))
+    if not result.fits:
+        return 1
+    _, line = write_plan_files(cfg, result, stage, rest)
+    out = Path(cfg.run.output_dir)
+    script = configs.ENTRY_SCRIPTS[stage]
+    print(f"\nwrote {out / 'plan.json'}" + (f", {out / 'ds_config.json'}" if result.setup.deepspeed else "") + f", {out / 'accelerate.yaml'}")
+    print(f"launch: {line}")
+    print(f"    or: accelerate launch --config_file {out / 'accelerate.yaml'} launch/{script} "
+          + " ".join(configs.run_arguments(result, out / "ds_config.json" if result.setup.deepspeed else None)) + " [your flags]")
+    return 0
+
+
+@exit_on_usage_error
+def main_launch(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft} [flags]")
+    stage, rest, cfg = _parse(argv[1:], argv[0], "trainrig launch")
+    if not (configs.LAUNCH_DIR / configs.ENTRY_SCRIPTS[stage]).is_file():
+        raise UsageError(f"trainrig launch {stage}: launch/{configs.ENTRY_SCRIPTS[stage]} is not part of this version; "
+                         f"plan it with trainrig plan --stage {stage}")
+    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    print(table(result), flush=True)
+    if not result.fits:
+        raise UsageError(_no_fit_message(result, f"trainrig launch {stage}"))
+    command, line = write_plan_files(cfg, result, stage, rest)
+    if result.request.hardware.nodes > 1:
+        raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: submit "
+                         f"slurm/{stage}.sbatch, or run on every node: {line}")
+    print(f"launch: {line}", flush=True)
+    os.execve(command[0], command, {**os.environ, **result.env})
+    return 0  # not reached

@@ -1,0 +1,73 @@
+"""The planner driving real runs on CPU: `trainrig plan`, `trainrig launch`, and `auto` batch flags
+in the entry scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import VENV_BIN, read_losses, run_launcher, sft_args, pretrain_args
+
+
+def _trainrig(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(VENV_BIN / "trainrig"), *args], capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainrig {args[0]} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_plan_prints_the_table_and_writes_the_files(tmp_path):
+    out = tmp_path / "plan"
+    proc = _trainrig("plan", "--stage", "sft", "--hardware", "4x4090", "--model_name_or_path", "qwen2.5-1.5b",
+                     "--max_seq_length", "2048", "--global_batch_size", "64", "--output_dir", str(out))
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["fits"] and plan["env"] == {"NCCL_P2P_DISABLE": "1"} and plan["global_batch_size"] == 64
+    assert set(plan["memory_gb"]) >= {"parameters", "gradients", "optimizer_states", "activations", "logits", "overhead", "total", "available"}
+    assert plan["memory_gb"]["total"] <= plan["memory_gb"]["available"]
+    assert "<- chosen" in proc.stdout and "NCCL_P2P_DISABLE=1" in plan["command"] and "--nproc_per_node 4" in plan["command"]
+    assert (out / "accelerate.yaml").is_file() and (plan["strategy"]["deepspeed"] == (out / "ds_config.json").is_file())
+
+
+def test_plan_that_cannot_fit_says_what_would(tmp_path):
+    proc = _trainrig("launch", "sft", "--hardware", "3090", "--model_name_or_path", "qwen2.5-3b", "--max_seq_length", "2048",
+                     "--output_dir", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: trainrig launch sft: nothing fits") and "LoRA (--lora_r 16)" in message and "host RAM" in message
+
+
+def test_launch_sft_on_cpu_sizes_the_batch_and_runs(chat_dir, sft_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = sft_args(chat_dir, sft_model_dir, out, per_device_train_batch_size="auto", gradient_accumulation_steps="auto",
+                    global_batch_size="8", max_steps="3")
+    proc = _trainrig("launch", "sft", "--hardware", "cpu", *args)
+    plan = json.loads((out / "plan.json").read_text())  # rewritten by the run itself
+    assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"], plan["global_batch_size"]) == (8, 1, 8)
+    assert plan["fits"] and plan["memory_gb"]["total"] > 0 and plan["strategy"]["name"] == "single"
+    assert sorted(read_losses(out)) == [1, 2, 3] and (out / "final" / "model.safetensors").is_file()
+    assert "chosen: single, micro batch 8 x accumulation 1" in proc.stdout
+
+
+def test_auto_batch_flags_in_the_entry_script(corpus, tokenizer_dir, tmp_path):
+    """`launch/pretrain.py --per_device_train_batch_size auto` under a plain `python`: the plan is
+    made in-process, the micro batch capped by the global batch, and written to plan.json."""
+    out = tmp_path / "auto"
+    args = pretrain_args(corpus, tokenizer_dir, out, per_device_train_batch_size="auto", gradient_accumulation_steps="auto",
+                         global_batch_size="6", max_steps="2")
+    run_launcher([str(VENV_BIN / "python"), "launch/pretrain.py", *args])
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["micro_batch_size"] * plan["gradient_accumulation_steps"], plan["fits"]) == (6, True)
+    assert "memory_gb" in plan and plan["planned_for"].endswith("(detected)")
+
+
+@pytest.mark.slow
+def test_launch_two_cpu_ranks_with_torchrun(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = pretrain_args(corpus, tokenizer_dir, out, per_device_train_batch_size="auto", global_batch_size="8",
+                         gradient_accumulation_steps="auto", max_steps="2")
+    proc = _trainrig("launch", "pretrain", "--hardware", "2xcpu", *args)
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["world_size"], plan["micro_batch_size"] * plan["gradient_accumulation_steps"] * 2) == (2, 8)
+    assert plan["strategy"]["name"] == "ddp" and "torch.distributed.run --standalone --nproc_per_node 2" in proc.stdout
