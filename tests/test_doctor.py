@@ -1,0 +1,90 @@
+"""`trainrig doctor`: each check on fake facts (GPUs this CPU box does not have), then one real run."""
+
+from __future__ import annotations
+
+import json
+
+from launch.doctor import (GB, GPU, check_cuda_arch, check_deepspeed, check_disk, check_flash_attn, check_peer_access,
+                           check_precision, check_ram, check_torch, main)
+
+CU124_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+RTX5090 = GPU("NVIDIA GeForce RTX 5090", (12, 0), True)
+T4 = GPU("Tesla T4", (7, 5), False)
+
+
+def test_rtx5090_on_a_cu124_build_fails_with_the_cu128_fix():
+    check = check_cuda_arch(RTX5090.name, RTX5090.capability, CU124_ARCHS, "12.4")
+    assert check.status == "fail"
+    assert "sm_120" in check.detail
+    assert check.fix == "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu128"
+
+
+def test_cuda_arch_passes_when_the_build_has_the_kernels():
+    assert check_cuda_arch(RTX5090.name, (12, 0), CU124_ARCHS + ["sm_100", "sm_120"], "12.8").status == "pass"
+    h100 = check_cuda_arch("NVIDIA H100 80GB HBM3", (9, 0), CU124_ARCHS, "12.4")
+    assert (h100.status, h100.fix) == ("pass", "")
+
+
+def test_torch_cpu_build_on_an_nvidia_machine_fails():
+    check = check_torch("2.13.0+cpu", None, gpu_count=0, nvidia_smi=True, gpus_hidden=False)
+    assert check.status == "fail" and "cu128" in check.fix
+    assert check_torch("2.13.0+cpu", None, gpu_count=0, nvidia_smi=False, gpus_hidden=False).status == "pass"
+    assert check_torch("2.13.0+cu128", "12.8", gpu_count=0, nvidia_smi=True, gpus_hidden=True).status == "pass"
+
+
+def test_pre_ampere_gpu_warns_to_use_fp16():
+    check = check_precision(T4)
+    assert check.status == "warn" and check.fix == "train with --precision fp16"
+    assert check_precision(RTX5090).status == "pass"
+
+
+def test_flash_attn_skips_on_cpu_and_warns_when_missing_on_a_gpu():
+    cpu = check_flash_attn([], None, "")
+    assert cpu.status == "skip" and "SDPA" in cpu.detail
+    missing = check_flash_attn([RTX5090], None, "")
+    assert missing.status == "warn" and "SDPA" in missing.detail
+    assert missing.fix == "pip install flash-attn --no-build-isolation"
+    broken = check_flash_attn([RTX5090], None, "OSError: undefined symbol: _ZN3c10")
+    assert broken.status == "warn" and "does not import" in broken.detail
+    assert check_flash_attn([RTX5090, T4], "2.8.3", "").status == "skip"  # the T4 cannot run it
+    assert check_flash_attn([RTX5090], "2.8.3", "").status == "pass"
+
+
+def test_cpu_adam_needs_a_compiler_and_ninja():
+    checks = {c.name: c for c in check_deepspeed("0.19.8", "", True, None, False)}
+    assert checks["deepspeed"].status == "pass"
+    assert checks["cpu adam"].status == "warn"
+    assert checks["cpu adam"].fix == "apt-get install build-essential && pip install ninja"
+    assert check_deepspeed("0.19.8", "", True, "/usr/bin/c++", True)[1].status == "pass"
+    assert check_deepspeed(None, "ModuleNotFoundError: No module named 'deepspeed'", False, None, False)[0].status == "fail"
+
+
+def test_geforce_without_peer_access_warns_until_nccl_is_told():
+    no_p2p = [[True, False], [False, True]]
+    check = check_peer_access(no_p2p, p2p_disabled=False)
+    assert check.status == "warn" and "GPUs 0 and 1" in check.detail
+    assert check.fix.startswith("export NCCL_P2P_DISABLE=1")
+    assert check_peer_access(no_p2p, p2p_disabled=True).status == "pass"
+    assert check_peer_access([[True] * 2] * 2, p2p_disabled=False).status == "pass"
+    assert check_peer_access([[True]], p2p_disabled=False).status == "skip"
+
+
+def test_ram_and_disk_thresholds(tmp_path):
+    low_ram = check_ram(32 * GB, 12 * GB)
+    assert low_ram.status == "warn" and "12.0 GB available of 32.0 GB" in low_ram.detail
+    assert check_ram(64 * GB, 40 * GB).status == "pass"
+    low_disk = check_disk(tmp_path, int(19.5 * GB))
+    assert low_disk.status == "warn" and "19.5 GB free" in low_disk.detail and "~100 GB" in low_disk.detail
+    assert check_disk(tmp_path, 200 * GB).status == "pass"
+
+
+def test_main_json_on_this_machine(tmp_path, capsys):
+    status = main(["--json", "--output_dir", str(tmp_path / "not" / "yet" / "made")])
+    checks = json.loads(capsys.readouterr().out)
+    assert status in (0, 1)
+    assert status == int(any(c["status"] == "fail" for c in checks))
+    assert all(set(c) == {"name", "status", "detail", "fix"} for c in checks)
+    assert {c["status"] for c in checks} <= {"pass", "warn", "fail", "skip"}
+    by_name = {c["name"]: c for c in checks}
+    assert by_name["torch"]["status"] == "pass"
+    assert {"python", "cuda arch", "flash-attn", "deepspeed", "cpu adam", "ram", "disk", "transformers"} <= set(by_name)
