@@ -79,10 +79,29 @@ def test_model_shapes_build_on_meta(path):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(**json.loads(path.read_text()), vocab_size=151936)
+    config = Qwen2Config(**{"vocab_size": 151936, **json.loads(path.read_text())})  # presets take it from the tokenizer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
-    expected = {"0.5b": 494e6, "1.5b": 1.54e9}.get(path.stem)   # Qwen2.5 model cards: 0.49B, 1.54B
+    expected = {"0.5b": 494e6, "1.5b": 1.54e9, "qwen2.5-0.5b": 494e6, "qwen2.5-7b": 7.62e9}.get(path.stem)   # Qwen2.5 model cards
     if expected:
         assert abs(n - expected) / expected < 0.02, n
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", ["rtx5090", "4x4090"])
+def test_recipes_plan_and_fit_the_target_machines(path, profile):
+    """Each GPU recipe fits a 5090 and a 4x4090 box as the planner sizes it (models not downloaded
+    here: planned with the shipped shape of the same size)."""
+    from launch.plan import make_plan
+
+    if "tiny" in path.name:
+        return  # the CPU recipes
+    stage = "sft" if path.name.startswith("sft") else "pretrain"
+    argv = ["--config", str(path), "--hardware", profile]
+    if "qwen2.5-0.5b" in path.name:
+        argv += ["--model_name_or_path", "qwen2.5-0.5b"]
+    cfg = parse_config(SFTConfig if stage == "sft" else PretrainConfig, argv, prog="t")
+    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    assert result.fits, result.notes
+    assert result.global_batch == cfg.batch.global_batch_size
