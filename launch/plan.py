@@ -2,6 +2,7 @@
 
     trainrig plan --stage sft --hardware rtx5090 --model_name_or_path qwen2.5-7b --lora_r 16 --max_seq_length 2048
     trainrig launch sft --config configs/sft_lora_qwen2.5-0.5b.yaml          (plans for this machine, then runs it)
+    trainrig launch sft --probe --config ...                                 (first confirms the micro batch with real steps)
 
 In an entry script (`launch/pretrain.py`, `launch/sft.py`, under any launcher) every rank makes the
 same plan from the same inputs -- the model's config, the flags, its own GPU's model and the world
@@ -13,15 +14,18 @@ are planned around, and the plan's memory estimate goes into plan.json either wa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from launch import configs, hardware, memory
 from launch.memory import GiB
-from launch.planner import Plan, Request, plan
+from launch.planner import Plan, Request, accumulation_for, plan
 from trainers.config import PretrainConfig, SFTConfig, parse_config
 from trainers.errors import UsageError, exit_on_usage_error
 
@@ -56,9 +60,11 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
     preset = getattr(m, "model_preset", "")
     if not preset and m.model_name_or_path.lower() in memory.shipped_shape_names() and not Path(m.model_name_or_path).exists():
         return memory.load_shape(m.model_name_or_path)
+    if hasattr(m, "model_preset") and bool(preset) == bool(m.model_name_or_path):  # the trainer's own rule, checked first
+        raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
     if not preset and not m.model_name_or_path:
-        raise UsageError("--model_name_or_path (a model directory or a shipped shape: "
-                         f"{', '.join(memory.shipped_shape_names())}) or --model_preset is required to plan")
+        raise UsageError("--model_name_or_path is required: a model directory (for trainrig plan also a shipped shape: "
+                         f"{', '.join(memory.shipped_shape_names())})")
     config = resolve_model_config(m, seq_len, flag)
     if preset:
         vocab = _vocab_of_tokenizer(m) if m.tokenizer_name_or_path and Path(m.tokenizer_name_or_path).exists() else 0
@@ -226,11 +232,67 @@ def main_plan(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- the probe
+
+PROBE_STEPS = 2
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+
+
+def with_micro_batch(result: Plan, micro: int, accumulation: int) -> Plan:
+    setup = dataclasses.replace(result.setup, micro_batch=micro)
+    chosen = dataclasses.replace(result.chosen, setup=setup, accumulation=accumulation,
+                                 memory=memory.estimate(result.request.shape, setup))
+    return dataclasses.replace(result, chosen=chosen, notes=list(result.notes))
+
+
+def probe_micro_batch(planned: int, attempt) -> tuple[int, list[str]]:
+    """The largest micro batch <= `planned` with which `attempt(micro)` -> (ok, out_of_memory, log)
+    ran real steps on every rank; steps down 10% (at least one) after each out-of-memory.
+    Another failure stops the probe: it is not the batch's fault."""
+    tried = []
+    micro = planned
+    while micro >= 1:
+        ok, out_of_memory, output = attempt(micro)
+        tried.append(f"micro batch {micro}: {'ran' if ok else 'out of memory' if out_of_memory else 'failed'}")
+        if ok:
+            return micro, tried
+        if not out_of_memory:
+            raise UsageError(f"--probe: the trial run at micro batch {micro} failed for another reason than memory; "
+                             f"fix that first: {output.strip().splitlines()[-1] if output.strip() else 'no output'}")
+        micro -= max(1, micro // 10)  # 10% steps: the probed batch is within 10% of the largest that runs
+    raise UsageError("--probe: even micro batch 1 runs out of memory here; " + "; ".join(tried)
+                     + "; try --lora_r 16, --gradient_checkpointing, --offload optimizer or a shorter sequence")
+
+
+def trial_runner(result: Plan, stage: str, user_args: list[str], out: Path, max_grad_norm: float):
+    """attempt(micro) for probe_micro_batch: the real entry script under the real launcher, all
+    ranks, PROBE_STEPS optimizer steps of one micro batch each, nothing saved. A rank that runs out
+    of memory exits, torchrun then stops the others: no rank waits in a collective for a dead one,
+    and the trial counts as passed only when every rank finished (the job's exit status)."""
+    trial_dir = out / "probe"
+
+    def attempt(micro: int) -> tuple[bool, bool, str]:
+        trial = with_micro_batch(result, micro, 1)
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        ds_path, _ = configs.write_files(trial, trial_dir, max_grad_norm)
+        overrides = ["--output_dir", str(trial_dir), "--max_steps", str(PROBE_STEPS), "--save_steps", "0", "--eval_steps", "0",
+                     "--resume", "never", "--report_to", "none", "--no-save_final", "--logging_steps", "1"]
+        command = configs.launch_command(trial, stage, [*user_args, *overrides], ds_path, rdzv_seed=str(trial_dir))
+        print(f"probe: micro batch {micro} ...", flush=True)
+        proc = subprocess.run(command, env={**os.environ, **result.env}, capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+        return proc.returncode == 0, any(marker in output for marker in OOM_MARKERS), output
+
+    return attempt
+
+
 @exit_on_usage_error
 def main_launch(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft} [flags]")
+        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft} [--probe] [flags]")
+    probe = "--probe" in argv
+    argv = [a for a in argv if a != "--probe"]
     stage, rest, cfg = _parse(argv[1:], argv[0], "trainrig launch")
     if not (configs.LAUNCH_DIR / configs.ENTRY_SCRIPTS[stage]).is_file():
         raise UsageError(f"trainrig launch {stage}: launch/{configs.ENTRY_SCRIPTS[stage]} is not part of this version; "
@@ -239,6 +301,15 @@ def main_launch(argv: list[str] | None = None) -> int:
     print(table(result), flush=True)
     if not result.fits:
         raise UsageError(_no_fit_message(result, f"trainrig launch {stage}"))
+    if probe and result.request.hardware.nodes == 1:
+        out = Path(cfg.run.output_dir)
+        micro, tried = probe_micro_batch(result.setup.micro_batch, trial_runner(result, stage, rest, out, cfg.optim.max_grad_norm))
+        shutil.rmtree(out / "probe", ignore_errors=True)
+        if micro != result.setup.micro_batch:
+            micro, accumulation = accumulation_for(result.request.global_batch, micro, result.setup.world, result.request.accumulation)
+            result = with_micro_batch(result, micro, accumulation)
+        result.notes.append("probe: " + "; ".join(tried))
+        print(f"probe: {'; '.join(tried)} -> micro batch {micro} x accumulation {result.chosen.accumulation}", flush=True)
     command, line = write_plan_files(cfg, result, stage, rest)
     if result.request.hardware.nodes > 1:
         raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: submit "

@@ -71,3 +71,38 @@ def test_launch_two_cpu_ranks_with_torchrun(corpus, tokenizer_dir, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert (plan["world_size"], plan["micro_batch_size"] * plan["gradient_accumulation_steps"] * 2) == (2, 8)
     assert plan["strategy"]["name"] == "ddp" and "torch.distributed.run --standalone --nproc_per_node 2" in proc.stdout
+
+
+def test_probe_steps_down_until_every_rank_ran():
+    from launch.plan import probe_micro_batch
+
+    runs = []
+
+    def attempt(micro):  # out of memory above 6 (on some rank: the job's exit status says so)
+        runs.append(micro)
+        return micro <= 6, micro > 6, "torch.OutOfMemoryError: CUDA out of memory" if micro > 6 else ""
+
+    micro, tried = probe_micro_batch(12, attempt)
+    assert (micro, runs) == (6, [12, 11, 10, 9, 8, 7, 6]) and tried[-1] == "micro batch 6: ran"
+
+
+def test_probe_stops_on_a_failure_that_is_not_memory():
+    from launch.plan import probe_micro_batch
+    from trainers.errors import UsageError
+
+    with pytest.raises(UsageError, match="another reason than memory.*KeyError: 'x'"):
+        probe_micro_batch(8, lambda micro: (False, False, "Traceback ...\nKeyError: 'x'\n"))
+    with pytest.raises(UsageError, match="even micro batch 1 runs out of memory"):
+        probe_micro_batch(3, lambda micro: (False, True, "CUDA out of memory"))
+
+
+@pytest.mark.slow
+def test_launch_probe_runs_real_trial_steps_on_two_cpu_ranks(corpus, tokenizer_dir, tmp_path):
+    """The trial runs the real entry script under torchrun with both ranks; nothing is left behind."""
+    out = tmp_path / "probed"
+    args = pretrain_args(corpus, tokenizer_dir, out, per_device_train_batch_size="auto", global_batch_size="8",
+                         gradient_accumulation_steps="auto", max_steps="2")
+    proc = _trainrig("launch", "pretrain", "--probe", "--hardware", "2xcpu", *args)
+    assert "probe: micro batch 4: ran -> micro batch 4 x accumulation 1" in proc.stdout
+    assert not (out / "probe").exists() and (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "plan.json").read_text())["micro_batch_size"] == 4

@@ -50,6 +50,7 @@ class RunConfig:
     save_steps: int = opt(0, "Write a resumable checkpoint-<step>/ every N steps (0: no checkpoints; final/ is always written).", minimum=0)
     save_total_limit: int = opt(0, "Keep at most N checkpoints (0: keep all); older ones go only after a newer one is complete.", minimum=0)
     save_best: bool = opt(False, "With --save_total_limit, also keep the checkpoint with the lowest eval loss (needs --eval_steps dividing --save_steps).")
+    save_final: bool = opt(True, "Write final/ at the end (trainrig launch --probe's trial runs turn it off).")
     resume: str = opt("auto", "auto: newest complete checkpoint in --output_dir if any; never: start fresh; or a checkpoint path.")
     report_to: str = opt("none", "Experiment tracker besides metrics.jsonl.", ("none", "wandb", "tensorboard"))
     run_name: str = opt("", "Name shown by the tracker (default: the output directory's name).")

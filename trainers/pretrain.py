@@ -135,7 +135,8 @@ def train(cfg: PretrainConfig) -> dict:
     report.close()
 
     # -------------------------------------------------------------------------- save
-    loop.save_final(runtime, model, tokenizer, out)
+    if cfg.run.save_final:
+        loop.save_final(runtime, model, tokenizer, out)
 
     # -------------------------------------------------------------------------- eval
     summary = {"step": state["step"], "loss": report.last.get("loss"), "tokens_seen": state["tokens_seen"],

@@ -189,12 +189,13 @@ def train(cfg: SFTConfig) -> dict:
     report.close()
 
     # -------------------------------------------------------------------------- save
-    final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
-    if lora.merge_lora:
-        if runtime.is_main:
-            with runtime.model_init_context(sharded=False):  # a plain load on rank 0 alone, not a collective ZeRO-3 one
-                merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
-        runtime.barrier()
+    if cfg.run.save_final:
+        final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
+        if lora.merge_lora:
+            if runtime.is_main:
+                with runtime.model_init_context(sharded=False):  # a plain load on rank 0 alone, not a collective ZeRO-3 one
+                    merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
+            runtime.barrier()
 
     # -------------------------------------------------------------------------- eval
     summary = {"step": state["step"], "loss": report.last.get("loss"), "trained_tokens": state["tokens_seen"],
