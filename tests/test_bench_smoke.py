@@ -41,3 +41,13 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     assert "## (c) SFT" in text and "Target non-pad >= 95% with packing: **" in text and "Measured today" in text
     assert "Carried over from the previous RESULTS.md" in text and "| a | table |" in text  # (a) had no JSON
     assert json.loads((tmp_path / "results" / "sft.json").read_text())["packed"]["trained_tok_s"] > 0
+
+
+def test_bench_memory_case_runs_and_renders(corpus, tokenizer_dir, tmp_path):
+    """Section (d) on one tiny case: the run's plan estimate and its measured peak, then the report."""
+    case = bench.measure_memory(("pretrain", "tiny", 64, 4, False, 0), corpus, tokenizer_dir, None, None,
+                                tmp_path / "cache", tmp_path / "m")
+    assert case["device"] == "cpu" and case["measured_gb"] > 0.3 and 0.3 < case["ratio"] < 3
+    assert case["predicted_gb"] == case["terms"]["total"]  # on CPU the estimate includes the process's libraries
+    text = "\n".join(bench.render_memory([case]))
+    assert "## (d) Memory model vs. measured peak, cpu, fp32" in text and f"**{case['ratio']:.2f}**" in text

@@ -353,12 +353,18 @@ class Runtime:
         return self.accelerator.unwrap_model(model)
 
     def peak_memory_gb(self) -> float:
-        """Peak GPU memory allocated by this rank, or the process's peak RSS on CPU."""
+        """Peak GPU memory allocated by this rank, or the process's peak RSS on CPU: VmHWM, the
+        address space's own high-water mark (ru_maxrss carries a parent's larger peak across exec,
+        so a run started by a big process would report the parent's)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
-        import resource
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20  # KiB
+        except (OSError, StopIteration):
+            import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
     # ----------------------------------------------------------------------- checkpoints
 
