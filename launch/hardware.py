@@ -188,7 +188,9 @@ def detect(local_only: bool = False) -> Hardware:
     gpu = GPUSpec(name=smallest.name, memory_bytes=smallest.total_memory, capability=capability,
                   bf16_tflops=known.bf16_tflops if known else 0.0, nvlink=bool(known and known.nvlink),
                   peer_access=peer)
-    free = tuple(torch.cuda.mem_get_info(i)[0] for i in indices)
+    # a rank queries its own GPU (its context exists anyway); the launcher asks nvidia-smi, since
+    # cudaMemGetInfo would leave a context on every GPU while --probe's trial runs need the memory
+    free = tuple(torch.cuda.mem_get_info(i)[0] for i in indices) if local_only else nvidia_smi_free_bytes()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) if local_only else count
     return Hardware(name="detected", gpu=gpu, devices_per_node=per_node or count, nodes=nodes, cpu_ram_bytes=ram,
                     cpu_cores=cores, free_bytes=free, peer_access=peer,
@@ -229,6 +231,21 @@ def kernel_support(capability: tuple[int, int], arch_list: list[str], cuda_versi
     return (f"{device_name} is sm_{cc}, but this torch build (CUDA {cuda_version or '?'}) has kernels only for {built}; "
             f"install a CUDA {need}+ build: pip install --force-reinstall torch --index-url "
             f"https://download.pytorch.org/whl/cu{need.replace('.', '')}")
+
+
+def nvidia_smi_free_bytes() -> tuple[int, ...]:
+    """Free memory of every GPU from nvidia-smi (no CUDA context needed); () where it is missing."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return ()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return tuple(int(line.strip()) * 2**20 for line in out.splitlines() if line.strip())  # MiB
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return ()
 
 
 def slurm_allocation(env: dict | None = None) -> Slurm | None:

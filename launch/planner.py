@@ -266,6 +266,10 @@ def plan(req: Request, explain: bool = True) -> Plan:
         chosen = min(candidates, key=lambda c: c.memory.total)
     result = Plan(req, chosen, candidates, budget)
     result.notes.extend(hw.notes)
+    busy = [(i, free) for i, free in enumerate(hw.free_bytes) if hw.gpu and free < 0.9 * hw.gpu.memory_bytes]
+    for i, free in busy:
+        result.notes.append(f"GPU {i} has {free / GiB:.1f} GiB free of {hw.gpu.memory_bytes / GiB:.1f}: another process holds "
+                            f"memory; the plan assumes the whole GPU (free it, or pick others with CUDA_VISIBLE_DEVICES)")
     if hw.kernels:
         result.notes.append(hw.kernels)
     if req.stage == "reward":

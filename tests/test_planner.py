@@ -184,3 +184,9 @@ def test_multi_node_launch_command(qwen7b):
     assert f"--rdzv_endpoint $MASTER_ADDR:{configs.rendezvous_port('job-42')}" in line
     assert line.endswith("--precision bf16") and "--config x.yaml" in line
     assert 20000 <= configs.rendezvous_port("job-42") < 30000
+
+
+def test_a_busy_gpu_is_named_in_the_notes(qwen05b):
+    hw = dataclasses.replace(hardware.profile("2x4090"), free_bytes=(24 * 2**30, 10 * 2**30))
+    notes = plan(Request("sft", qwen05b, 1024, hw, lora_rank=8)).notes
+    assert any(n.startswith("GPU 1 has 10.0 GiB free") for n in notes) and not any(n.startswith("GPU 0") for n in notes)
