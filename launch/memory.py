@@ -122,6 +122,8 @@ class Setup:
     seq_len: int = 2048
     micro_batch: int = 1
     on_gpu: bool = True
+    sharded_load: bool = False  # ZeRO-3 loading a checkpoint under zero.Init: no rank holds the whole model
+
 
     @property
     def half(self) -> bool:
@@ -190,7 +192,8 @@ def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
         params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi / n, (master + 8) * psi / n
     else:  # 16-bit weights sharded; the gradient partition is reduced into fp32
         params, grads, optim = w * (psi + frozen) / n + largest, 4 * psi / n, (master + 8) * psi / n
-    loading = 4 * shape.parameters * per_node  # each rank's fp32 copy while the engine starts
+    # each rank's fp32 copy while the engine starts, or under zero.Init one gathered module per rank
+    loading = 4 * (shape.largest_module_parameters if stage == 3 and s.sharded_load else shape.parameters) * per_node
     cpu = loading * DS_BUFFER_FACTOR
     if s.offload != "none":
         grads = optim = 0

@@ -257,7 +257,8 @@ def plan(req: Request, explain: bool = True) -> Plan:
             base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
                          lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn,
-                         seq_len=req.seq_len * per_sample_sequences, on_gpu=hw.gpu is not None)
+                         seq_len=req.seq_len * per_sample_sequences, on_gpu=hw.gpu is not None,
+                         sharded_load=req.stage != "pretrain")  # the trainers load checkpoints under zero.Init
             candidates.append(evaluate_candidate(req, base, budget))
     fitting = [c for c in candidates if c.fits]
     if fitting:
@@ -331,7 +332,8 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
         for factor in (2, 4, 8, 16):
             per_node = min(hw.devices_per_node * factor, 8)
             nodes = max(1, hw.devices_per_node * factor // 8) if hw.devices_per_node * factor > 8 else 1
-            bigger = dataclasses.replace(hw, devices_per_node=per_node, nodes=nodes, name=f"{per_node}x{hw.name}")
+            ram = hw.cpu_ram_bytes * per_node // hw.devices_per_node  # host RAM grows with the GPUs of a node
+            bigger = dataclasses.replace(hw, devices_per_node=per_node, nodes=nodes, cpu_ram_bytes=ram, name=f"{per_node}x{nodes}")
             p = fits(hardware=bigger)
             if p:
                 tips.append(f"more GPUs: {per_node * nodes} x {hw.gpu.name} ({nodes} node(s)) fit with {p.setup.name}, "
