@@ -164,11 +164,10 @@ def detect(local_only: bool = False) -> Hardware:
     import torch
 
     slurm = slurm_allocation()
-    nodes = slurm.nodes if slurm else int(os.environ.get("NNODES", "1") or 1)
     ram, cores = host_ram_bytes(), os.cpu_count() or 1
     if not torch.cuda.is_available():
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        return Hardware(name="detected", gpu=None, devices_per_node=ranks, nodes=nodes, cpu_ram_bytes=ram,
+        per_node, nodes = launcher_topology(1, slurm)
+        return Hardware(name="detected", gpu=None, devices_per_node=per_node, nodes=nodes, cpu_ram_bytes=ram,
                         cpu_cores=cores, slurm=slurm)
     count = torch.cuda.device_count()
     if local_only:
@@ -191,11 +190,24 @@ def detect(local_only: bool = False) -> Hardware:
     # a rank queries its own GPU (its context exists anyway); the launcher asks nvidia-smi, since
     # cudaMemGetInfo would leave a context on every GPU while --probe's trial runs need the memory
     free = tuple(torch.cuda.mem_get_info(i)[0] for i in indices) if local_only else nvidia_smi_free_bytes()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) if local_only else count
-    return Hardware(name="detected", gpu=gpu, devices_per_node=per_node or count, nodes=nodes, cpu_ram_bytes=ram,
+    per_node, nodes = launcher_topology(count, slurm)
+    return Hardware(name="detected", gpu=gpu, devices_per_node=per_node, nodes=nodes, cpu_ram_bytes=ram,
                     cpu_cores=cores, free_bytes=free, peer_access=peer,
                     kernels=kernel_support(capability, torch.cuda.get_arch_list(), torch.version.cuda, smallest.name),
                     slurm=slurm, notes=tuple(notes))
+
+
+def launcher_topology(devices: int, slurm: Slurm | None, env: dict | None = None) -> tuple[int, int]:
+    """(ranks per node, nodes). Inside a launched rank, what the launcher exported: WORLD_SIZE and
+    LOCAL_WORLD_SIZE (torchrun, accelerate) or LOCAL_SIZE (deepspeed); before launching, one rank
+    per local device on each node of the Slurm allocation."""
+    env = os.environ if env is None else env
+    nodes = slurm.nodes if slurm else int(env.get("NNODES", "1") or 1)
+    world = int(env.get("WORLD_SIZE", "0") or 0)
+    if not world:
+        return devices, nodes
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 0) or max(world // nodes, 1)
+    return per_node, max(world // per_node, 1)
 
 
 def _known_spec(device_name: str) -> GPUSpec | None:

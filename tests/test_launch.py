@@ -106,3 +106,20 @@ def test_launch_probe_runs_real_trial_steps_on_two_cpu_ranks(corpus, tokenizer_d
     assert "probe: micro batch 4: ran -> micro batch 4 x accumulation 1" in proc.stdout
     assert not (out / "probe").exists() and (out / "final" / "model.safetensors").is_file()
     assert json.loads((out / "plan.json").read_text())["micro_batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_auto_batch_under_the_deepspeed_launcher(corpus, tokenizer_dir, tmp_path):
+    """`deepspeed launch/pretrain.py --zero_stage 2 --per_device_train_batch_size auto`: each rank
+    plans in-process, the ranks agree, and the DS config the run fills carries the planned batch."""
+    from conftest import free_port
+
+    out = tmp_path / "ds_auto"
+    args = pretrain_args(corpus, tokenizer_dir, out, per_device_train_batch_size="auto", gradient_accumulation_steps="auto",
+                         global_batch_size="8", zero_stage="2", max_steps="2")
+    run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", *args])
+    plan = json.loads((out / "plan.json").read_text())
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert plan["strategy"]["zero_stage"] == 2 and plan["world_size"] == 2 and plan["fits"]
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
+        (plan["micro_batch_size"], plan["gradient_accumulation_steps"], 8)

@@ -190,3 +190,11 @@ def test_a_busy_gpu_is_named_in_the_notes(qwen05b):
     hw = dataclasses.replace(hardware.profile("2x4090"), free_bytes=(24 * 2**30, 10 * 2**30))
     notes = plan(Request("sft", qwen05b, 1024, hw, lora_rank=8)).notes
     assert any(n.startswith("GPU 1 has 10.0 GiB free") for n in notes) and not any(n.startswith("GPU 0") for n in notes)
+
+
+def test_launcher_topology_inside_a_rank():
+    assert hardware.launcher_topology(8, None, {}) == (8, 1)  # the launcher process: one rank per GPU
+    assert hardware.launcher_topology(1, None, {"WORLD_SIZE": "2", "LOCAL_SIZE": "2"}) == (2, 1)  # deepspeed
+    assert hardware.launcher_topology(8, None, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == (8, 2)  # torchrun
+    slurm = hardware.Slurm("1", 4, 8, 64, "n[1-4]")
+    assert hardware.launcher_topology(8, slurm, {"WORLD_SIZE": "32"}) == (8, 4)
