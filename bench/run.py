@@ -627,8 +627,8 @@ def render_memory(cases: list[dict]) -> list[str]:
     measured = "peak RSS of the process" if device == "cpu" else "torch.cuda.max_memory_allocated"
     predicted = "the whole estimate" if device == "cpu" else "the estimate less the CUDA context"
     lines = [f"## (d) Memory model vs. measured peak, {device}, {cases[0]['precision']}", "",
-             f"| run | micro x tokens | estimate: params / grads / optimizer / activations / logits / overhead (GiB) | "
-             f"predicted (GiB) | measured (GiB) | predicted / measured |", "|---|---|---|---:|---:|---:|"]
+             "| run | micro x tokens | estimate: params / grads / optimizer / activations / logits / overhead (GiB) | "
+             "predicted (GiB) | measured (GiB) | predicted / measured |", "|---|---|---|---:|---:|---:|"]
     for c in cases:
         t = c["terms"]
         name = f"{c['stage']} {c['preset']}" + (" + checkpointing" if c["checkpointing"] else "") + (f" LoRA r{c['lora_r']}" if c["lora_r"] else "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -25,11 +24,10 @@ from pathlib import Path
 
 from launch import configs, hardware, memory
 from launch.memory import GiB
-from launch.planner import Plan, Request, accumulation_for, plan
+from launch.planner import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import PretrainConfig, SFTConfig, parse_config
 from trainers.errors import UsageError, exit_on_usage_error
 
-log = logging.getLogger("trainrig.plan")
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
 STAGE_CONFIGS = {"pretrain": PretrainConfig, "cpt": PretrainConfig, "sft": SFTConfig, "reward": SFTConfig}
 
@@ -196,7 +194,7 @@ def table(result: Plan) -> str:
               f"memory per rank (GiB): parameters {m.parameters / GiB:.2f} | gradients {m.gradients / GiB:.2f} | "
               f"optimizer states {m.optimizer_states / GiB:.2f} | activations {m.activations / GiB:.2f} | logits {m.logits / GiB:.2f} | "
               f"overhead {m.overhead / GiB:.2f} | total {m.total / GiB:.2f} of {req.hardware.device_memory_bytes / GiB:.2f} "
-              f"(budget {result.budget / GiB:.2f} after the {result.to_json()['safety_margin']:.0%} margin); "
+              f"(budget {result.budget / GiB:.2f} after the {SAFETY_MARGIN:.0%} margin); "
               f"host RAM per node {m.cpu / GiB:.0f} GiB"]
     if result.env:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in result.env.items()) + "  (GPUs without peer-to-peer access)")

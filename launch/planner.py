@@ -109,7 +109,7 @@ class Plan:
             "global_batch_size": self.global_batch, "global_batch_tokens": self.global_batch * self.request.seq_len,
             "world_size": s.world, "precision": s.precision, "attn_implementation": s.attn,
             "lora_parameters": s.lora_parameters,
-            "memory_gb": self.chosen.memory.gb(self.budget_device),
+            "memory_gb": self.chosen.memory.gb(hw.device_memory_bytes),
             "safety_margin": SAFETY_MARGIN,
             "fits": self.fits,
             "estimated_step_seconds": round(self.chosen.step_seconds, 4),
@@ -118,10 +118,6 @@ class Plan:
                             "estimated_step_seconds": round(c.step_seconds, 4)} for c in self.candidates],
             "notes": self.notes,
         }
-
-    @property
-    def budget_device(self) -> int:
-        return self.request.hardware.device_memory_bytes
 
 
 # ------------------------------------------------------------------------------ candidates
