@@ -107,12 +107,33 @@ def run_arguments(plan: Plan, ds_config_path: Path | None) -> list[str]:
             "--precision", s.precision]
 
 
+def without_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """`argv` less the given flags and their values (--x v, --x=v, --no-x, and the --bf16-style
+    aliases of --precision), so the command states each pinned flag once."""
+    names = {f.removeprefix("--").removeprefix("no-") for f in flags}
+    if "precision" in names:
+        names |= {"bf16", "fp16", "fp32"}
+    out, skip_value = [], False
+    for arg in argv:
+        if skip_value and not arg.startswith("--"):
+            skip_value = False
+            continue
+        skip_value = False
+        name = arg.removeprefix("--").split("=", 1)[0].removeprefix("no-") if arg.startswith("--") else None
+        if name in names:
+            skip_value = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
 def launch_command(plan: Plan, stage: str, user_args: list[str], ds_config_path: Path | None, rdzv_seed: str) -> list[str]:
     """The command for one node: python (one rank), torchrun (several ranks on this node), or,
     for several nodes, the torchrun line every node runs with its own $NODE_RANK and the head
     node's address in $MASTER_ADDR (slurm/*.sbatch fill both from the allocation)."""
     script = str(LAUNCH_DIR / ENTRY_SCRIPTS[stage])
-    args = [*user_args, *run_arguments(plan, ds_config_path)]
+    pinned = run_arguments(plan, ds_config_path)
+    args = [*without_flags(user_args, {a for a in pinned if a.startswith("--")}), *pinned]
     hw = plan.request.hardware
     if hw.world_size == 1:
         return [sys.executable, script, *args]

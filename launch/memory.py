@@ -123,6 +123,7 @@ class Setup:
     micro_batch: int = 1
     on_gpu: bool = True
     sharded_load: bool = False  # ZeRO-3 loading a checkpoint under zero.Init: no rank holds the whole model
+    vocab_head: bool = True  # False: a scalar head (reward model), no vocabulary-sized logits
 
 
     @property
@@ -164,7 +165,8 @@ def ddp_model_states(shape: ModelShape, s: Setup) -> ModelStates:
         trainable = shape.parameters
         params = 4 * trainable + copies * shape.matrix_parameters
         optimizer = 8 * trainable if s.optimizer == "adamw" else 4 * shape.matrix_parameters + 8 * (trainable - shape.matrix_parameters)
-    cpu = 4 * shape.parameters * max(s.world // s.nodes, 1)  # every rank loads the fp32 checkpoint before moving it
+    load_bytes = 2 if s.lora_parameters and s.half else 4  # a LoRA base loads in the training precision
+    cpu = load_bytes * shape.parameters * max(s.world // s.nodes, 1)  # every rank loads the checkpoint before moving it
     return ModelStates(parameters=params, gradients=4 * trainable, optimizer_states=optimizer, cpu=cpu)
 
 
@@ -200,7 +202,8 @@ def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
         if stage == 3:  # fp32 master + moments (+ 16-bit weights with "all") of the whole model, per node
             if s.offload == "all":
                 params = largest
-            cpu = max(loading, psi * (18 if s.offload == "all" else 16) / nodes) * DS_BUFFER_FACTOR
+            offloaded = psi * (18 if s.offload == "all" else 16) + (w * frozen if s.offload == "all" else 0)  # + a frozen LoRA base
+            cpu = max(loading, offloaded / nodes) * DS_BUFFER_FACTOR
         else:  # DeepSpeed's ZeRO-2 estimate counts a copy per rank of the whole job
             cpu = max(4 * n * shape.parameters, 16 * psi) * DS_BUFFER_FACTOR
     return ModelStates(parameters=int(params), gradients=int(grads), optimizer_states=int(optim), cpu=int(cpu))
@@ -269,8 +272,9 @@ def activation_bytes(shape: ModelShape, s: Setup) -> int:
 
 
 def logits_bytes(shape: ModelShape, s: Setup) -> int:
-    """Peak of the loss at the start of the backward: 3 fp32 (tokens x vocab) tensors."""
-    return 12 * shape.vocab * s.micro_batch * s.seq_len
+    """Peak of the loss at the start of the backward: 3 fp32 (tokens x vocab) tensors (none for a
+    reward model's scalar head)."""
+    return 12 * shape.vocab * s.micro_batch * s.seq_len if s.vocab_head else 0
 
 
 def overhead_bytes(shape: ModelShape, s: Setup) -> int:

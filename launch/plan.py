@@ -56,8 +56,13 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
     m = cfg.model
     seq_len, flag = (cfg.data.block_size, "--block_size") if hasattr(cfg.data, "block_size") else (cfg.data.max_seq_length, "--max_seq_length")
     preset = getattr(m, "model_preset", "")
-    if not preset and m.model_name_or_path.lower() in memory.shipped_shape_names() and not Path(m.model_name_or_path).exists():
-        return memory.load_shape(m.model_name_or_path)
+    name = m.model_name_or_path
+    if not preset and not Path(name).expanduser().exists():
+        if name.lower() in memory.shipped_shape_names():
+            return memory.load_shape(name)
+        if name.startswith(("/", "./", "../", "~")) or "/" not in name:  # a local path, or no hub id (org/name)
+            raise UsageError(f"--model_name_or_path {name}: no such directory and not a shipped shape "
+                             f"({', '.join(memory.shipped_shape_names())}); pass a model directory or one of those")
     if hasattr(m, "model_preset") and bool(preset) == bool(m.model_name_or_path):  # the trainer's own rule, checked first
         raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
     if not preset and not m.model_name_or_path:
@@ -70,7 +75,7 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
             vocab = QWEN_VOCAB
             notes.append(f"--model_preset {preset} planned with a {QWEN_VOCAB:,}-token vocabulary; pass --tokenizer_name_or_path for yours")
         config.vocab_size = vocab
-    return memory.shape_from_config(config, preset or Path(m.model_name_or_path).name)
+    return memory.shape_from_config(config, preset or m.model_name_or_path)
 
 
 def _deepspeed_constraint(dist) -> tuple[str, str, str]:
@@ -164,6 +169,9 @@ def plan_in_process(cfg, stage: str) -> None:
 
 def _parse(argv: list[str], stage: str | None, prog: str):
     argv = list(argv)
+    if stage is None and ("-h" in argv or "--help" in argv) and "--stage" not in argv:
+        print(__doc__.strip() + f"\n\nStage flags: {prog} --stage <stage> --help")
+        sys.exit(0)
     if stage is None:
         if "--stage" not in argv or argv.index("--stage") + 1 >= len(argv):
             raise UsageError(f"{prog}: --stage {{pretrain,cpt,sft,reward}} is required")
@@ -179,7 +187,8 @@ def table(result: Plan) -> str:
     """The plan as a person reads it: every candidate, then the chosen one term by term."""
     req, s = result.request, result.setup
     lora = f", LoRA r{req.lora_rank} ({s.lora_parameters / 1e6:.1f}M trainable)" if req.lora_rank else ""
-    lines = [f"plan: {req.stage} {req.shape.name} ({req.shape.parameters / 1e9:.2f}B parameters), {req.seq_len} tokens{lora}, "
+    size = f"{req.shape.parameters / 1e9:.2f}B" if req.shape.parameters >= 1e9 else f"{req.shape.parameters / 1e6:.1f}M"
+    lines = [f"plan: {req.stage} {req.shape.name} ({size} parameters), {req.seq_len} tokens{lora}, "
              f"{s.precision}, on {req.hardware.describe()}",
              "", f"  {'strategy':<32}{'micro':>6}{'GiB/rank':>10}  {'est. s/step':>11}  fits"]
     for c in result.candidates:
@@ -188,9 +197,10 @@ def table(result: Plan) -> str:
         mark = "<- chosen" if c is result.chosen and c.fits else ("yes" if c.fits else f"no: {c.why_not}")
         lines.append(f"  {c.setup.name:<32}{micro:>6}{c.memory.total / GiB:>10.1f}  {step:>11}  {mark}")
     m = result.chosen.memory
+    unit, per = ("pairs", 2) if req.stage == "reward" else ("sequences", 1)
     lines += ["", f"chosen: {s.name}, micro batch {s.micro_batch} x accumulation {result.chosen.accumulation} x world {s.world} "
-                  f"= global {result.global_batch} sequences ({result.global_batch * req.seq_len:,} tokens)" if result.fits else
-              "chosen: nothing fits",
+                  f"= global {result.global_batch} {unit} ({result.global_batch * req.seq_len * per:,} tokens)" if result.fits else
+              f"chosen: nothing fits; closest: {s.name} at micro batch {s.micro_batch} ({result.chosen.why_not})",
               f"memory per rank (GiB): parameters {m.parameters / GiB:.2f} | gradients {m.gradients / GiB:.2f} | "
               f"optimizer states {m.optimizer_states / GiB:.2f} | activations {m.activations / GiB:.2f} | logits {m.logits / GiB:.2f} | "
               f"overhead {m.overhead / GiB:.2f} | total {m.total / GiB:.2f} of {req.hardware.device_memory_bytes / GiB:.2f} "
@@ -218,22 +228,32 @@ def main_plan(argv: list[str] | None = None) -> int:
     stage, rest, cfg = _parse(sys.argv[1:] if argv is None else argv, None, "trainrig plan")
     result = make_plan(cfg, stage, local_only=False, plan_everything=True)
     print(table(result))
-    if not result.fits:
-        return 1
-    _, line = write_plan_files(cfg, result, stage, rest)
     out = Path(cfg.run.output_dir)
-    script = configs.ENTRY_SCRIPTS[stage]
+    if not result.fits:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        raise UsageError(_no_fit_message(result, "trainrig plan"))
+    _, line = write_plan_files(cfg, result, stage, rest)
+    script = configs.LAUNCH_DIR / configs.ENTRY_SCRIPTS[stage]
     print(f"\nwrote {out / 'plan.json'}" + (f", {out / 'ds_config.json'}" if result.setup.deepspeed else "") + f", {out / 'accelerate.yaml'}")
+    if not script.is_file():
+        print(f"launch: {script.name} is not part of this version; the plan above is what it will need")
+        return 0
     print(f"launch: {line}")
-    print(f"    or: accelerate launch --config_file {out / 'accelerate.yaml'} launch/{script} "
-          + " ".join(configs.run_arguments(result, out / "ds_config.json" if result.setup.deepspeed else None)) + " [your flags]")
+    if result.request.hardware.gpu is not None:  # accelerate's CPU multi-process mode is not torchrun's
+        per_node = " --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR" if result.request.hardware.nodes > 1 else ""
+        print(f"    or: accelerate launch --config_file {out.resolve() / 'accelerate.yaml'}{per_node} {script} [your flags] "
+              + " ".join(configs.run_arguments(result, out.resolve() / "ds_config.json" if result.setup.deepspeed else None)))
+    if Path(cfg.model.model_name_or_path).name.lower() in memory.shipped_shape_names() and not Path(cfg.model.model_name_or_path).exists():
+        print(f"note: {cfg.model.model_name_or_path} is a shipped shape for planning; give the run your model directory")
     return 0
 
 
 # ------------------------------------------------------------------------------- the probe
 
 PROBE_STEPS = 2
-OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
+               "DefaultCPUAllocator: can't allocate memory", "MemoryError", "Signal 9 (SIGKILL)")  # CPU, the OOM killer
 
 
 def with_micro_batch(result: Plan, micro: int, accumulation: int) -> Plan:
@@ -279,9 +299,24 @@ def trial_runner(result: Plan, stage: str, user_args: list[str], out: Path, max_
         print(f"probe: micro batch {micro} ...", flush=True)
         proc = subprocess.run(command, env={**os.environ, **result.env}, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
-        return proc.returncode == 0, any(marker in output for marker in OOM_MARKERS), output
+        killed = proc.returncode in (-9, 137)  # the kernel's OOM killer took a single process
+        return proc.returncode == 0, killed or any(marker in output for marker in OOM_MARKERS), output
 
     return attempt
+
+
+def check_profile_is_here(planned: hardware.Hardware) -> None:
+    """trainrig launch runs on this machine: a profile for another one (4x4090 on a CPU box) would
+    plan batches that are wrong here."""
+    if planned.name == "detected":
+        return
+    here = hardware.detect()
+    mismatch = (planned.gpu is None) != (here.gpu is None)
+    if planned.gpu is not None and here.gpu is not None:  # fewer or smaller GPUs here than planned for
+        mismatch = here.devices_per_node < planned.devices_per_node or here.gpu.memory_bytes < 0.98 * planned.gpu.memory_bytes
+    if mismatch:
+        raise UsageError(f"--hardware {planned.name}: trainrig launch runs on this machine, which has {here.describe()}; "
+                         f"use --hardware auto here, or trainrig plan --hardware {planned.name} to plan for another machine")
 
 
 @exit_on_usage_error
@@ -296,6 +331,7 @@ def main_launch(argv: list[str] | None = None) -> int:
         raise UsageError(f"trainrig launch {stage}: launch/{configs.ENTRY_SCRIPTS[stage]} is not part of this version; "
                          f"plan it with trainrig plan --stage {stage}")
     result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    check_profile_is_here(result.request.hardware)
     print(table(result), flush=True)
     if not result.fits:
         raise UsageError(_no_fit_message(result, f"trainrig launch {stage}"))

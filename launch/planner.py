@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from launch import memory as mem
 from launch.hardware import HOST_LINK_GBPS, LINK_GBPS, Hardware
 from launch.memory import GiB, ModelShape, Setup
+from trainers.errors import UsageError
 
 SAFETY_MARGIN = 0.10  # of the device memory left unplanned
 MAX_MICRO_BATCH = 64  # a micro batch beyond this buys no speed and starves the accumulation
@@ -157,6 +158,16 @@ def strategies(req: Request) -> list[tuple[bool, int, str]]:
     return keep
 
 
+def conflicting_flags(req: Request) -> str:
+    said = [f"--{name} {value}" for name, value in (("deepspeed", req.deepspeed), ("zero_stage", req.zero_stage),
+                                                      ("offload", req.offload)) if value != "auto"]
+    if req.optimizer == "muon":
+        said.append("--optimizer muon (runs without ZeRO)")
+    if req.hardware.gpu is None and req.offload not in ("auto", "none"):
+        said.append("CPU ranks (nothing to offload to)")
+    return ", ".join(said) or "the request"
+
+
 def micro_batch_cap(req: Request) -> int:
     if req.micro_batch:
         return req.micro_batch
@@ -174,15 +185,15 @@ def largest_micro_batch(shape: ModelShape, base: Setup, budget: int, cap: int) -
     return min(cap, 1 + int((budget - one) // per_sample)) if per_sample > 0 else cap
 
 
-def accumulation_for(global_batch: int, micro: int, world: int, fixed: int | None) -> tuple[int, int]:
+def accumulation_for(global_batch: int, micro: int, world: int, fixed: int | None, micro_fixed: bool = False) -> tuple[int, int]:
     """(micro, accumulation): fixed accumulation as given; a target global batch hit exactly with
     the largest micro batch <= `micro` that divides it, unless that costs more than half the
-    micro batch, in which case the nearest global batch above the target."""
+    micro batch (or the user set the micro batch), in which case the nearest global batch above."""
     if fixed:
         return micro, fixed
     if not global_batch:
         return micro, 1
-    for m in range(micro, max(micro // 2, 1) - 1, -1):
+    for m in range(micro, (micro if micro_fixed else max(micro // 2, 1)) - 1, -1):
         if global_batch % (m * world) == 0:
             return m, global_batch // (m * world)
     return micro, -(-global_batch // (micro * world))
@@ -233,7 +244,8 @@ def evaluate_candidate(req: Request, base: Setup, budget: int) -> Candidate:
         why = f"needs {memory.cpu / GiB:.0f} GiB host RAM per node, have {ram / GiB:.0f} GiB"
     if why:
         return Candidate(setup, memory, False, why)
-    micro, accumulation = accumulation_for(req.global_batch, setup.micro_batch, setup.world, req.accumulation)
+    micro, accumulation = accumulation_for(req.global_batch, setup.micro_batch, setup.world, req.accumulation,
+                                           micro_fixed=req.micro_batch is not None)
     setup = dataclasses.replace(setup, micro_batch=micro)
     memory = mem.estimate(req.shape, setup)
     return Candidate(setup, memory, True, "", accumulation, step_seconds(req.shape, setup, accumulation, req.hardware))
@@ -254,8 +266,11 @@ def plan(req: Request, explain: bool = True) -> Plan:
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
                          lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn,
                          seq_len=req.seq_len * per_sample_sequences, on_gpu=hw.gpu is not None,
-                         sharded_load=req.stage != "pretrain")  # the trainers load checkpoints under zero.Init
+                         sharded_load=req.stage != "pretrain",  # the trainers load checkpoints under zero.Init
+                         vocab_head=req.stage != "reward")
             candidates.append(evaluate_candidate(req, base, budget))
+    if not candidates:
+        raise UsageError(f"no strategy satisfies these flags together: {conflicting_flags(req)}; drop one of them")
     fitting = [c for c in candidates if c.fits]
     if fitting:
         chosen = min(fitting, key=lambda c: c.step_seconds)  # min keeps the first of equals: least machinery
@@ -335,5 +350,5 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
                 tips.append(f"more GPUs: {per_node * nodes} x {hw.gpu.name} ({nodes} node(s)) fit with {p.setup.name}, "
                             f"micro batch {p.setup.micro_batch}")
                 break
-    return tips or ["nothing tried fits: a smaller model, or a GPU with more memory"]
+    return tips or ["a smaller model or a GPU with more memory (nothing else tried fits)"]
 

@@ -31,11 +31,11 @@ def test_plan_prints_the_table_and_writes_the_files(tmp_path):
 
 
 def test_plan_that_cannot_fit_says_what_would(tmp_path):
-    proc = _trainrig("launch", "sft", "--hardware", "3090", "--model_name_or_path", "qwen2.5-3b", "--max_seq_length", "2048",
+    proc = _trainrig("plan", "--stage", "sft", "--hardware", "3090", "--model_name_or_path", "qwen2.5-3b", "--max_seq_length", "2048",
                      "--output_dir", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2
     message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: trainrig launch sft: nothing fits") and "LoRA (--lora_r 16)" in message and "host RAM" in message
+    assert message.startswith("error: trainrig plan: nothing fits") and "LoRA (--lora_r 16)" in message and "host RAM" in message
 
 
 def test_launch_sft_on_cpu_sizes_the_batch_and_runs(chat_dir, sft_model_dir, tmp_path):
@@ -123,3 +123,22 @@ def test_auto_batch_under_the_deepspeed_launcher(corpus, tokenizer_dir, tmp_path
     assert plan["strategy"]["zero_stage"] == 2 and plan["world_size"] == 2 and plan["fits"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (plan["micro_batch_size"], plan["gradient_accumulation_steps"], 8)
+
+
+def test_cli_edges(tmp_path):
+    """--help works (argparse formats help with %), conflicting flags and profiles for another
+    machine are one-line errors, and a plan that does not fit exits 2 but still writes plan.json."""
+    for args in (("plan", "--help"), ("plan", "--stage", "sft", "--help"), ("launch", "pretrain", "--help")):
+        proc = _trainrig(*args)
+        assert "usage" in proc.stdout.lower() or "trainrig plan" in proc.stdout
+    conflict = _trainrig("plan", "--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", "qwen2.5-0.5b",
+                         "--optimizer", "muon", "--zero_stage", "2", "--output_dir", str(tmp_path / "c"), check=False)
+    assert conflict.returncode == 2 and "--zero_stage 2, --optimizer muon (runs without ZeRO)" in conflict.stderr
+    elsewhere = _trainrig("launch", "sft", "--hardware", "4x4090", "--model_name_or_path", "qwen2.5-0.5b",
+                          "--output_dir", str(tmp_path / "e"), check=False)
+    assert elsewhere.returncode == 2 and "trainrig launch runs on this machine" in elsewhere.stderr
+    typo = _trainrig("plan", "--stage", "sft", "--model_name_or_path", "qwen2.5-70b", "--output_dir", str(tmp_path / "t"), check=False)
+    assert typo.returncode == 2 and "not a shipped shape (qwen2.5-0.5b" in typo.stderr
+    no_fit = _trainrig("plan", "--stage", "sft", "--hardware", "3090", "--model_name_or_path", "qwen2.5-14b",
+                       "--output_dir", str(tmp_path / "n"), check=False)
+    assert no_fit.returncode == 2 and json.loads((tmp_path / "n" / "plan.json").read_text())["fits"] is False

@@ -123,7 +123,10 @@ def test_reward_pairs_count_two_sequences(qwen05b):
     hw = hardware.profile("4090")
     sft = plan(Request("sft", qwen05b, 1024, hw, deepspeed="none", gradient_checkpointing=False))
     reward = plan(Request("reward", qwen05b, 1024, hw, deepspeed="none", gradient_checkpointing=False))
-    assert reward.setup.micro_batch == pytest.approx(sft.setup.micro_batch / 2, abs=1)
+    # a pair's two sequences: the activations of micro m pairs are those of 2m sequences; a scalar head has no logits
+    pairs = dataclasses.replace(sft.setup, micro_batch=2 * reward.setup.micro_batch)
+    assert reward.chosen.memory.activations == memory.estimate(qwen05b, pairs).activations
+    assert reward.chosen.memory.logits == 0 < sft.chosen.memory.logits
 
 
 # --------------------------------------------------------------------------- config files
@@ -198,3 +201,10 @@ def test_launcher_topology_inside_a_rank():
     assert hardware.launcher_topology(8, None, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == (8, 2)  # torchrun
     slurm = hardware.Slurm("1", 4, 8, 64, "n[1-4]")
     assert hardware.launcher_topology(8, slurm, {"WORLD_SIZE": "32"}) == (8, 4)
+
+
+def test_the_command_states_each_pinned_flag_once():
+    argv = ["--config", "x.yaml", "--per_device_train_batch_size", "auto", "--gradient_checkpointing", "--bf16",
+            "--global_batch_size=64", "--train_files", "a.jsonl", "b.jsonl", "--lora_r", "16"]
+    kept = configs.without_flags(argv, {"--per_device_train_batch_size", "--global_batch_size", "--no-gradient_checkpointing", "--precision"})
+    assert kept == ["--config", "x.yaml", "--train_files", "a.jsonl", "b.jsonl", "--lora_r", "16"]

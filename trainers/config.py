@@ -319,7 +319,7 @@ def build_arg_parser(cfg_cls, prog: str) -> argparse.ArgumentParser:
         parser.add_argument(f"--{alias}", action="store_true", help=f"Same as --precision {alias}.")
     for name, leaf in _leaf_fields(cfg_cls).items():
         typ, is_list = _base_type(leaf.annotation)
-        help_text, choices = leaf.field.metadata["help"], leaf.field.metadata.get("choices")
+        help_text, choices = leaf.field.metadata["help"].replace("%", "%%"), leaf.field.metadata.get("choices")  # argparse formats help with %
         if typ is bool:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
         elif is_list:
