@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -424,18 +425,35 @@ class Runtime:
             return {n: p.detach().cpu().clone() for n, p in named} if self.is_main else None
 
     def end(self) -> None:
-        """Close trackers and the process group, and forget accelerate's process-wide state, so a
-        second run in the same process (the demo: pretrain, then SFT) starts clean."""
+        """Forget accelerate's process-wide state, so a second run in the same
+        process (the demo: pretrain, then SFT) starts clean. A multi-rank run instead keeps its
+        process group and model alive and its entry script leaves through `exit_process`: tearing
+        a gloo group down from Python can deadlock (torch joins the group's worker threads while
+        holding the GIL that a worker needs to release its last tensors; seen at the end of a
+        2-rank CPU run, the rank hung in ~ProcessGroupGloo)."""
         from accelerate.state import AcceleratorState, GradientState
 
+        if self.world_size > 1:  # (accelerate's end_training would destroy the group: the teardown to avoid)
+            self.barrier()  # every rank is done with every collective
+            _FINISHED_RUNS.append(self.accelerator)  # holds the wrapped model, its reducer and the group
+            return
         self.accelerator.end_training()
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+_FINISHED_RUNS: list = []  # accelerators of finished multi-rank runs, alive until exit_process()
+
+
+def exit_process(status: int = 0) -> None:
+    """Leave the process without running destructors once a multi-rank run has finished in it
+    (see Runtime.end); a no-op otherwise, so in-process callers (tests, the demo) carry on."""
+    if not _FINISHED_RUNS:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager
