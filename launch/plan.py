@@ -40,12 +40,10 @@ def _opted_in(cfg) -> bool:
 
 
 def _vocab_of_tokenizer(model_cfg) -> int:
-    if not (model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path):
-        return 0
-    from trainers.models import VOCAB_MULTIPLE, tokenizer_for
+    from trainers.models import padded_vocab_size, tokenizer_for
 
     tokenizer, _ = tokenizer_for(model_cfg)
-    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # as build_model pads it
+    return padded_vocab_size(tokenizer)  # as build_model pads it
 
 
 def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
@@ -78,20 +76,21 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
     return memory.shape_from_config(config, preset or m.model_name_or_path)
 
 
-def _deepspeed_constraint(dist) -> tuple[str, str, str]:
-    """(deepspeed, zero_stage, offload) for the request, as the runtime will read them."""
-    by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    path = dist.deepspeed if dist.deepspeed not in ("auto", "none") else os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "") if by_launcher else ""
-    if path:
-        from trainers.runtime import ds_offload, load_ds_json
+def _deepspeed_constraint(dist, plan_everything: bool) -> tuple[str, str, str]:
+    """(deepspeed, zero_stage, offload) for the request. The planner is free, within --zero_stage
+    and --offload, when it picks the strategy and no DS JSON is named; otherwise the run uses what
+    the runtime's own rule (trainers.runtime.deepspeed_json) gives, and the plan follows it."""
+    from trainers.runtime import DS_CONFIG_DIR, deepspeed_json, ds_offload, load_ds_json
 
-        ds = load_ds_json(Path(path))
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        stage = int(dist.zero_stage) if stage == "auto" and dist.zero_stage != "auto" else 2 if stage == "auto" else int(stage)
-        return f"{stage}:{ds_offload(ds)}", "auto", "auto"
-    if by_launcher and dist.zero_stage == "auto":
-        return "auto", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), dist.offload
-    return dist.deepspeed, dist.zero_stage, dist.offload
+    path, zero_stage, offload = deepspeed_json(dist)
+    if plan_everything and dist.deepspeed == "auto" and (path is None or path.parent == DS_CONFIG_DIR):
+        return "auto", zero_stage, offload
+    if path is None:
+        return "none", "auto", "auto"
+    ds = load_ds_json(path)
+    stage = ds.get("zero_optimization", {}).get("stage", 2)
+    stage = int(zero_stage) if stage == "auto" and zero_stage != "auto" else 2 if stage == "auto" else int(stage)
+    return f"{stage}:{ds_offload(ds)}", "auto", "auto"
 
 
 def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
@@ -109,12 +108,8 @@ def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, n
         accumulation = None if accumulation == "auto" else accumulation
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
-    deepspeed, zero_stage, offload = _deepspeed_constraint(cfg.dist)
+    deepspeed, zero_stage, offload = _deepspeed_constraint(cfg.dist, plan_everything)
     ckpt = cfg.model.gradient_checkpointing if ("gradient_checkpointing" in sources or not plan_everything) else None
-    if not plan_everything and deepspeed == "auto" and zero_stage == "auto" and offload in ("auto", "none"):
-        deepspeed = "none"  # the runtime runs DDP unless ZeRO is asked for
-    if not plan_everything and deepspeed == "auto" and zero_stage == "auto":
-        zero_stage = "3" if offload == "all" else "2"  # what runtime.template_for picks
     lora = getattr(cfg, "lora", None)
     seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
     return Request(stage=stage, shape=model_shape(cfg, notes), seq_len=seq_len, hardware=hw,

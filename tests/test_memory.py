@@ -175,3 +175,16 @@ def test_logits_peak_matches_peak_rss():
                            parameters=0, largest_module_parameters=0, matrix_parameters=0, max_positions=4096)
     predicted = mem.logits_bytes(shape, Setup(seq_len=tokens, micro_batch=1))
     assert abs(peak - predicted) / predicted < 0.05, (peak, predicted)
+
+
+def test_lora_parameter_count_equals_peft():
+    """ModelShape.lora_parameters (the planner, no model built) against PEFT's own count."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
+                         num_hidden_layers=3, vocab_size=1000, max_position_embeddings=256)
+    shape = mem.shape_from_config(config, "t")
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules="all-linear"))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == shape.lora_parameters(8) and total - trainable == shape.parameters

@@ -145,7 +145,7 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
     from transformers import AutoModelForCausalLM
 
     if getattr(model_cfg, "model_preset", ""):
-        config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        config.vocab_size = padded_vocab_size(tokenizer)
         config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
         torch.manual_seed(seed)  # identical init on every rank and every rerun
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
@@ -167,6 +167,11 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training never reuses a KV cache; with checkpointing it must be off
     return model
+
+
+def padded_vocab_size(tokenizer) -> int:
+    """Embedding rows of a from-scratch model: the tokenizer's size rounded up to VOCAB_MULTIPLE."""
+    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def _check_block_size(block_size: int, config, what: str, flag: str) -> None:

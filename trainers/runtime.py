@@ -72,6 +72,34 @@ def template_for(zero_stage: str, offload: str) -> Path:
     return DS_CONFIG_DIR / f"zero{stage}.json"
 
 
+def deepspeed_json(dist_cfg) -> tuple[Path | None, str, str]:
+    """(the DS JSON this run uses, or None for DDP / one process; --zero_stage; --offload), the
+    flags completed from `accelerate launch --use_deepspeed [--zero_stage N | --deepspeed_config_file
+    F]`, which counts as asking for DeepSpeed. The planner (launch/plan.py) reads the same answer."""
+    by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    zero_stage, offload = dist_cfg.zero_stage, dist_cfg.offload
+    if dist_cfg.deepspeed == "none":
+        if by_launcher:
+            raise UsageError("`accelerate launch --use_deepspeed` contradicts --deepspeed none; drop one of them")
+        if zero_stage not in ("auto", "0") or offload not in ("auto", "none"):
+            raise UsageError("--deepspeed none contradicts --zero_stage/--offload; drop one of them")
+        return None, zero_stage, offload
+    if dist_cfg.deepspeed != "auto":
+        return Path(dist_cfg.deepspeed), zero_stage, offload
+    if by_launcher and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        return Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]), zero_stage, offload
+    if by_launcher:
+        if zero_stage == "auto":
+            zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "auto")
+        if offload == "auto":
+            on_cpu = ("cpu", "nvme")
+            offload = ("all" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") in on_cpu else
+                       "optimizer" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") in on_cpu else "none")
+    elif zero_stage == "auto" and offload in ("auto", "none"):
+        return None, zero_stage, offload  # nothing asks for ZeRO: DDP
+    return template_for(zero_stage, offload), zero_stage, offload
+
+
 def load_ds_json(path: Path, flag: str = "--deepspeed") -> dict:
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file; pass a DeepSpeed JSON (see ds_configs/) or --deepspeed auto|none")
@@ -213,31 +241,10 @@ class Runtime:
 
     @staticmethod
     def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world) -> dict | None:
-        """The filled DS config, or None for DDP/single. `accelerate launch --use_deepspeed
-        [--zero_stage N | --deepspeed_config_file F]` counts as asking for DeepSpeed."""
-        by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        zero_stage, offload = dist_cfg.zero_stage, dist_cfg.offload
-        if dist_cfg.deepspeed == "none":
-            if by_launcher:
-                raise UsageError("`accelerate launch --use_deepspeed` contradicts --deepspeed none; drop one of them")
-            if zero_stage not in ("auto", "0") or offload not in ("auto", "none"):
-                raise UsageError("--deepspeed none contradicts --zero_stage/--offload; drop one of them")
+        """The filled DS config, or None for DDP/single."""
+        path, zero_stage, offload = deepspeed_json(dist_cfg)
+        if path is None:
             return None
-        if dist_cfg.deepspeed != "auto":
-            path = Path(dist_cfg.deepspeed)
-        elif by_launcher and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            path = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
-        else:
-            if by_launcher:
-                if zero_stage == "auto":
-                    zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "auto")
-                if offload == "auto":
-                    on_cpu = ("cpu", "nvme")
-                    offload = ("all" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") in on_cpu else
-                               "optimizer" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") in on_cpu else "none")
-            elif zero_stage == "auto" and offload in ("auto", "none"):
-                return None  # nothing asks for ZeRO: DDP (the planner refines this choice)
-            path = template_for(zero_stage, offload)
         settings = DeepSpeedSettings(
             micro_batch=batch_cfg.per_device_train_batch_size, accumulation=batch_cfg.gradient_accumulation_steps,
             world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=resolve_precision(dist_cfg.precision),
