@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None):
         return 0
     if command == "pretrain":
         from launch.pretrain import main as pretrain_main
+        from trainers.stopping import run_as_process
 
-        pretrain_main(rest)
-        return 0
+        return run_as_process(pretrain_main, rest)
     if command == "sft":
         from launch.sft import main as sft_main
+        from trainers.stopping import run_as_process
 
-        sft_main(rest)
-        return 0
+        return run_as_process(sft_main, rest)
     if command == "inspect":
         from launch.inspect_data import main as inspect_main
 

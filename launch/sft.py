@@ -26,7 +26,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    from trainers.runtime import exit_process
+    from trainers.stopping import run_as_process
 
-    exit_process()  # a multi-rank run ends here, past the process group's teardown (Runtime.end)
+    sys.exit(run_as_process(main, sys.argv[1:]))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from trainers import checkpoint as ckpt
+from trainers import stopping
 from trainers.data.collate import model_inputs, num_tokens, trained_tokens
 from trainers.errors import UsageError
 
@@ -158,6 +159,26 @@ def save_and_prune(runtime, model, optimizer, state: dict, out: Path, run_cfg, e
     if runtime.is_main:
         best = out / state["best_checkpoint"] if run_cfg.save_best and state["best_checkpoint"] else None
         ckpt.prune_checkpoints(out, run_cfg.save_total_limit, best)
+
+
+def save_on_stop(runtime, model, optimizer, state: dict, out: Path, run_cfg, reason: str, saved: bool) -> None:
+    """All ranks agreed to stop (trainers/stopping.py): one complete checkpoint of this step,
+    unless --save_steps has just written it."""
+    if runtime.is_main:
+        log.warning("%s: saving checkpoint-%d, then exiting with status %d; the same command (--resume auto) continues from it",
+                    reason, state["step"], stopping.STOPPED_EXIT_STATUS)
+    if not saved:
+        save_and_prune(runtime, model, optimizer, state, out, run_cfg, None)
+
+
+def report_outcome(runtime, out: Path, state: dict, resumed_step: int, stopped: str | None) -> None:
+    """How the run ended, for whoever launched it ($TRAINRIG_STATUS_FILE; slurm/common.sh requeues
+    a stopped run that made progress)."""
+    if runtime.is_main:
+        stopping.write_status(os.environ.get(stopping.STATUS_FILE_ENV), {
+            "status": "stopped" if stopped else "completed", "reason": stopped, "step": state["step"],
+            "resumed_from_step": resumed_step, "output_dir": str(out),
+            "checkpoint": str(out / f"checkpoint-{state['step']}") if stopped else None})
 
 
 def check_plan_agrees(runtime, cfg) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Subset
 
 from trainers import checkpoint as ckpt
-from trainers import loop
+from trainers import loop, stopping
 from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
@@ -105,11 +105,13 @@ def train(cfg: PretrainConfig) -> dict:
     state.update(micro_batch=micro, accumulation=accumulation)
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state["step"])
     batches = loop.batch_stream(loader, sampler, state, micro)
+    resumed_step = state["step"]
 
     # -------------------------------------------------------------------------- loop
     model.train()
     report = StepLog(runtime, tracker, total_steps, state["step"], cfg.run.logging_steps, "pretrain",
                      {"tokens": state["tokens_seen"]})
+    stopped = None  # why all ranks stopped early (a signal), else None
     while state["step"] < total_steps:
         report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
@@ -130,18 +132,23 @@ def train(cfg: PretrainConfig) -> dict:
             tracker.log({"step": step, **evaluated})
             log.info("step %d eval_loss %.4f eval_ppl %.2f", step, evaluated["eval_loss"], evaluated["eval_ppl"])
 
-        if cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0:
+        saved = cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0
+        if saved:
             loop.save_and_prune(runtime, model, optimizer, state, out, cfg.run, evaluated)
+        stopped = stopping.agreed_stop(runtime) if step < total_steps else None  # the last step ends the run anyway
+        if stopped:
+            loop.save_on_stop(runtime, model, optimizer, state, out, cfg.run, stopped, saved)
+            break
     report.close()
 
     # -------------------------------------------------------------------------- save
-    if cfg.run.save_final:
+    if cfg.run.save_final and not stopped:
         loop.save_final(runtime, model, tokenizer, out)
 
     # -------------------------------------------------------------------------- eval
     summary = {"step": state["step"], "loss": report.last.get("loss"), "tokens_seen": state["tokens_seen"],
-               "parameters": n_params, "strategy": runtime.strategy, "world_size": runtime.world_size}
-    if eval_blocks is not None:
+               "parameters": n_params, "strategy": runtime.strategy, "world_size": runtime.world_size, "stopped": stopped}
+    if eval_blocks is not None and not stopped:
         final_eval = evaluate(runtime, model, eval_blocks)
         tracker.log({"step": state["step"], **final_eval})
         log.info("final eval_loss %.4f eval_ppl %.2f over %d tokens", final_eval["eval_loss"], final_eval["eval_ppl"], final_eval["eval_tokens"])
@@ -150,5 +157,6 @@ def train(cfg: PretrainConfig) -> dict:
     if runtime.is_main:
         plot_loss(out / METRICS_FILE, out / "loss.png", title=f"pretrain {m.model_preset or m.model_name_or_path}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    loop.report_outcome(runtime, out, state, resumed_step, stopped)
     runtime.end()
     return summary

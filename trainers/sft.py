@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from trainers import checkpoint as ckpt
-from trainers import loop
+from trainers import loop, stopping
 from trainers.config import SFTConfig, save_resolved_config
 from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
@@ -158,11 +158,13 @@ def train(cfg: SFTConfig) -> dict:
     state.update(layout)
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state["step"])
     batches = loop.batch_stream(loader, sampler, state, micro)
+    resumed_step = state["step"]
 
     # -------------------------------------------------------------------------- loop
     model.train()
     report = StepLog(runtime, tracker, total_steps, state["step"], cfg.run.logging_steps, "sft",
                      {"tokens": state["input_tokens_seen"], "trained_tokens": state["tokens_seen"]})
+    stopped = None  # why all ranks stopped early (a signal), else None
     while state["step"] < total_steps:
         report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
@@ -184,12 +186,17 @@ def train(cfg: SFTConfig) -> dict:
             tracker.log({"step": step, **evaluated})
             log.info("step %d eval_loss %.4f eval_ppl %.2f", step, evaluated["eval_loss"], evaluated["eval_ppl"])
 
-        if cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0:
+        saved = cfg.run.save_steps > 0 and step % cfg.run.save_steps == 0
+        if saved:
             loop.save_and_prune(runtime, model, optimizer, state, out, cfg.run, evaluated)
+        stopped = stopping.agreed_stop(runtime) if step < total_steps else None  # the last step ends the run anyway
+        if stopped:
+            loop.save_on_stop(runtime, model, optimizer, state, out, cfg.run, stopped, saved)
+            break
     report.close()
 
     # -------------------------------------------------------------------------- save
-    if cfg.run.save_final:
+    if cfg.run.save_final and not stopped:
         final = loop.save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
         if lora.merge_lora:
             if runtime.is_main:
@@ -200,9 +207,9 @@ def train(cfg: SFTConfig) -> dict:
     # -------------------------------------------------------------------------- eval
     summary = {"step": state["step"], "loss": report.last.get("loss"), "trained_tokens": state["tokens_seen"],
                "tokens": state["input_tokens_seen"], "parameters": n_params, "trainable_parameters": n_trainable,
-               "strategy": runtime.strategy, "world_size": runtime.world_size, "rows": len(train_rows),
+               "strategy": runtime.strategy, "world_size": runtime.world_size, "stopped": stopped, "rows": len(train_rows),
                "batch_fill": round(fill, 4), "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}}
-    if eval_rows is not None:
+    if eval_rows is not None and not stopped:
         final_eval = evaluate(runtime, model, eval_rows)
         tracker.log({"step": state["step"], **final_eval})
         log.info("final eval_loss %.4f eval_ppl %.2f over %d trained tokens", final_eval["eval_loss"], final_eval["eval_ppl"],
@@ -212,5 +219,6 @@ def train(cfg: SFTConfig) -> dict:
     if runtime.is_main:
         plot_loss(out / METRICS_FILE, out / "loss.png", title=f"sft {m.model_name_or_path}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    loop.report_outcome(runtime, out, state, resumed_step, stopped)
     runtime.end()
     return summary
