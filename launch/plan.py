@@ -156,6 +156,8 @@ def plan_in_process(cfg, stage: str) -> None:
             cfg.model.gradient_checkpointing = s.gradient_checkpointing
         if cfg.dist.deepspeed == "auto" and cfg.dist.zero_stage == "auto" and s.deepspeed:
             cfg.dist.zero_stage, cfg.dist.offload = str(s.zero_stage), s.offload
+    for key, value in result.env.items():  # NCCL_P2P_DISABLE=1 where GPUs lack peer access; set before NCCL starts
+        os.environ.setdefault(key, value)
     cfg._plan = result.to_json()
 
 
