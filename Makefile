@@ -33,11 +33,11 @@ demo: $(VENV)/.base
 	$(VENV)/bin/trainrig demo --output_dir outputs/demo
 
 test: $(VENV)/.dev
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -rs
 
 # everything but the multi-process runs, for a quick loop while editing
 test-fast: $(VENV)/.dev
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -rs -m "not slow"
 
 bench: $(VENV)/.dev
 	$(PY) bench/run.py --output bench/RESULTS.md

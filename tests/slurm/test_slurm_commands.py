@@ -1,0 +1,115 @@
+"""launch/slurm.py without a cluster: the per-node torchrun line of a 2-node x 8-GPU allocation
+(one machine cannot host two real nodes), the head-node rule, and what an attempt's outcome
+decides (exit status, requeue or not)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from launch.configs import rendezvous_port
+from launch.slurm import head_node, job_from_env, node_command, outcome
+from trainers.errors import UsageError
+from trainers.stopping import STOPPED_EXIT_STATUS
+
+
+def two_nodes(node_id: int, **extra) -> dict:
+    """What Slurm exports to the task on node `node_id` of `sbatch --nodes=2 --gpus-per-node=h100:8`."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "trainrig-sft", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(node_id), "SLURM_JOB_NODELIST": "gpu-a[07-08]", "SLURM_GPUS_PER_NODE": "h100:8", **extra}
+
+
+def fake_scontrol(hosts: str, returncode: int = 0, stderr: str = ""):
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, returncode, stdout=hosts, stderr=stderr)
+
+    run.calls = calls
+    return run
+
+
+def test_two_node_command_lines_meet_at_the_head_node():
+    scontrol = fake_scontrol("gpu-a07\ngpu-a08\n")
+    lines = []
+    for node_id in (0, 1):
+        job = job_from_env(two_nodes(node_id))
+        head = head_node(job.nodelist, run=scontrol)
+        lines.append(node_command(job, head, "launch/sft.py", ["--config", "x.yaml"], python="python"))
+    assert scontrol.calls[0] == ["scontrol", "show", "hostnames", "gpu-a[07-08]"]
+    port = rendezvous_port("4242")
+    for node_id, line in enumerate(lines):
+        flags = dict(zip(line[3:-3:2], line[4:-3:2]))
+        assert line[:3] == ["python", "-m", "torch.distributed.run"] and line[-3:] == ["launch/sft.py", "--config", "x.yaml"]
+        assert flags == {"--nnodes": "2", "--node_rank": str(node_id), "--nproc_per_node": "8", "--rdzv_backend": "c10d",
+                         "--rdzv_endpoint": f"gpu-a07:{port}", "--rdzv_id": "4242", "--max_restarts": "0"}
+    assert 20000 <= port < 30000 and rendezvous_port("4243") != port  # per job: two jobs on one head node do not collide
+
+
+def test_ranks_per_node_come_from_the_allocation():
+    assert job_from_env(two_nodes(0, SLURM_GPUS_PER_NODE="4")).ranks_per_node == 4
+    assert job_from_env(two_nodes(0, SLURM_GPUS_ON_NODE="8", SLURM_GPUS_PER_NODE="h100:8")).world_size == 16
+    cpu = job_from_env(two_nodes(0, SLURM_GPUS_PER_NODE="0", TRAINRIG_NPROC_PER_NODE="2"))
+    assert (cpu.ranks_per_node, cpu.gpus_per_node, cpu.world_size) == (2, 0, 4)
+    assert job_from_env(two_nodes(0, SLURM_GPUS_PER_NODE="0")).ranks_per_node == 1
+    assert job_from_env(two_nodes(0, SLURM_RESTART_COUNT="2")).attempt == 2
+    with pytest.raises(UsageError, match="TRAINRIG_NPROC_PER_NODE='two'"):
+        job_from_env(two_nodes(0, TRAINRIG_NPROC_PER_NODE="two"))
+    with pytest.raises(UsageError, match="not inside a Slurm job"):
+        job_from_env({})
+
+
+def test_an_unresolvable_head_node_stops_the_job_instead_of_using_localhost():
+    def missing(command, **kwargs):
+        raise FileNotFoundError(command[0])
+
+    with pytest.raises(UsageError, match="scontrol is not on PATH.*not falling back to localhost"):
+        head_node("gpu-a[07-08]", run=missing)
+    with pytest.raises(UsageError, match="exit 1: invalid hostlist.*not falling back to localhost"):
+        head_node("gpu-a[07-", run=fake_scontrol("", returncode=1, stderr="invalid hostlist"))
+    with pytest.raises(UsageError, match="SLURM_JOB_NODELIST is empty"):
+        head_node("", run=fake_scontrol("x"))
+
+
+# ------------------------------------------------------------------------------- outcome
+
+
+def status_file(tmp_path, **status) -> str:
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps({"reason": "a stop signal reached 2 of 2 rank(s)", "output_dir": "out",
+                                "checkpoint": "out/checkpoint-30", **status}))
+    return str(path)
+
+
+def test_a_warned_run_that_saved_and_progressed_requeues(tmp_path, capsys):
+    scontrol = fake_scontrol("")
+    path = status_file(tmp_path, status="stopped", step=30, resumed_from_step=10)
+    assert outcome(path, 1, "USR2", "4242", run=scontrol) == STOPPED_EXIT_STATUS
+    assert scontrol.calls == [["scontrol", "requeue", "4242"]]
+    assert "requeueing job 4242" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("signal_name, step, why", [("TERM", 30, "sent SIGTERM"), ("", 30, "not warned by Slurm"),
+                                                    ("USR2", 10, "made no progress past step 10")])
+def test_stops_that_must_not_requeue(tmp_path, capsys, signal_name, step, why):
+    scontrol = fake_scontrol("")
+    path = status_file(tmp_path, status="stopped", step=step, resumed_from_step=10)
+    assert outcome(path, 1, signal_name, "4242", run=scontrol) == STOPPED_EXIT_STATUS
+    assert scontrol.calls == [] and why in capsys.readouterr().out
+
+
+def test_completed_failed_and_a_missing_scontrol(tmp_path, capsys):
+    assert outcome(status_file(tmp_path, status="completed", step=60, resumed_from_step=30), 0, "USR2", "1") == 0
+    assert outcome(str(tmp_path / "never-written.json"), 1, "", "1") == 1  # a crash: srun's status, no requeue
+    assert "training failed (srun exit 1)" in capsys.readouterr().out
+
+    def missing(command, **kwargs):
+        raise FileNotFoundError(command[0])
+
+    stopped = status_file(tmp_path, status="stopped", step=30, resumed_from_step=0)
+    assert outcome(stopped, 1, "USR2", "4242", run=missing) == STOPPED_EXIT_STATUS  # non-zero, and no hang
+    assert "error: scontrol requeue 4242 failed (scontrol is not on PATH); submit the same command again" in capsys.readouterr().out
+
