@@ -167,6 +167,43 @@ class SFTConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
+@dataclass
+class EvalRunConfig:
+    output_dir: str = opt("outputs/eval", "Directory for report.json and predictions.jsonl.")
+    precision: str = opt("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+    ddp_timeout: int = opt(1800, "Seconds a collective may wait under a launcher with several ranks.", minimum=1)
+
+
+@dataclass
+class EvalModelConfig:
+    model_name_or_path: str = opt("", "The model to evaluate: a local HF directory (e.g. <output_dir>/final or final/merged), or a hub id when online.")
+    adapter_path: str = opt("", "A LoRA adapter directory (an SFT run's final/ with --lora_r) applied on --model_name_or_path.")
+    tokenizer_name_or_path: str = opt("", "Tokenizer directory (default: the adapter's when it has one, else the model's).")
+    attn_implementation: str = opt("auto", "auto: flash_attention_2 when flash-attn imports and the GPU supports it, else sdpa.", ("auto", "flash_attention_2", "sdpa", "eager"))
+    trust_remote_code: bool = opt(False, "Allow a model/tokenizer directory's own Python code (auto_map) to run. Off by default.")
+
+
+@dataclass
+class EvalDataConfig:
+    eval_files: list[str] = opt(None, "Evaluation sets, each scored on its own: questions (chat records, whose last assistant turn is the reference, or QA records question/answer(s), prompt/response) by EM/F1; text (.txt, or records with --text_field) by perplexity.", factory=list)
+    chat_format: str = opt("auto", "Record layout of the question files; auto decides per record (qa: question/answer or prompt/response fields).", ("auto", "messages", "sharegpt", "alpaca", "qa"))
+    max_new_tokens: int = opt(64, "Longest generated answer in tokens; generation stops earlier at <|im_end|> or EOS.", minimum=1)
+    batch_size: int = opt(16, "Prompts per generation batch (left-padded), or blocks per perplexity batch, per rank.", minimum=1)
+    max_samples: int = opt(0, "Evaluate only the first N questions of each file (0: all).", minimum=0)
+    text_field: str = opt("text", "Field holding the document text in jsonl/parquet text files.")
+    block_size: int = opt(1024, "Tokens per perplexity block (documents joined with EOS and cut into blocks).", minimum=2)
+    data_cache_dir: str = opt("", "Directory for the tokenized-block caches of text files (default: $TRAINRIG_CACHE/blocks).")
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `launch/evaluate.py` takes."""
+
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+
+
 # ------------------------------------------------------------------------------ flat view
 
 

@@ -182,3 +182,37 @@ def _check_block_size(block_size: int, config, what: str, flag: str) -> None:
 
 def count_parameters(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: full size under ZeRO-3
+
+
+def load_for_inference(model_cfg, device: torch.device, dtype: torch.dtype, precision: str):
+    """(model in eval mode on `device`, tokenizer) for generation and scoring: --model_name_or_path,
+    with the LoRA adapter at --adapter_path applied when given. The tokenizer comes from
+    --tokenizer_name_or_path, else the adapter directory (an SFT run saves it there), else the model's."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_cfg.model_name_or_path
+    if not path:
+        raise UsageError("--model_name_or_path is required: a model directory (e.g. <output_dir>/final)")
+    _check_model_dir(path, model_cfg.trust_remote_code, "--model_name_or_path")
+    adapter = Path(model_cfg.adapter_path) if model_cfg.adapter_path else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter_path {adapter}: no adapter_config.json; pass the final/ of an SFT run with --lora_r > 0")
+    if model_cfg.tokenizer_name_or_path:
+        tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path, model_cfg.trust_remote_code, "--tokenizer_name_or_path")
+    elif adapter is not None and (adapter / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(str(adapter), model_cfg.trust_remote_code, "--adapter_path")
+    else:
+        tokenizer = load_tokenizer(path, model_cfg.trust_remote_code, "--model_name_or_path")
+    attn, why = resolve_attn_implementation(model_cfg.attn_implementation, device, precision)
+    log.info("attention: %s (%s)", attn, why)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}; use the model's own tokenizer")
+    model.config.use_cache = True
+    return model.to(device).eval(), tokenizer

@@ -184,7 +184,56 @@ def resolve_precision(requested: str) -> str:
     return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs and changes results
 
 
-class Runtime:
+class Collectives:
+    """What the ranks do together. A subclass provides device, world_size, is_main and barrier()."""
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum of `values` over all ranks (float64, so token counts stay exact)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def main_first(self, fn):
+        """Run `fn` on rank 0, then on the others (which reuse what rank 0 wrote, e.g. the data
+        cache). A UsageError on rank 0 reaches every rank, so none waits forever at a barrier."""
+        error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except UsageError as err:
+                error = str(err)
+        self.barrier()
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise UsageError(error)
+        if not self.is_main:
+            result = fn()
+        return result
+
+    def gather_objects(self, items: list) -> list:
+        """Every rank's `items`, concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        boxes = [None] * self.world_size
+        dist.all_gather_object(boxes, list(items))
+        return [item for box in boxes for item in box]
+
+
+class Runtime(Collectives):
     """What the loops need from the distributed engine."""
 
     def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool):
@@ -275,45 +324,8 @@ class Runtime:
             return f"deepspeed-zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
         return "ddp" if self.world_size > 1 else "single"
 
-    # ---------------------------------------------------------------------- collectives
-
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum of `values` over all ranks (float64, so token counts stay exact)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def broadcast_object(self, obj):
-        if self.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def main_first(self, fn):
-        """Run `fn` on rank 0, then on the others (which reuse what rank 0 wrote, e.g. the data
-        cache). A UsageError on rank 0 reaches every rank, so none waits forever at a barrier."""
-        error = None
-        if self.is_main:
-            try:
-                result = fn()
-            except UsageError as err:
-                error = str(err)
-        self.barrier()
-        error = self.broadcast_object(error)
-        if error is not None:
-            raise UsageError(error)
-        if not self.is_main:
-            result = fn()
-        return result
 
     # -------------------------------------------------------------------------- training
 
@@ -449,7 +461,57 @@ class Runtime:
         GradientState._reset_state()
 
 
-_FINISHED_RUNS: list = []  # accelerators of finished multi-rank runs, alive until exit_process()
+class InferenceRuntime(Collectives):
+    """For evaluation and generation: one device per rank and the collectives, no optimizer and
+    no engine. Under a launcher (WORLD_SIZE > 1) the ranks join one process group (gloo on CPU)
+    and split the work."""
+
+    def __init__(self, precision: str, timeout_s: int = 1800):
+        import accelerate
+
+        expected_world, rank, _ = launcher_world()
+        self.precision = resolve_precision(precision)
+        cpu_group = {"cpu": True, "backend": "gloo"} if not torch.cuda.is_available() and expected_world > 1 else {}
+        self.state = accelerate.PartialState(timeout=timedelta(seconds=timeout_s), **cpu_group)
+        if self.state.num_processes != expected_world:
+            raise WorldSizeMismatch(f"the launcher set WORLD_SIZE={expected_world} but rank {rank} sees "
+                                    f"{self.state.num_processes} process(es); check MASTER_ADDR/MASTER_PORT")
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def world_size(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def end(self) -> None:
+        """As Runtime.end: a multi-rank group stays alive until exit_process; one process resets."""
+        from accelerate.state import PartialState
+
+        if self.world_size > 1:
+            self.barrier()
+            _FINISHED_RUNS.append(self.state)
+            return
+        PartialState._reset_state()
+
+
+_FINISHED_RUNS: list = []  # accelerators/states of finished multi-rank runs, alive until exit_process()
 
 
 def exit_process(status: int = 0) -> None:
