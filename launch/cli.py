@@ -13,6 +13,10 @@
                                                        plan for this machine, then run the launch command
                                                        (--probe: first confirm the micro batch with 2 real steps)
     trainrig doctor [--output_dir D] [--json]          torch/CUDA build vs GPU, flash-attn, DeepSpeed ops, NCCL P2P, RAM, disk
+    trainrig evaluate --model_name_or_path M [--adapter_path A] --eval_files F ...
+                                                       = python launch/evaluate.py: EM/F1 of greedy answers, perplexity on text
+    trainrig generate --model_name_or_path M [--adapter_path A] [--prompt P]
+                                                       answer one prompt, or chat on the terminal, streaming the tokens
 """
 
 from __future__ import annotations
@@ -68,11 +72,21 @@ def main(argv: list[str] | None = None):
         from launch.plan import main_launch
 
         return main_launch(rest)
+    if command == "evaluate":
+        from launch.evaluate import main as evaluate_main
+
+        evaluate_main(rest)
+        return 0
+    if command == "generate":
+        from launch.generate import main as generate_main
+
+        generate_main(rest)
+        return 0
     if command == "doctor":
         from launch.doctor import main as doctor_main
 
         return doctor_main(rest)
-    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect, plan, launch, doctor (see trainrig --help)", file=sys.stderr)
+    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect, plan, launch, doctor, evaluate, generate (see trainrig --help)", file=sys.stderr)
     sys.exit(2)
 
 

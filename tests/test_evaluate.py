@@ -128,3 +128,22 @@ def test_usage_errors_exit_2(sft_model_dir, tmp_path, capsys):
         evaluate_main(["--model_name_or_path", str(sft_model_dir), "--adapter_path", str(tmp_path), "--eval_files", str(questions),
                        "--output_dir", str(tmp_path / "o")])
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_generate_streams_the_greedy_answer_evaluate_scores(random_model_dir, tmp_path):
+    import io
+
+    from launch.generate import main as generate_main
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": "Where does Thiar Salelve live?", "answer": "x"}])
+    evaluate_main(evaluate_args(random_model_dir, [questions], tmp_path / "eval"))
+    (expected,) = [p["prediction"] for p in read_predictions(tmp_path / "eval")]
+    printed = io.StringIO()
+    (answer,) = generate_main(["--model_name_or_path", str(random_model_dir), "--prompt", "Where does Thiar Salelve live?",
+                               "--max_new_tokens", "12"], stdout=printed)
+    assert answer == expected and printed.getvalue().strip() == expected
+
+    printed = io.StringIO()  # interactive: two turns, the second with the first in its history
+    answers = generate_main(["--model_name_or_path", str(random_model_dir), "--max_new_tokens", "6"],
+                            stdin=io.StringIO("Where does Thiar Salelve live?\nAnd why?\n\n"), stdout=printed)
+    assert len(answers) == 2 and printed.getvalue().count("you> ") == 3 and printed.getvalue().count("model> ") == 2

@@ -204,6 +204,25 @@ class EvaluateConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
+@dataclass
+class GenerateArgs:
+    prompt: str = opt("", "The user message to answer; without it, an interactive chat on the terminal (an empty line or Ctrl-D ends it).")
+    system_prompt: str = opt("", "A system message before the conversation (default: none, or the one the chat template adds).")
+    max_new_tokens: int = opt(256, "Longest answer in tokens; generation stops earlier at <|im_end|> or EOS.", minimum=1)
+    temperature: float = opt(0.0, "0: greedy (the answer evaluation scores); above 0: sampling at this temperature.", minimum=0)
+    top_p: float = opt(1.0, "Nucleus sampling: sample from the smallest token set with this much probability (with --temperature > 0).", minimum=0)
+    seed: int = opt(0, "Seed for sampling.")
+    precision: str = opt("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `trainrig generate` takes."""
+
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+
+
 # ------------------------------------------------------------------------------ flat view
 
 
