@@ -25,11 +25,11 @@ from pathlib import Path
 from launch import configs, hardware, memory
 from launch.memory import GiB
 from launch.planner import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
-from trainers.config import PretrainConfig, SFTConfig, parse_config
+from trainers.config import PretrainConfig, RewardConfig, SFTConfig, parse_config
 from trainers.errors import UsageError, exit_on_usage_error
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
-STAGE_CONFIGS = {"pretrain": PretrainConfig, "cpt": PretrainConfig, "sft": SFTConfig, "reward": SFTConfig}
+STAGE_CONFIGS = {"pretrain": PretrainConfig, "cpt": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
 
 
 # ------------------------------------------------------------------------- config -> request

@@ -168,6 +168,28 @@ class SFTConfig:
 
 
 @dataclass
+class RewardDataConfig:
+    train_files: list[str] = opt(None, "Preference pairs: records with prompt (or question, or a messages list), chosen and rejected; .jsonl/.json, .parquet or a `datasets` directory.", factory=list)
+    validation_files: list[str] = opt(None, "Validation pairs in the same forms (default: --validation_split_ratio of the training pairs).", factory=list)
+    validation_split_ratio: float = opt(0.05, "Without --validation_files, hold out this fraction of the training pairs for pair accuracy.", minimum=0)
+    max_seq_length: int = opt(2048, "Longest conversation in tokens; a pair whose longer side exceeds it is dropped and counted.", minimum=8)
+
+
+@dataclass
+class RewardConfig:
+    """Everything `launch/reward.py` takes. Defaults: learning rate 1e-5 for full training (1e-4
+    with LoRA unless --learning_rate is given), 3% warmup, no weight decay."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, warmup_ratio=0.03, weight_decay=0.0))
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class EvalRunConfig:
     output_dir: str = opt("outputs/eval", "Directory for report.json and predictions.jsonl.")
     precision: str = opt("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))

@@ -97,23 +97,35 @@ def batch_stream(loader, sampler, state: dict, micro: int):
         state["samples_in_epoch"] = 0
 
 
-def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: float) -> tuple[float, float | None, int, int]:
+def lm_loss(model, batch: dict, device, denominator: torch.Tensor) -> torch.Tensor:
+    """Causal LM: this micro batch's summed token loss over the global trained-token count."""
+    return model(**model_inputs(batch, device), num_items_in_batch=denominator).loss
+
+
+def lm_counts(batch: dict) -> tuple[int, int]:
+    """(trained tokens, input tokens, padding excluded) of a micro batch."""
+    return trained_tokens(batch["labels"]), num_tokens(batch)
+
+
+def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: float,
+               loss_sum=lm_loss, counts=lm_counts) -> tuple[float, float | None, int, int]:
     """One optimizer step over `window` (this rank's micro batches). Returns the global mean loss
-    per trained token, the pre-clip gradient norm (None where the engine keeps it), and the global
-    numbers of trained tokens and of input tokens (padding excluded)."""
-    global_tokens, input_tokens = runtime.all_reduce_sum([sum(trained_tokens(b["labels"]) for b in window),
-                                                          sum(num_tokens(b) for b in window)])
-    if global_tokens == 0:  # the data preparation drops every sample without a trained token
+    per trained unit, the pre-clip gradient norm (None where the engine keeps it), and the global
+    numbers of trained units and of input tokens. A unit is a trained token for the language
+    model (lm_loss); the reward model passes its pairwise loss and counts pairs."""
+    per_batch = [counts(b) for b in window]
+    global_units, input_tokens = runtime.all_reduce_sum([sum(c[0] for c in per_batch), sum(c[1] for c in per_batch)])
+    if global_units == 0:  # the data preparation drops every sample without a trained token
         raise RuntimeError("a global batch without a single trained token reached the loss")
     scale = len(window) * runtime.world_size  # undo the engines' mean over micro steps and ranks
-    loss_denominator = torch.tensor(global_tokens, device=runtime.device)
+    loss_denominator = torch.tensor(global_units, device=runtime.device)
     step_loss = torch.zeros((), device=runtime.device)
     grad_norm = None
     for batch in window:
         with runtime.accumulate(model):
             # only the loss is kept: holding the 16-bit logits through the backward costs 2 x vocab bytes per token
-            loss = model(**model_inputs(batch, runtime.device), num_items_in_batch=loss_denominator).loss
-            runtime.backward(loss * scale)  # loss = this micro batch's token-loss sum / global tokens
+            loss = loss_sum(model, batch, runtime.device, loss_denominator)
+            runtime.backward(loss * scale)  # loss = this micro batch's summed loss / global units
             step_loss += loss.detach().float()
             if runtime.sync_gradients:
                 grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
@@ -122,7 +134,7 @@ def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: flo
     if grad_norm is None:
         grad_norm = runtime.grad_norm_after_step()
     (loss,) = runtime.all_reduce_sum([step_loss.item()])
-    return loss, grad_norm, int(global_tokens), int(input_tokens)
+    return loss, grad_norm, int(global_units), int(input_tokens)
 
 
 @torch.no_grad()

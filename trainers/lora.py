@@ -14,16 +14,17 @@ from trainers.errors import UsageError
 log = logging.getLogger("trainrig.lora")
 
 
-def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None = None):
+def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None = None, task_type: str = "CAUSAL_LM"):
     """The model with LoRA adapters on --lora_target_modules (all-linear: every linear layer of
     attention and MLP, never the output head); only the adapters train, plus the embedding rows
-    of `trainable_token_ids` (tied to the head where the model ties them)."""
+    of `trainable_token_ids` (tied to the head where the model ties them). task_type SEQ_CLS (the
+    reward model) also trains its new score head in full (PEFT's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.lora_target_modules
     config = LoraConfig(r=lora_cfg.lora_r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                         target_modules="all-linear" if targets == ["all-linear"] else targets,
-                        trainable_token_indices=trainable_token_ids or None, bias="none", task_type="CAUSAL_LM")
+                        trainable_token_indices=trainable_token_ids or None, bias="none", task_type=task_type)
     torch.manual_seed(seed)  # lora_A's init: the same on every rank and rerun
     try:
         model = get_peft_model(model, config)

@@ -1,0 +1,126 @@
+"""The reward model: pair records in every form, the pairwise loss against a hand computation,
+accumulation that changes nothing, and training on a toy set to full pair accuracy (full and LoRA),
+with final/ loading as a sequence classifier."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import read_losses
+from launch.reward import main as reward_main
+from trainers.data.pairs import collate_pairs, encode_pairs, pair_messages
+from trainers.errors import UsageError
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_pair_forms(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    plain = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    chosen, rejected = pair_messages(plain, "x:1")
+    assert chosen == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}] and rejected[-1]["content"] == "5"
+    assert pair_messages({"question": "2+2?", "chosen": "4", "rejected": "5", "system": "Be exact."}, "x:2")[0][0] == \
+        {"role": "system", "content": "Be exact."}
+    context = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+    assert pair_messages({"messages": context, "chosen": "4", "rejected": "5"}, "x:3")[0] == context + [{"role": "assistant", "content": "4"}]
+    trl = {"prompt": context, "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    assert pair_messages(trl, "x:4")[1][-1] == {"role": "assistant", "content": "5"}
+    with pytest.raises(UsageError, match=r"x:5: a preference pair needs 'chosen' and 'rejected'"):
+        pair_messages({"prompt": "q", "chosen": "a"}, "x:5")
+    with pytest.raises(UsageError, match=r"x:6: 'rejected' must be a non-empty string"):
+        pair_messages({"prompt": "q", "chosen": "a", "rejected": 3}, "x:6")
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [plain, {"prompt": "q", "chosen": "same", "rejected": "same"},
+                                                  {"prompt": "q", "chosen": "word " * 200, "rejected": "no"}])
+    pairs, stats = encode_pairs([str(data)], "--train_files", tokenizer, max_seq_length=64)
+    assert (stats.read, stats.kept, stats.identical, stats.too_long) == (3, 1, 1, 1)
+    assert tokenizer.decode(pairs[0][0]) == tokenizer.apply_chat_template(pair_messages(plain, "")[0], tokenize=False)
+
+
+def test_collate_puts_chosen_first():
+    batch = collate_pairs([{"chosen": [1, 2, 3], "rejected": [4], "index": 0}, {"chosen": [5], "rejected": [6, 7], "index": 1}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
+    assert batch["attention_mask"].sum().item() == 7 and batch["pairs"] == 2
+
+
+def toy_pairs(path, n: int, seed: int):
+    """Answers marked by their words: the chosen one says it is right, the rejected one wrong."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        records.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}, certainly right.",
+                        "rejected": f"{a} plus {b} is {a + b + rng.randint(1, 9)}, surely wrong."})
+    return write_jsonl(path, records)
+
+
+def reward_args(model_dir, data, out, **extra):
+    flags = {"model_name_or_path": str(model_dir), "train_files": str(data), "output_dir": str(out), "max_seq_length": 64,
+             "per_device_train_batch_size": 8, "max_steps": 30, "logging_steps": 1, "learning_rate": 1e-3, "seed": 3,
+             "validation_split_ratio": 0.1, "resume": "never", "lr_scheduler_type": "constant", "warmup_ratio": 0, **extra}
+    return [part for k, v in flags.items() for part in (f"--{k}", str(v))]
+
+
+def test_pairwise_loss_is_the_hand_computed_one(sft_model_dir, tokenizer_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainers.reward import pairwise_loss, rewards
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pairs, _ = encode_pairs([str(toy_pairs(tmp_path / "p.jsonl", 4, seed=1))], "--train_files", tokenizer, 64)
+    batch = collate_pairs([{"chosen": c, "rejected": r, "index": i} for i, (c, r) in enumerate(pairs)], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(sft_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        r = rewards(model, batch, "cpu")
+        loss = pairwise_loss(model, batch, "cpu", torch.tensor(8.0))
+        by_hand = []
+        for i, (c, rej) in enumerate(pairs):  # each conversation alone, unpadded: its last token's score
+            rc = model(input_ids=torch.tensor([c])).logits.item()
+            rr = model(input_ids=torch.tensor([rej])).logits.item()
+            by_hand.append(-torch.nn.functional.logsigmoid(torch.tensor(rc - rr)).item())
+            assert r[i].item() == pytest.approx(rc, abs=1e-5) and r[4 + i].item() == pytest.approx(rr, abs=1e-5)
+    assert loss.item() == pytest.approx(sum(by_hand) / 8, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_toy_set_reaches_full_pair_accuracy_and_accumulation_changes_nothing(sft_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = toy_pairs(tmp_path / "pairs.jsonl", 400, seed=0)
+    summary = reward_main(reward_args(sft_model_dir, data, tmp_path / "full"))
+    assert summary["eval_pairs"] == 40 and summary["eval_accuracy"] >= 0.95, summary
+    losses = read_losses(tmp_path / "full")
+    assert losses[30] < 0.5 * losses[1], losses  # log 2 = 0.69 at the start
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "final")
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+
+    accumulated = reward_main(reward_args(sft_model_dir, data, tmp_path / "acc", per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, max_steps=5))
+    reference = read_losses(tmp_path / "full")  # a constant learning rate: the first 5 steps of 30 are comparable
+    got = read_losses(tmp_path / "acc")
+    assert max(abs(got[s] - reference[s]) for s in got) < 1e-5, (got, {s: reference[s] for s in got})
+    assert accumulated["step"] == 5
+
+
+@pytest.mark.slow
+def test_lora_reward_model_trains_the_head_and_loads(sft_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    data = toy_pairs(tmp_path / "pairs.jsonl", 400, seed=0)
+    summary = reward_main(reward_args(sft_model_dir, data, tmp_path / "lora", lora_r=8, learning_rate=3e-3))
+    assert summary["trainable_parameters"] < summary["parameters"] / 2 and summary["eval_accuracy"] >= 0.9, summary
+    base = AutoModelForSequenceClassification.from_pretrained(sft_model_dir, num_labels=1)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "lora" / "final")
+    assert any("score" in n for n, _ in loaded.named_parameters())
