@@ -17,6 +17,8 @@
                                                        = python launch/evaluate.py: EM/F1 of greedy answers, perplexity on text
     trainrig generate --model_name_or_path M [--adapter_path A] [--prompt P]
                                                        answer one prompt, or chat on the terminal, streaming the tokens
+    trainrig reward ...                                = python launch/reward.py ... (single process)
+    trainrig pipeline --config pipeline.yaml           per dataset: SFT from the same base, evaluate; one summary.json
 """
 
 from __future__ import annotations
@@ -82,11 +84,20 @@ def main(argv: list[str] | None = None):
 
         generate_main(rest)
         return 0
+    if command == "reward":
+        from launch.reward import main as reward_main
+        from trainers.stopping import run_as_process
+
+        return run_as_process(reward_main, rest)
+    if command == "pipeline":
+        from launch.pipeline import main as pipeline_main
+
+        return pipeline_main(rest)
     if command == "doctor":
         from launch.doctor import main as doctor_main
 
         return doctor_main(rest)
-    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect, plan, launch, doctor, evaluate, generate (see trainrig --help)", file=sys.stderr)
+    print(f"error: unknown command {command!r}; one of: demo, tokenizer, pretrain, sft, inspect, plan, launch, doctor, evaluate, generate, reward, pipeline (see trainrig --help)", file=sys.stderr)
     sys.exit(2)
 
 
