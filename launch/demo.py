@@ -1,5 +1,6 @@
 """The embedded end-to-end demo (`make demo` / `trainrig demo`): synthetic data made here,
-deterministic by seed, then tokenizer -> pretrain a tiny Qwen2 from scratch -> sample text.
+deterministic by seed, then tokenizer -> pretrain a tiny Qwen2 from scratch -> evaluate -> LoRA SFT
+-> evaluate -> reward model -> report (report.json, summary.md, loss.png).
 
 The corpus states facts about fictional people and places and small sums, e.g.
 "Velora Quennik lives in Dastrel. Velora Quennik works as a glassblower. 17 plus 25 is 42."
@@ -116,69 +117,122 @@ def make_chat(out_dir: Path, seed: int, n_train: int = 2000) -> dict:
     return {"train": n_train, "held_out": len(held_out) * len(QUESTIONS), "people_seen": len(seen)}
 
 
+def wrong_value(rng: random.Random, person: dict, attribute: str, towns: list[str]) -> dict:
+    """The person with one fact changed to another value of the same kind."""
+    choices = {"town": towns, "job": _JOBS, "colour": _COLOURS}[attribute]
+    return {**person, attribute: rng.choice([c for c in choices if c != person[attribute]])}
+
+
+def make_preference_pairs(out_dir: Path, seed: int, n_train: int = 1200) -> dict:
+    """Reward-model data: a question about a person, the true fact (chosen) against the same
+    sentence with a wrong value (rejected). Training pairs ask about the SFT data's people;
+    pairs_heldout.jsonl asks about the held-out people, whose facts only the corpus states."""
+    rng = random.Random(seed + 3)
+    people = make_world(seed)
+    split = int(len(people) * (1 - HELD_OUT_FRACTION))
+    towns = sorted({p["town"] for p in people})
+
+    def pair(person: dict) -> dict:
+        attribute = rng.choice(sorted(QUESTIONS))
+        return {"prompt": rng.choice(QUESTIONS[attribute]).format(name=person["name"]),
+                "chosen": answer_sentence(person, attribute),
+                "rejected": answer_sentence(wrong_value(rng, person, attribute, towns), attribute)}
+
+    with open(out_dir / "pairs.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(n_train):
+            fh.write(json.dumps(pair(rng.choice(people[:split]))) + "\n")
+    with open(out_dir / "pairs_heldout.jsonl", "w", encoding="utf-8") as fh:
+        for person in people[split:]:
+            for _ in range(3):
+                fh.write(json.dumps(pair(person)) + "\n")
+    return {"train_pairs": n_train, "heldout_pairs": 3 * (len(people) - split)}
+
+
 @dataclass
 class DemoArgs:
-    output_dir: str = opt("outputs/demo", "Where the demo writes its data, tokenizer, run and report.")
-    seed: int = opt(1234, "Seed for the synthetic data and the training run.")
-    max_steps: int = opt(300, "Pretraining steps (300 take about 2 minutes on 2 CPU cores).")
+    output_dir: str = opt("outputs/demo", "Where the demo writes its data, tokenizer, runs, evaluations and report.")
+    seed: int = opt(1234, "Seed for the synthetic data and the training runs.")
+    max_steps: int = opt(300, "Pretraining steps.")
     sft_steps: int = opt(150, "LoRA SFT steps on the embedded chat data.")
+    reward_steps: int = opt(100, "Reward-model steps on the embedded preference pairs (0: skip the reward model).")
     model_preset: str = opt("tiny", "Model shape from configs/models/.")
 
 
 @dataclass
 class DemoConfig:
-    """The embedded end-to-end demo: synthetic corpus and chat data -> tokenizer -> pretraining -> LoRA SFT -> answers."""
+    """The embedded end-to-end demo: synthetic data -> tokenizer -> pretraining -> evaluation ->
+    LoRA SFT -> evaluation -> reward model -> report."""
 
     demo: DemoArgs = field(default_factory=DemoArgs)
 
 
-def sample_text(model_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """Greedy continuations from the trained model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def plot_runs(runs: dict[str, Path], out_png: Path) -> None:
+    """One panel per run: its training loss (and eval loss) against step."""
+    import matplotlib
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    outputs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
-    return outputs
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainers.tracking import read_metrics
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), dpi=110, squeeze=False)
+    for ax, (name, metrics) in zip(axes[0], runs.items()):
+        records = read_metrics(metrics)
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1.2)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval", lw=1.2, ms=4)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
 
 
-def chat_answers(model_dir: Path, questions: list[str], max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers of a chat model, generation stopped at <|im_end|>."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answers = []
-    for question in questions:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=im_end,
-                                       pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+def summary_markdown(report: dict, out: Path) -> str:
+    t = report["timings_s"]
+    lines = [
+        "# trainrig demo", "",
+        f"A {report['pretrain']['parameters'] / 1e6:.2f}M-parameter Qwen2 model pretrained from scratch on a synthetic corpus of facts, "
+        f"then fine-tuned with LoRA on chat Q&A about {report['chat_data']['people_seen']} of the people. "
+        f"The held-out questions ask about the other {report['chat_data']['held_out'] // len(QUESTIONS)}: "
+        "their answers are in the pretraining corpus and never in the SFT data.", "",
+        "| held-out questions | EM | F1 |", "|---|---|---|",
+        f"| before SFT (base model, same chat prompt) | {report['em_before_sft']:.3f} | {report['f1_before_sft']:.3f} |",
+        f"| after SFT | {report['em_after_sft']:.3f} | {report['f1_after_sft']:.3f} |", "",
+        f"n = {report['n']} questions. " + (f"Reward model: pair accuracy {report['reward']['eval_accuracy']:.3f} on "
+                                            f"{report['reward']['eval_pairs']} held-out pairs (true fact vs. a wrong one)."
+                                            if report.get("reward") else ""), "",
+        "| stage | seconds |", "|---|---|", *(f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in t.items()), "",
+        "![losses](loss.png)", "", "Examples after SFT:", "",
+        *(f"- {p['question']} -> {p['prediction']} ({'right' if p['em'] else 'expected: ' + p['references'][0]})"
+          for p in report["examples"]),
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def run_demo(args: DemoArgs) -> dict:
+    from launch import evaluate as evaluate_entry
     from launch import pretrain as pretrain_entry
+    from launch import reward as reward_entry
     from launch import sft as sft_entry
     from tokenizer import train as tokenizer_entry
 
     out = Path(args.output_dir)
+    data, cache = out / "data", out / "cache"
     timings = {}
     start = time.perf_counter()
-    corpus = out / "data" / "corpus.jsonl"
+    corpus = data / "corpus.jsonl"
     make_corpus(corpus, args.seed)
-    chat = make_chat(out / "data", args.seed)
+    chat = make_chat(data, args.seed)
+    pairs = make_preference_pairs(data, args.seed)
     timings["data_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
@@ -194,54 +248,59 @@ def run_demo(args: DemoArgs) -> dict:
         "--model_preset", args.model_preset, "--block_size", "128", "--per_device_train_batch_size", "16",
         "--learning_rate", "3e-3", "--warmup_steps", "20", "--max_steps", str(args.max_steps),
         "--logging_steps", "20", "--eval_steps", "100", "--save_steps", "200", "--save_total_limit", "1",
-        "--seed", str(args.seed), "--output_dir", str(run_dir), "--resume", "never",
-        "--data_cache_dir", str(out / "cache"),
+        "--seed", str(args.seed), "--output_dir", str(run_dir), "--resume", "never", "--data_cache_dir", str(cache),
     ])
     timings["pretrain_s"] = time.perf_counter() - t
+
+    def evaluate(model_dir: Path, name: str) -> dict:
+        return evaluate_entry.main(["--model_name_or_path", str(model_dir), "--eval_files", str(data / "heldout.jsonl"),
+                                    "--max_new_tokens", "24", "--batch_size", "32", "--output_dir", str(out / name)])
+
+    t = time.perf_counter()
+    before = evaluate(run_dir / "final", "eval_before_sft")
+    timings["eval_before_sft_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     sft_dir = out / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
     sft_summary = sft_entry.main([
-        "--train_files", str(out / "data" / "sft.jsonl"), "--model_name_or_path", str(run_dir / "final"),
+        "--train_files", str(data / "sft.jsonl"), "--model_name_or_path", str(run_dir / "final"),
         "--lora_r", "16", "--lora_alpha", "32", "--merge_lora", "--max_seq_length", "128",
         "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--warmup_steps", "10",
         "--max_steps", str(args.sft_steps), "--logging_steps", "25", "--seed", str(args.seed),
-        "--output_dir", str(sft_dir), "--resume", "never", "--data_cache_dir", str(out / "cache"),
+        "--output_dir", str(sft_dir), "--resume", "never", "--data_cache_dir", str(cache),
     ])
     timings["sft_s"] = time.perf_counter() - t
 
-    people = make_world(args.seed)
-    prompts = [f"{people[0]['name']} lives in", f"{people[1]['name']} works as a", "12 plus 7 is"]
-    samples = sample_text(run_dir / "final", prompts)
-    expected = [people[0]["town"], people[1]["job"], "19"]
-    held_out = people[int(len(people) * (1 - HELD_OUT_FRACTION)):]
-    questions = [(f"Where does {people[2]['name']} live?", answer_sentence(people[2], "town")),
-                 ("What is 12 plus 7?", "12 plus 7 is 19."),
-                 (f"Where does {held_out[0]['name']} live?", answer_sentence(held_out[0], "town")),
-                 (f"What is the job of {held_out[1]['name']}?", answer_sentence(held_out[1], "job"))]
-    answers = chat_answers(sft_dir / "final" / "merged", [q for q, _ in questions])
+    t = time.perf_counter()
+    after = evaluate(sft_dir / "final" / "merged", "eval_after_sft")
+    timings["eval_after_sft_s"] = time.perf_counter() - t
+
+    runs = {"pretraining": run_dir / "metrics.jsonl", "LoRA SFT": sft_dir / "metrics.jsonl"}
+    reward_summary = None
+    if args.reward_steps > 0:
+        t = time.perf_counter()
+        reward_dir = out / "reward"
+        shutil.rmtree(reward_dir, ignore_errors=True)
+        reward_summary = reward_entry.main([
+            "--model_name_or_path", str(sft_dir / "final" / "merged"), "--train_files", str(data / "pairs.jsonl"),
+            "--validation_files", str(data / "pairs_heldout.jsonl"), "--max_seq_length", "128",
+            "--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--warmup_steps", "10",
+            "--max_steps", str(args.reward_steps), "--logging_steps", "10", "--seed", str(args.seed),
+            "--output_dir", str(reward_dir), "--resume", "never",
+        ])
+        timings["reward_s"] = time.perf_counter() - t
+        runs["reward model"] = reward_dir / "metrics.jsonl"
+    timings["total_s"] = time.perf_counter() - start
+
+    examples = [json.loads(line) for line in (out / "eval_after_sft" / "predictions.jsonl").read_text().splitlines()[:6]]
     report = {
-        "pretrain": summary, "sft": sft_summary, "chat_data": chat, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "samples": [{"prompt": p, "continuation": s, "expected_fact": e, "fact_recalled": e in s.split(".")[0]}
-                    for p, s, e in zip(prompts, samples, expected)],
-        "answers": [{"question": q, "answer": a, "expected": e, "correct": a == e, "held_out": i >= 2}
-                    for i, ((q, e), a) in enumerate(zip(questions, answers))],
+        "em_before_sft": before["em"], "f1_before_sft": before["f1"], "em_after_sft": after["em"], "f1_after_sft": after["f1"],
+        "n": after["n"], "reward": reward_summary, "pretrain": summary, "sft": sft_summary, "chat_data": chat,
+        "preference_pairs": pairs, "timings_s": {k: round(v, 1) for k, v in timings.items()}, "examples": examples,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print("\n=== trainrig demo ===")
-    print(f"pretrained {summary['parameters'] / 1e6:.2f}M parameters for {summary['step']} steps in "
-          f"{timings['pretrain_s']:.0f} s; final eval loss {summary.get('eval_loss', float('nan')):.3f} "
-          f"(perplexity {summary.get('eval_ppl', float('nan')):.2f})")
-    for sample in report["samples"]:
-        mark = "ok " if sample["fact_recalled"] else "-- "
-        print(f"{mark}{sample['prompt']!r} -> {sample['continuation']!r} (fact: {sample['expected_fact']})")
-    print(f"LoRA SFT: {sft_summary['trainable_parameters']:,} trained parameters, {sft_summary['step']} steps in "
-          f"{timings['sft_s']:.0f} s, {sft_summary['data']['kept']} conversations; loss {sft_summary['loss']:.3f}, "
-          f"eval loss {sft_summary.get('eval_loss', float('nan')):.3f}")
-    for item in report["answers"]:
-        mark = "ok " if item["correct"] else "-- "
-        print(f"{mark}{item['question']!r} -> {item['answer']!r} (expected {item['expected']}"
-              f"{', held out of the SFT data' if item['held_out'] else ''})")
-    print(f"report: {out / 'report.json'}, loss curves: {run_dir / 'loss.png'}, {sft_dir / 'loss.png'}")
+    plot_runs(runs, out / "loss.png")
+    print("\n" + summary_markdown(report, out))
+    print(f"report: {out / 'report.json'}, {out / 'summary.md'}, {out / 'loss.png'}")
     return report
