@@ -9,7 +9,7 @@
     trainrig plan --stage {pretrain,cpt,sft,reward} [--hardware H] [stage flags]
                                                        strategy, micro batch, accumulation and memory per GPU; writes
                                                        plan.json, ds_config.json, accelerate.yaml and the launch command
-    trainrig launch {pretrain,cpt,sft} [--probe] [--hardware H] [stage flags]
+    trainrig launch {pretrain,cpt,sft,reward} [--probe] [--hardware H] [stage flags]
                                                        plan for this machine, then run the launch command
                                                        (--probe: first confirm the micro batch with 2 real steps)
     trainrig doctor [--output_dir D] [--json]          torch/CUDA build vs GPU, flash-attn, DeepSpeed ops, NCCL P2P, RAM, disk

@@ -320,7 +320,7 @@ def check_profile_is_here(planned: hardware.Hardware) -> None:
 def main_launch(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft} [--probe] [flags]")
+        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft,reward} [--probe] [flags]")
     probe = "--probe" in argv
     argv = [a for a in argv if a != "--probe"]
     stage, rest, cfg = _parse(argv[1:], argv[0], "trainrig launch")
@@ -343,8 +343,9 @@ def main_launch(argv: list[str] | None = None) -> int:
         print(f"probe: {'; '.join(tried)} -> micro batch {micro} x accumulation {result.chosen.accumulation}", flush=True)
     command, line = write_plan_files(cfg, result, stage, rest)
     if result.request.hardware.nodes > 1:
-        raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: submit "
-                         f"slurm/{stage}.sbatch, or run on every node: {line}")
+        sbatch = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft"}.get(stage)
+        raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: "
+                         + (f"submit slurm/{sbatch}.sbatch, or " if sbatch else "") + f"run on every node: {line}")
     print(f"launch: {line}", flush=True)
     os.execve(command[0], command, {**os.environ, **result.env})
     return 0  # not reached
