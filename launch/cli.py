@@ -4,7 +4,7 @@
     trainrig tokenizer ...                             = python tokenizer/train.py ...
     trainrig pretrain ...                              = python launch/pretrain.py ... (single process)
     trainrig sft ...                                   = python launch/sft.py ... (single process)
-    trainrig inspect {pretrain,sft} [--num_samples N] [--output F.jsonl] [stage flags]
+    trainrig inspect {pretrain,sft,reward} [--num_samples N] [--output F.jsonl] [stage flags]
                                                        the training data with trained tokens marked, and its statistics
     trainrig plan --stage {pretrain,cpt,sft,reward} [--hardware H] [stage flags]
                                                        strategy, micro batch, accumulation and memory per GPU; writes

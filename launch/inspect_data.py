@@ -1,11 +1,13 @@
-"""`trainrig inspect {pretrain,sft} --config F [--num_samples N] [--output F.jsonl] [flags]`:
+"""`trainrig inspect {pretrain,sft,reward} --config F [--num_samples N] [--output F.jsonl] [flags]`:
 what the model will be trained on, before any GPU time is spent.
 
 Takes the same config and flags as the stage's entry script, prepares the data exactly as
 training does (same cache), prints a few samples with the trained tokens marked and the data
 statistics, and with --output writes `{"input_ids": [...], "labels": [...]}` per line (HF
 convention: labels unshifted, -100 where untrained): one line per sample, or with packing one per
-packed row (with its `position_ids`), i.e. what one row of a batch holds.
+packed row (with its `position_ids`), i.e. what one row of a batch holds. For the reward model a
+line is one pair: `{"chosen_input_ids": [...], "rejected_input_ids": [...]}`, the two conversations
+whose last tokens the score head reads.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ def marked_text(tokenizer, input_ids: np.ndarray, labels: np.ndarray, color: boo
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="trainrig inspect", add_help=False, allow_abbrev=False)
-    parser.add_argument("stage", choices=("pretrain", "sft"))
+    parser.add_argument("stage", choices=("pretrain", "sft", "reward"))
     parser.add_argument("--num_samples", type=int, default=3)
     parser.add_argument("--output", default="")
 
     def error(message):  # one line naming the problem, exit 2 (argparse would print its usage too)
-        raise UsageError(f"trainrig inspect: {message}; usage: trainrig inspect {{pretrain,sft}} --config F "
+        raise UsageError(f"trainrig inspect: {message}; usage: trainrig inspect {{pretrain,sft,reward}} --config F "
                          f"[--num_samples N] [--output F.jsonl] [stage flags]")
 
     parser.error = error
@@ -99,6 +101,33 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
     return {**meta, "rows": len(rows)}
 
 
+def inspect_reward(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
+    from trainers.config import RewardConfig, parse_config
+    from trainers.data.chat import ensure_chat_template
+    from trainers.data.pairs import encode_pairs
+    from trainers.models import tokenizer_for
+
+    cfg = parse_config(RewardConfig, rest, prog="trainrig inspect reward")
+    tokenizer, _ = tokenizer_for(cfg.model)
+    ensure_chat_template(tokenizer)
+    pairs, stats = encode_pairs(cfg.data.train_files, "--train_files", tokenizer, cfg.data.max_seq_length)
+    for i, (chosen, rejected) in enumerate(pairs[:num_samples]):
+        for name, ids in (("chosen", chosen), ("rejected", rejected)):
+            last = np.zeros(len(ids), dtype=np.int64) + IGNORE_INDEX
+            last[-1] = ids[-1]  # the token whose hidden state the score head reads
+            print(f"--- pair {i}, {name}: {len(ids)} tokens, scored at the marked last token")
+            print(marked_text(tokenizer, np.array(ids), last, color))
+    print("=== data")
+    print(f"{stats.read} pairs read, {stats.kept} kept; dropped: {stats.too_long} longer than --max_seq_length "
+          f"{cfg.data.max_seq_length}, {stats.identical} with identical answers")
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            for chosen, rejected in pairs:
+                fh.write(json.dumps({"chosen_input_ids": chosen, "rejected_input_ids": rejected}) + "\n")
+        print(f"wrote {len(pairs)} pairs to {output}")
+    return {"read": stats.read, "kept": stats.kept, "too_long": stats.too_long, "identical": stats.identical}
+
+
 def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
     from trainers.config import PretrainConfig, parse_config
     from trainers.data.packing import prepare_blocks
@@ -129,5 +158,5 @@ def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool
 def main(argv: list[str]) -> dict:
     args, rest = _parse(argv)
     color = sys.stdout.isatty()
-    run = inspect_sft if args.stage == "sft" else inspect_pretrain
+    run = {"sft": inspect_sft, "reward": inspect_reward, "pretrain": inspect_pretrain}[args.stage]
     return run(rest, args.num_samples, args.output, color)

@@ -124,3 +124,18 @@ def test_lora_reward_model_trains_the_head_and_loads(sft_model_dir, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(sft_model_dir, num_labels=1)
     loaded = PeftModel.from_pretrained(base, tmp_path / "lora" / "final")
     assert any("score" in n for n, _ in loaded.named_parameters())
+
+
+def test_inspect_reward_writes_the_pairs_training_reads(sft_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from launch.inspect_data import main as inspect_main
+
+    data = toy_pairs(tmp_path / "pairs.jsonl", 20, seed=2)
+    stats = inspect_main(["reward", "--model_name_or_path", str(sft_model_dir), "--train_files", str(data),
+                          "--max_seq_length", "64", "--num_samples", "1", "--output", str(tmp_path / "ids.jsonl")])
+    assert stats == {"read": 20, "kept": 20, "too_long": 0, "identical": 0}
+    lines = [json.loads(line) for line in (tmp_path / "ids.jsonl").read_text().splitlines()]
+    pairs, _ = encode_pairs([str(data)], "--train_files", AutoTokenizer.from_pretrained(sft_model_dir), 64)
+    assert [(line["chosen_input_ids"], line["rejected_input_ids"]) for line in lines] == [(list(c), list(r)) for c, r in pairs]
+    assert "pair 0, rejected" in capsys.readouterr().out
