@@ -2,9 +2,11 @@
 deterministic by seed, then tokenizer -> pretrain a tiny Qwen2 from scratch -> evaluate -> LoRA SFT
 -> evaluate -> reward model -> report (report.json, summary.md, loss.png).
 
-The corpus states facts about fictional people and places and small sums, e.g.
-"Velora Quennik lives in Dastrel. Velora Quennik works as a glassblower. 17 plus 25 is 42."
-so a model that learned anything completes "Velora Quennik lives in" with the right town.
+The corpus gives short biographies of fictional people, one fact per line, e.g.
+"Velora Quennik works as a glassblower.\nThe home town of Velora Quennik is Dastrel.\n17 plus 25 is 42.\n..."
+so a model that learned anything completes "Velora Quennik lives in" with the right town. The SFT
+data asks about three quarters of the people; the held-out questions ask about the rest, whose
+facts the model can only know from pretraining.
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ def _name(rng: random.Random, parts: int) -> str:
 
 
 def make_world(seed: int, n_people: int = 120, n_towns: int = 16) -> list[dict]:
-    """Fictional people with a town, a job and a favourite colour; unique names."""
+    """Fictional people with a town, a job and a favourite colour. No first or last name is
+    shared or spelled like a town: with shared parts, a small model answers with the right
+    first name and another person's surname (measured: 0.82 held-out EM instead of 0.99)."""
     rng = random.Random(seed)
     towns = sorted({_name(rng, 2) for _ in range(n_towns * 3)})[:n_towns]
-    people, seen = [], set()
+    people, parts = [], set(towns)
     while len(people) < n_people:
-        name = f"{_name(rng, 2)} {_name(rng, 3)}"
-        if name in seen:
+        first, last = _name(rng, 2), _name(rng, 3)
+        if first in parts or last in parts or first == last:
             continue
-        seen.add(name)
-        people.append({"name": name, "town": rng.choice(towns), "job": rng.choice(_JOBS), "colour": rng.choice(_COLOURS)})
+        parts.update((first, last))
+        people.append({"name": f"{first} {last}", "town": rng.choice(towns), "job": rng.choice(_JOBS), "colour": rng.choice(_COLOURS)})
     return people
 
 
@@ -51,20 +55,37 @@ def fact_sentences(person: dict) -> list[str]:
             f"The favourite colour of {n} is {person['colour']}."]
 
 
-def make_corpus(path: Path, seed: int, n_docs: int = 6000) -> dict:
-    """Write `n_docs` jsonl documents: shuffled facts about the world plus small sums."""
+ATTRIBUTES = ("town", "job", "colour")
+PARAPHRASES = {
+    "town": ["{n} has a home in {town}.", "{n} resides in the town of {town}.", "The home town of {n} is {town}."],
+    "job": ["{n} earns a living as a {job}.", "{n} is employed as a {job}.", "The job of {n} is {job}."],
+    "colour": ["{n} likes the colour {colour} best.", "{n} loves the colour {colour}.", "The colour {n} likes most is {colour}."],
+}
+PARAPHRASE_SHARE = 0.3  # of fact sentences; without them one seed in two lost every colour question (EM 0.48)
+
+
+def make_corpus(path: Path, seed: int, n_docs: int = 40000) -> dict:
+    """Write `n_docs` jsonl documents, each a short biography of one person: the three facts in a
+    random order, one sentence per line, 30% of them paraphrased, and a small sum in a quarter of
+    them. One sentence per line matters: a chat answer starts a line, and a name at the start of a
+    line is another token than after a space, so the model must have seen names there (joined by
+    spaces, held-out EM fell from 0.99 to 0.08)."""
     rng = random.Random(seed + 1)
     people = make_world(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for _ in range(n_docs):
+            person = rng.choice(people)
             sentences = []
-            for person in rng.sample(people, 2):
-                sentences += rng.sample(fact_sentences(person), 2)
-            a, b = rng.randint(0, 50), rng.randint(0, 50)
-            sentences.append(f"{a} plus {b} is {a + b}.")
-            rng.shuffle(sentences)
-            fh.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+            for attribute in rng.sample(ATTRIBUTES, len(ATTRIBUTES)):
+                if rng.random() < PARAPHRASE_SHARE:
+                    sentences.append(rng.choice(PARAPHRASES[attribute]).format(n=person["name"], **person))
+                else:
+                    sentences.append(fact_sentences(person)[ATTRIBUTES.index(attribute)])
+            if rng.random() < 0.25:
+                a, b = rng.randint(0, 50), rng.randint(0, 50)
+                sentences.insert(rng.randint(0, len(sentences)), f"{a} plus {b} is {a + b}.")
+            fh.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
     return {"documents": n_docs, "people": len(people)}
 
 
@@ -79,7 +100,7 @@ HELD_OUT_FRACTION = 0.25  # people whose facts are only in the corpus, never in 
 
 def answer_sentence(person: dict, attribute: str) -> str:
     """The answer, in the corpus's own words, so SFT teaches the format and recall comes from pretraining."""
-    return fact_sentences(person)[("town", "job", "colour").index(attribute)]
+    return fact_sentences(person)[ATTRIBUTES.index(attribute)]
 
 
 def qa_pair(rng: random.Random, person: dict) -> tuple[str, str]:
@@ -152,7 +173,7 @@ def make_preference_pairs(out_dir: Path, seed: int, n_train: int = 1200) -> dict
 class DemoArgs:
     output_dir: str = opt("outputs/demo", "Where the demo writes its data, tokenizer, runs, evaluations and report.")
     seed: int = opt(1234, "Seed for the synthetic data and the training runs.")
-    max_steps: int = opt(300, "Pretraining steps.")
+    max_steps: int = opt(500, "Pretraining steps (500 x 16 blocks x 128 tokens: about one pass over the corpus, ~3 minutes on 2 CPU cores).")
     sft_steps: int = opt(150, "LoRA SFT steps on the embedded chat data.")
     reward_steps: int = opt(100, "Reward-model steps on the embedded preference pairs (0: skip the reward model).")
     model_preset: str = opt("tiny", "Model shape from configs/models/.")
@@ -246,8 +267,8 @@ def run_demo(args: DemoArgs) -> dict:
     summary = pretrain_entry.main([
         "--train_files", str(corpus), "--tokenizer_name_or_path", str(out / "tokenizer"),
         "--model_preset", args.model_preset, "--block_size", "128", "--per_device_train_batch_size", "16",
-        "--learning_rate", "3e-3", "--warmup_steps", "20", "--max_steps", str(args.max_steps),
-        "--logging_steps", "20", "--eval_steps", "100", "--save_steps", "200", "--save_total_limit", "1",
+        "--learning_rate", "4e-3", "--warmup_steps", "30", "--weight_decay", "0", "--max_steps", str(args.max_steps),
+        "--logging_steps", "50", "--eval_steps", "250", "--save_steps", "250", "--save_total_limit", "1",
         "--seed", str(args.seed), "--output_dir", str(run_dir), "--resume", "never", "--data_cache_dir", str(cache),
     ])
     timings["pretrain_s"] = time.perf_counter() - t
