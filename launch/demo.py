@@ -138,35 +138,34 @@ def make_chat(out_dir: Path, seed: int, n_train: int = 2000) -> dict:
     return {"train": n_train, "held_out": len(held_out) * len(QUESTIONS), "people_seen": len(seen)}
 
 
-def wrong_value(rng: random.Random, person: dict, attribute: str, towns: list[str]) -> dict:
-    """The person with one fact changed to another value of the same kind."""
-    choices = {"town": towns, "job": _JOBS, "colour": _COLOURS}[attribute]
-    return {**person, attribute: rng.choice([c for c in choices if c != person[attribute]])}
-
-
-def make_preference_pairs(out_dir: Path, seed: int, n_train: int = 1200) -> dict:
-    """Reward-model data: a question about a person, the true fact (chosen) against the same
-    sentence with a wrong value (rejected). Training pairs ask about the SFT data's people;
-    pairs_heldout.jsonl asks about the held-out people, whose facts only the corpus states."""
+def make_preference_pairs(out_dir: Path, seed: int, n_train: int = 1200, n_heldout: int = 150) -> dict:
+    """Reward-model data: a question about a person of the SFT data, the true fact (chosen)
+    against the same sentence with another value of its kind (rejected). Every (person, question,
+    wrong value) combination is used at most once: pairs.jsonl trains, pairs_heldout.jsonl holds
+    combinations never trained on. The held-out people stay out of both."""
     rng = random.Random(seed + 3)
     people = make_world(seed)
     split = int(len(people) * (1 - HELD_OUT_FRACTION))
-    towns = sorted({p["town"] for p in people})
+    values = {"town": sorted({p["town"] for p in people}), "job": _JOBS, "colour": _COLOURS}
 
-    def pair(person: dict) -> dict:
-        attribute = rng.choice(sorted(QUESTIONS))
-        return {"prompt": rng.choice(QUESTIONS[attribute]).format(name=person["name"]),
-                "chosen": answer_sentence(person, attribute),
-                "rejected": answer_sentence(wrong_value(rng, person, attribute, towns), attribute)}
+    def combinations(group: list[dict]) -> list[dict]:
+        out = []
+        for person in group:
+            for attribute in ATTRIBUTES:
+                for wrong in values[attribute]:
+                    if wrong != person[attribute]:
+                        out.append({"prompt": rng.choice(QUESTIONS[attribute]).format(name=person["name"]),
+                                    "chosen": answer_sentence(person, attribute),
+                                    "rejected": answer_sentence({**person, attribute: wrong}, attribute)})
+        rng.shuffle(out)
+        return out
 
-    with open(out_dir / "pairs.jsonl", "w", encoding="utf-8") as fh:
-        for _ in range(n_train):
-            fh.write(json.dumps(pair(rng.choice(people[:split]))) + "\n")
-    with open(out_dir / "pairs_heldout.jsonl", "w", encoding="utf-8") as fh:
-        for person in people[split:]:
-            for _ in range(3):
-                fh.write(json.dumps(pair(person)) + "\n")
-    return {"train_pairs": n_train, "heldout_pairs": 3 * (len(people) - split)}
+    seen_pairs = combinations(people[:split])
+    files = {"pairs.jsonl": seen_pairs[:n_train], "pairs_heldout.jsonl": seen_pairs[n_train:n_train + n_heldout]}
+    for name, records in files.items():
+        with open(out_dir / name, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return {name.removesuffix(".jsonl"): len(records) for name, records in files.items()}
 
 
 @dataclass
@@ -175,7 +174,7 @@ class DemoArgs:
     seed: int = opt(1234, "Seed for the synthetic data and the training runs.")
     max_steps: int = opt(500, "Pretraining steps (500 x 16 blocks x 128 tokens: about one pass over the corpus, ~3 minutes on 2 CPU cores).")
     sft_steps: int = opt(150, "LoRA SFT steps on the embedded chat data.")
-    reward_steps: int = opt(100, "Reward-model steps on the embedded preference pairs (0: skip the reward model).")
+    reward_steps: int = opt(300, "Reward-model steps on the embedded preference pairs, 4 epochs of 1,200 (0: skip the reward model).")
     model_preset: str = opt("tiny", "Model shape from configs/models/.")
 
 
@@ -227,7 +226,7 @@ def summary_markdown(report: dict, out: Path) -> str:
         f"| before SFT (base model, same chat prompt) | {report['em_before_sft']:.3f} | {report['f1_before_sft']:.3f} |",
         f"| after SFT | {report['em_after_sft']:.3f} | {report['f1_after_sft']:.3f} |", "",
         f"n = {report['n']} questions. " + (f"Reward model: pair accuracy {report['reward']['eval_accuracy']:.3f} on "
-                                            f"{report['reward']['eval_pairs']} held-out pairs (true fact vs. a wrong one)."
+                                            f"{report['reward']['eval_pairs']} held-out pairs (the true fact vs. a wrong one, combinations never trained on)."
                                             if report.get("reward") else ""), "",
         "| stage | seconds |", "|---|---|", *(f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in t.items()), "",
         "![losses](loss.png)", "", "Examples after SFT:", "",

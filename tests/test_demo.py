@@ -14,14 +14,18 @@ pytestmark = pytest.mark.slow
 
 def test_heldout_people_never_appear_in_the_training_data(tmp_path):
     make_chat(tmp_path, seed=5, n_train=500)
-    make_preference_pairs(tmp_path, seed=5, n_train=300)
+    make_preference_pairs(tmp_path, seed=5, n_train=300, n_heldout=50)
     people = make_world(5)
     heldout = {json.loads(line)["messages"][0]["content"] for line in (tmp_path / "heldout.jsonl").read_text().splitlines()}
     names = {p["name"] for p in people if any(p["name"] in q for q in heldout)}
-    assert len(names) >= 20
-    train_text = (tmp_path / "sft.jsonl").read_text() + (tmp_path / "pairs.jsonl").read_text()
+    assert len(names) == 30
+    train_text = "".join((tmp_path / f).read_text() for f in ("sft.jsonl", "pairs.jsonl", "pairs_heldout.jsonl"))
     assert not any(name in train_text for name in names)
-    assert all(any(n in line for n in names) for line in (tmp_path / "pairs_heldout.jsonl").read_text().splitlines())
+    trained = {line for line in (tmp_path / "pairs.jsonl").read_text().splitlines()}
+    held = [json.loads(line) for line in (tmp_path / "pairs_heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 50 and not any((p["chosen"], p["rejected"]) in {(json.loads(t)["chosen"], json.loads(t)["rejected"]) for t in trained}
+                                      for p in held)
+    assert all(p["chosen"] != p["rejected"] for p in held)
 
 
 def test_demo_at_reduced_size(tmp_path):

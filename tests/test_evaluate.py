@@ -72,7 +72,12 @@ def random_model_dir(tokenizer_dir, tmp_path_factory):
     torch.manual_seed(0)
     config = Qwen2Config(**{**load_preset("tiny"), "vocab_size": padded_vocab_size(tokenizer)})
     out = tmp_path_factory.mktemp("random_model")
-    Qwen2ForCausalLM(config).save_pretrained(out)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # (tied) zero rows score 0: greedy picks ordinary tokens, never a stop or an unused id
+        embeddings = model.get_input_embeddings().weight
+        embeddings[tokenizer.all_special_ids] = 0
+        embeddings[len(tokenizer):] = 0
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
