@@ -343,9 +343,9 @@ def main_launch(argv: list[str] | None = None) -> int:
         print(f"probe: {'; '.join(tried)} -> micro batch {micro} x accumulation {result.chosen.accumulation}", flush=True)
     command, line = write_plan_files(cfg, result, stage, rest)
     if result.request.hardware.nodes > 1:
-        sbatch = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft"}.get(stage)
+        sbatch = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "reward": "reward"}[stage]
         raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: "
-                         + (f"submit slurm/{sbatch}.sbatch, or " if sbatch else "") + f"run on every node: {line}")
+                         f"submit slurm/{sbatch}.sbatch, or run on every node: {line}")
     print(f"launch: {line}", flush=True)
     os.execve(command[0], command, {**os.environ, **result.env})
     return 0  # not reached

@@ -1,4 +1,4 @@
-"""The Python half of slurm/common.sh. slurm/pretrain.sbatch and slurm/sft.sbatch run one
+"""The Python half of slurm/common.sh. slurm/pretrain.sbatch, sft.sbatch and reward.sbatch run one
 trainrig stage on a Slurm allocation: one srun task per node, each starting torchrun for that
 node's ranks.
 
@@ -33,7 +33,7 @@ from launch.configs import rendezvous_port
 from trainers.errors import UsageError, exit_on_usage_error
 from trainers.stopping import STOPPED_EXIT_STATUS
 
-ENTRY_STAGES = {"launch/pretrain.py": "pretrain", "launch/sft.py": "sft"}
+ENTRY_STAGES = {"launch/pretrain.py": "pretrain", "launch/sft.py": "sft", "launch/reward.py": "reward"}
 NPROC_ENV = "TRAINRIG_NPROC_PER_NODE"  # ranks per node where the allocation has no GPUs (CPU nodes, CI)
 
 

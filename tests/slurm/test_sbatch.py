@@ -111,6 +111,19 @@ def test_sft_sbatch_completes_and_final_loads(cluster, chat_dir, sft_model_dir, 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
 
 
+def test_reward_sbatch_completes(cluster, sft_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {a} plus 2?", "chosen": f"{a + 2}, right.", "rejected": f"{a + 3}, wrong."}) + "\n"
+                             for a in range(64)))
+    settings = {"train_files": [str(pairs)], "model_name_or_path": str(sft_model_dir), "max_seq_length": 64,
+                "per_device_train_batch_size": 4, "max_steps": 4, "logging_steps": 1, "seed": 3, "output_dir": str(tmp_path / "out")}
+    job_id = submit(cluster, "reward.sbatch", write_config(tmp_path / "reward.yaml", settings), tmp_path / "logs")
+    assert_completed(cluster, job_id, tmp_path / "logs")
+    log = log_of(tmp_path / "logs", job_id)
+    assert "trainrig reward: Slurm job" in log and "world 2" in log and "training completed at step 4" in log, log[-3000:]
+    assert "eval_accuracy" in (tmp_path / "out" / "summary.json").read_text()
+
+
 def test_usr2_saves_requeues_and_resumes_to_the_same_losses(cluster, pretrain_reference, corpus, tokenizer_dir, tmp_path):
     _, _, reference_out = pretrain_reference
     expected = read_losses(reference_out)
