@@ -79,8 +79,8 @@ def job_from_env(env: dict | None = None) -> Job:
                node_rank=int(env.get("SLURM_NODEID", "0") or 0), ranks_per_node=ranks, gpus_per_node=slurm.gpus_per_node)
 
 
-def head_node(nodelist: str, run=subprocess.run) -> str:
-    """The first host of the allocation (`scontrol show hostnames`), where the rendezvous lives."""
+def allocation_hosts(nodelist: str, run=subprocess.run) -> list[str]:
+    """The allocation's hosts (`scontrol show hostnames`); the first is the head node, where the rendezvous lives."""
     never = "not falling back to localhost: each node would form its own world and wait forever"
     if not nodelist:
         raise UsageError(f"SLURM_JOB_NODELIST is empty, so the head node is unknown; {never}")
@@ -95,7 +95,11 @@ def head_node(nodelist: str, run=subprocess.run) -> str:
     if proc.returncode != 0 or not hosts:
         raise UsageError(f"scontrol show hostnames {nodelist} failed (exit {proc.returncode}: "
                          f"{(proc.stderr or proc.stdout).strip()[-300:]}); {never}")
-    return hosts[0]
+    return hosts
+
+
+def head_node(nodelist: str, run=subprocess.run) -> str:
+    return allocation_hosts(nodelist, run)[0]
 
 
 def node_command(job: Job, head: str, script: str, args: list[str], python: str = sys.executable) -> list[str]:
@@ -127,12 +131,12 @@ def header(script: str, args: list[str]) -> int:
     from trainers.config import parse_config
 
     job = job_from_env()
-    head = head_node(job.nodelist)
+    hosts = allocation_hosts(job.nodelist)
+    head = hosts[0]
     stage = ENTRY_STAGES[_check_script(script)]
     cfg = parse_config(STAGE_CONFIGS[stage], args, prog=script)
     if stage == "pretrain" and cfg.model.model_name_or_path:
         stage = "cpt"
-    hosts = subprocess.run(["scontrol", "show", "hostnames", job.nodelist], capture_output=True, text=True).stdout.split()
     print(f"trainrig {stage}: Slurm job {job.job_id} ({job.name}), attempt {job.attempt + 1}"
           f"{' (requeued ' + str(job.attempt) + ' time(s))' if job.attempt else ''}")
     print(f"nodes: {job.nodes} ({', '.join(hosts)}); {job.ranks_per_node} rank(s) per node "
