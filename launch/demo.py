@@ -198,7 +198,7 @@ def plot_runs(runs: dict[str, Path], out_png: Path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), dpi=110, squeeze=False)
     for ax, (name, metrics) in zip(axes[0], runs.items()):
         records = read_metrics(metrics)
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         if train:
             ax.plot(*zip(*train), label="train", lw=1.2)

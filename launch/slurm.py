@@ -150,7 +150,7 @@ def header(script: str, args: list[str]) -> int:
     result.notes[:0] = notes
     print(table(result))
     out = Path(cfg.run.output_dir)
-    resume = resolve_resume(cfg.run.resume, out)
+    resume = resolve_resume(cfg.run.resume, out, hashes=False)  # the ranks check the hashes when they start
     print(f"output: {out.resolve()}")
     print(f"resume: from {resume} (step {step_of(resume)})" if resume else
           f"resume: none, starting at step 0 (--resume {cfg.run.resume})", flush=True)

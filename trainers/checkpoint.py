@@ -1,10 +1,13 @@
 """Checkpoint directories: atomic writes, completeness checks, retention, picking one to resume.
 
-A checkpoint is written by every rank into `checkpoint-<step>.partial/`; after a barrier rank 0
-writes `trainrig_complete.json` (the manifest: every file and its size) and renames the
-directory to `checkpoint-<step>/`. A directory counts as complete only if it has that name, the
-manifest, and every listed file at its listed size, so a run killed mid-save (or a torn copy)
-is never resumed from. Old checkpoints are deleted only after the new one is complete.
+A checkpoint is written by every rank into `checkpoint-<step>.partial/`; after a barrier the
+ranks hash its files (each rank a share, sha256), rank 0 writes `trainrig_complete.json` (the
+manifest: every file, its size and its hash) and renames the directory to `checkpoint-<step>/`.
+A directory counts as complete only if it has that name, the manifest, and every listed file at
+its listed size; before a resume the hashes are checked too. So a run killed mid-save, a torn copy
+or a flipped byte is never resumed from: `--resume auto` falls back to the newest checkpoint that
+verifies and says which one it skipped and why. Old checkpoints are deleted only after the new one
+is complete.
 
 What is in one: model and optimizer state (runtime.save_training_state: DeepSpeed's shards, or
 model.safetensors + optimizer.pt), `trainer_state.json` (step counters, data position, batch
@@ -14,6 +17,7 @@ shape, best eval loss; the learning rate is a function of the step, so no schedu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.errors import UsageError
+from trainers.errors import RunFailed, UsageError
 
 log = logging.getLogger("trainrig.checkpoint")
 
@@ -40,16 +44,14 @@ def step_of(path: Path) -> int | None:
 
 
 def manifest_problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None if it is."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest} is missing (the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return f"{manifest} is unreadable"
-    for rel, size in files.items():
+    """Why `path` is not a complete checkpoint, or None if it is: the manifest and every file it
+    lists at its listed size (cheap; `verify` also checks the hashes)."""
+    files = _manifest_files(path)
+    if isinstance(files, str):
+        return files
+    for rel, entry in files.items():
         member = path / rel
+        size = entry["bytes"] if isinstance(entry, dict) else entry  # 0.5.0 manifests: sizes only
         if not member.is_file():
             return f"{member} is missing"
         if member.stat().st_size != size:
@@ -57,31 +59,82 @@ def manifest_problem(path: Path) -> str | None:
     return None
 
 
+def verify(path: Path, runtime=None) -> str | None:
+    """manifest_problem, then every file's sha256 against the manifest; with a runtime the ranks
+    hash a share each (all ranks must call). Why the checkpoint cannot be trusted, or None."""
+    problem = manifest_problem(path)
+    if problem is None:
+        files = sorted(_manifest_files(path).items())
+        rank, world = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
+        mismatched = [f"{path / rel} does not match its sha256 in {MANIFEST} (the file changed after it was written)"
+                      for rel, entry in files[rank::world]
+                      if isinstance(entry, dict) and file_sha256(path / rel) != entry["sha256"]]
+        problem = (runtime.gather_objects(mismatched) if runtime is not None else mismatched) or [None]
+        problem = problem[0]
+    elif runtime is not None:
+        runtime.gather_objects([])  # the other ranks hash and gather; join them
+    return problem
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()  # ~1.5 GB/s with SHA-NI
+
+
+def _manifest_files(path: Path) -> dict | str:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing (the save did not finish)"
+    try:
+        return json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{manifest} is unreadable"
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
+    return [p for p in checkpoint_dirs(output_dir) if manifest_problem(p) is None]
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Every `checkpoint-<step>/` (renamed from .partial, so complete when written), oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
-    return sorted((p for p in found if manifest_problem(p) is None), key=step_of)
+    return sorted((p for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """--resume auto|never|PATH -> the checkpoint to load, or None to start fresh."""
+def resolve_resume(resume: str, output_dir: Path, runtime=None, hashes: bool = True) -> Path | None:
+    """--resume auto|never|PATH -> the checkpoint to load, or None to start fresh. All ranks call
+    this (they share the hashing). auto takes the newest checkpoint that verifies; one that does
+    not is skipped with a warning naming the file, and if checkpoints exist but none verifies the
+    run stops rather than start over from scratch. hashes=False checks sizes only (a preview,
+    e.g. the Slurm job header, before the ranks start)."""
     if resume == "never":
         return None
-    if resume == "auto":
-        complete = complete_checkpoints(output_dir)
-        torn = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p not in complete]
-        for p in torn:
-            log.warning("ignoring incomplete checkpoint %s: %s", p, manifest_problem(p) or "partial write")
-        return complete[-1] if complete else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise UsageError(f"--resume {resume}: no such checkpoint directory; use --resume auto or a checkpoint-<step>/ path")
-    problem = manifest_problem(path)
-    if problem:
-        raise UsageError(f"--resume {resume}: not a complete checkpoint ({problem}); use --resume auto to take the newest complete one")
-    return path
+    check = verify if hashes else (lambda path, _: manifest_problem(path))
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UsageError(f"--resume {resume}: no such checkpoint directory; use --resume auto or a checkpoint-<step>/ path")
+        problem = check(path, runtime)
+        if problem:
+            raise UsageError(f"--resume {resume}: not a complete checkpoint ({problem}); use --resume auto to take the newest complete one")
+        return path
+    for unfinished in sorted(output_dir.glob("checkpoint-*.partial")):
+        log.warning("ignoring %s: a save that did not finish (the run stopped while writing it)", unfinished)
+    damaged = []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        problem = check(path, runtime)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s, the newest checkpoint that verifies", path)
+            return path
+        log.warning("skipping damaged checkpoint %s: %s", path.name, problem)
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise UsageError(f"--resume auto: no checkpoint in {output_dir} verifies ({'; '.join(damaged)}); restore them from a copy, "
+                         f"or start over with --resume never and a new --output_dir")
+    return None
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -116,21 +169,30 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(runtime, model, optimizer, trainer_state: dict, output_dir: Path, step: int) -> Path:
-    """Write checkpoint-<step>/ atomically (all ranks call this)."""
+    """Write checkpoint-<step>/ atomically (all ranks call this). A write that fails (a full disk)
+    stops the run with RunFailed; the .partial directory is never renamed, so the previous
+    checkpoint stays the newest complete one."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f"checkpoint-{step}.partial"
     if runtime.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     runtime.barrier()
-    runtime.save_training_state(model, optimizer, partial)
-    torch.save(rng_state(), partial / f"rng_state_{runtime.rank}.pt")
-    if runtime.is_main:
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    try:
+        runtime.save_training_state(model, optimizer, partial)
+        torch.save(rng_state(), partial / f"rng_state_{runtime.rank}.pt")
+        if runtime.is_main:
+            (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    except Exception as err:  # OSError (ENOSPC, EDQUOT, EIO) or whatever the engine's writer raised
+        # this rank leaves without another collective: the others may be inside DeepSpeed's own
+        # barrier, so the launcher stops them when this process exits
+        previous = complete_checkpoints(output_dir)
+        keep = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise RunFailed(f"rank {runtime.rank}: writing {partial} failed ({type(err).__name__}: {err}); {keep}. Free space "
+                        f"(or fix the cause) and run the same command again: --resume auto continues from the newest complete checkpoint") from err
     runtime.barrier()  # every rank's files are on disk before the manifest vouches for them
+    _seal(runtime, partial, step)
     if runtime.is_main:
-        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-        _write_durably(partial / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
         if final.exists():  # a stale one from an earlier run of the same output_dir
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -139,12 +201,21 @@ def save_checkpoint(runtime, model, optimizer, trainer_state: dict, output_dir: 
     return final
 
 
+def _seal(runtime, partial: Path, step: int) -> None:
+    """The manifest: every file's size and sha256, hashed a share per rank, written by rank 0."""
+    files = runtime.broadcast_object(sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+                                     if runtime.is_main else None)
+    mine = [(rel, {"bytes": (partial / rel).stat().st_size, "sha256": file_sha256(partial / rel)})
+            for rel in files[runtime.rank::runtime.world_size]]
+    entries = dict(sorted(runtime.gather_objects(mine)))
+    if runtime.is_main:
+        _write_durably(partial / MANIFEST, json.dumps({"step": step, "files": entries}, indent=1))
+
+
 def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict:
     """Restore model, optimizer and this rank's RNG; return trainer_state. `expect`: settings the
-    checkpoint must have been saved with (batch shape), checked before anything is loaded."""
-    problem = manifest_problem(path)
-    if problem:
-        raise RuntimeError(f"cannot resume from {path}: {problem}")
+    checkpoint must have been saved with (batch shape), checked before anything is loaded.
+    `path` comes from resolve_resume, which verified it."""
     state = json.loads((path / STATE_FILE).read_text())
     if state["world_size"] != runtime.world_size:
         raise UsageError(f"{path} was saved by {state['world_size']} ranks, this run has {runtime.world_size}; "
@@ -154,9 +225,25 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
             raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "
                              f"resume with the same batch settings or start a new --output_dir")
     runtime.load_training_state(model, optimizer, path)
-    rng_file = path / f"rng_state_{runtime.rank}.pt"
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    set_rng_state(load_plain(path / f"rng_state_{runtime.rank}.pt"))
     return state
+
+
+def load_plain(path: Path, mmap: bool = False, allowed: list | None = None):
+    """torch.load of a checkpoint file that may hold only tensors and plain data (weights_only):
+    a pickle that would construct anything else (a payload's __reduce__) is refused before any of
+    it runs, with a message naming the file."""
+    import pickle
+
+    from torch import serialization
+
+    try:
+        with serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        raise UsageError(f"{path}: refused to load: it holds objects other than tensors and plain data, or is damaged "
+                         f"({str(err).strip().splitlines()[0][:160]}); trainrig never writes such files: delete this checkpoint "
+                         f"and resume from an earlier one (--resume auto after removing it)") from None
 
 
 def prune_checkpoints(output_dir: Path, keep: int, best: Path | None) -> None:

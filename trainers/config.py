@@ -52,6 +52,8 @@ class RunConfig:
     save_best: bool = opt(False, "With --save_total_limit, also keep the checkpoint with the lowest eval loss (needs --eval_steps dividing --save_steps).")
     save_final: bool = opt(True, "Write final/ at the end (trainrig launch --probe's trial runs turn it off).")
     resume: str = opt("auto", "auto: newest complete checkpoint in --output_dir if any; never: start fresh; or a checkpoint path.")
+    max_bad_steps: int = opt(5, "Skip an optimizer step whose loss or gradient norm is NaN/Inf (on any rank: every rank skips it); stop the run after this many such steps in a row (0: at the first).", minimum=0)
+    record_sample_ids: bool = opt(False, "Every rank appends the sample ids of each optimizer step to sample_ids.rank<N>.jsonl in --output_dir (to audit data order across resumes).")
     report_to: str = opt("none", "Experiment tracker besides metrics.jsonl.", ("none", "wandb", "tensorboard"))
     run_name: str = opt("", "Name shown by the tracker (default: the output directory's name).")
 
@@ -89,6 +91,7 @@ class DistributedConfig:
     offload: str = opt("auto", "ZeRO offload to CPU RAM: optimizer states, or all (optimizer + parameters, stage 3).", ("auto", "none", "optimizer", "all"))
     hardware: str = opt("auto", "What the planner plans for: auto (detect), or a profile: rtx5090, 4x4090, cpu, <N>xcpu, <N>x<gpu>[x<nodes>] (gpu: a100-40g a100-80g h100 h200 l40s 3090 4090 5090).")
     ddp_timeout: int = opt(1800, "Seconds a collective may wait before the run fails (rank 0 building the data cache counts).", minimum=1)
+    hang_timeout: int = opt(300, "With several ranks: a rank that has not been heard from for this many seconds (stopped, hung in native code, its machine gone) makes the others stop the run, naming it (0: off; --ddp_timeout still applies).", minimum=0)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 USAGE_EXIT_CODE = 2
+RUN_FAILED_EXIT_CODE = 1
 
 
 class UsageError(Exception):
@@ -15,8 +16,15 @@ class UsageError(Exception):
     sample at fault and says how to fix it; entry scripts print it and exit with status 2."""
 
 
+class RunFailed(Exception):
+    """The run cannot go on for a reason outside the config (a checkpoint write failed, the loss
+    stayed NaN): one line saying what happened, what on disk is still good and what to run next.
+    Entry scripts print it without a traceback and exit with status 1."""
+
+
 def exit_on_usage_error(main):
-    """Decorate an entry point: a UsageError becomes `error: <message>` on stderr and exit 2."""
+    """Decorate an entry point: a UsageError becomes `error: <message>` on stderr and exit 2, a
+    RunFailed the same with exit 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -25,6 +33,9 @@ def exit_on_usage_error(main):
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(USAGE_EXIT_CODE)
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(RUN_FAILED_EXIT_CODE)
 
     return wrapper
 

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from trainers import checkpoint as ckpt
 from trainers import stopping
 from trainers.data.collate import model_inputs, num_tokens, trained_tokens
-from trainers.errors import UsageError
+from trainers.errors import RunFailed, UsageError
 
 log = logging.getLogger("trainrig.loop")
 
@@ -107,12 +108,27 @@ def lm_counts(batch: dict) -> tuple[int, int]:
     return trained_tokens(batch["labels"]), num_tokens(batch)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did, the same on every rank except `finite_here`."""
+
+    loss: float  # global mean per trained unit (NaN/Inf when some rank's was)
+    grad_norm: float | None  # pre-clip global norm; None where the engine keeps it
+    units: int  # trained units of the global batch (tokens, or pairs for the reward model)
+    input_tokens: int  # input tokens of the global batch, padding excluded
+    applied: bool  # False: every rank skipped this update (non-finite loss or gradients)
+    finite_here: bool  # this rank's micro losses were all finite
+
+
 def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: float,
-               loss_sum=lm_loss, counts=lm_counts) -> tuple[float, float | None, int, int]:
-    """One optimizer step over `window` (this rank's micro batches). Returns the global mean loss
-    per trained unit, the pre-clip gradient norm (None where the engine keeps it), and the global
-    numbers of trained units and of input tokens. A unit is a trained token for the language
-    model (lm_loss); the reward model passes its pairwise loss and counts pairs."""
+               loss_sum=lm_loss, counts=lm_counts) -> StepResult:
+    """One optimizer step over `window` (this rank's micro batches). A unit is a trained token for
+    the language model (lm_loss); the reward model passes its pairwise loss and counts pairs.
+
+    A micro loss that is NaN/Inf is backpropagated multiplied by NaN (by 1.0 otherwise, which
+    changes no bit), so its gradients are NaN whatever produced it; the gradient reduction carries
+    that NaN into every rank's global norm, and every rank skips the same update
+    (runtime.optimizer_step) without an extra collective."""
     per_batch = [counts(b) for b in window]
     global_units, input_tokens = runtime.all_reduce_sum([sum(c[0] for c in per_batch), sum(c[1] for c in per_batch)])
     if global_units == 0:  # the data preparation drops every sample without a trained token
@@ -120,21 +136,86 @@ def train_step(runtime, model, optimizer, window: list[dict], max_grad_norm: flo
     scale = len(window) * runtime.world_size  # undo the engines' mean over micro steps and ranks
     loss_denominator = torch.tensor(global_units, device=runtime.device)
     step_loss = torch.zeros((), device=runtime.device)
-    grad_norm = None
+    grad_norm, applied = None, True
     for batch in window:
         with runtime.accumulate(model):
             # only the loss is kept: holding the 16-bit logits through the backward costs 2 x vocab bytes per token
             loss = loss_sum(model, batch, runtime.device, loss_denominator)
-            runtime.backward(loss * scale)  # loss = this micro batch's summed loss / global units
+            poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))  # no host sync
+            runtime.backward(loss * scale * poison)  # loss = this micro batch's summed loss / global units
             step_loss += loss.detach().float()
             if runtime.sync_gradients:
                 grad_norm = runtime.clip_grad_norm(model, max_grad_norm)
-            optimizer.step()
+                applied = runtime.optimizer_step(optimizer, grad_norm)
             optimizer.zero_grad(set_to_none=True)
     if grad_norm is None:
         grad_norm = runtime.grad_norm_after_step()
+    finite_here = math.isfinite(step_loss.item())
     (loss,) = runtime.all_reduce_sum([step_loss.item()])
-    return loss, grad_norm, int(global_units), int(input_tokens)
+    return StepResult(loss, grad_norm, int(global_units), int(input_tokens), applied, finite_here)
+
+
+def account_step(runtime, state: dict, result: StepResult, window: list[dict], tracker, max_bad_steps: int, out: Path) -> None:
+    """After state["step"] advanced: a skipped update is logged with the ranks whose loss was not
+    finite and the ids of their samples, counted in state (saved with checkpoints) and written to
+    metrics.jsonl; more than `max_bad_steps` bad steps in a row stop the run on every rank. A
+    skipped step still consumes its batches and its place in the learning-rate schedule; the
+    weights and optimizer state stay as they were. fp16's loss-scale skips (finite loss) are
+    counted but are not bad: the scaler lowers its scale and goes on."""
+    state.setdefault("skipped_steps", 0)
+    state.setdefault("bad_steps_in_a_row", 0)
+    if result.applied:
+        state["bad_steps_in_a_row"] = 0
+        return
+    step = state["step"]
+    state["skipped_steps"] += 1
+    bad = not math.isfinite(result.loss) or runtime.precision != "fp16"
+    here = [] if result.finite_here else [(runtime.rank, [int(i) for b in window for i in b.get("sample_ids", [])][:32])]
+    culprits = runtime.gather_objects(here)  # every rank agrees the step was skipped, so every rank joins
+    where = "; ".join(f"rank {r} (sample ids {ids})" for r, ids in culprits) or "gradients only (every loss finite)"
+    tracker.log({"step": step, "skipped_update": True, "bad": bad, "nonfinite_loss_ranks": [r for r, _ in culprits],
+                 "skipped_steps": state["skipped_steps"]})
+    if not bad:
+        log.info("step %d: fp16 loss scale overflow, update skipped (the scaler lowers its scale)", step)
+        return
+    state["bad_steps_in_a_row"] += 1
+    in_a_row = state["bad_steps_in_a_row"]
+    if runtime.is_main:
+        log.warning("step %d: non-finite loss or gradient norm (loss %s, grad_norm %s) from %s: update skipped on every rank "
+                    "(%d in a row, --max_bad_steps %d)", step, result.loss, result.grad_norm, where, in_a_row, max_bad_steps)
+    if in_a_row > max_bad_steps:
+        newest = ckpt.complete_checkpoints(out)
+        raise RunFailed(f"steps {step - in_a_row + 1}-{step}: {in_a_row} updates in a row skipped for a non-finite loss or gradient "
+                        f"norm (more than --max_bad_steps {max_bad_steps}; last from {where}); the weights are those of step "
+                        f"{step - in_a_row}, the newest checkpoint is {newest[-1] if newest else 'none'}. Lower --learning_rate or "
+                        f"raise the warmup, check those samples, or use --precision bf16/fp32 instead of fp16")
+
+
+class SampleLog:
+    """--record_sample_ids: every rank appends `{"step", "epoch", "ids"}` per optimizer step to
+    sample_ids.rank<N>.jsonl, the samples of its micro batches in order. A resumed run first drops
+    the lines past its checkpoint, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, rank: int, enabled: bool, resumed_step: int):
+        self.path = out / f"sample_ids.rank{rank}.jsonl" if enabled else None
+        if self.path is None:
+            return
+        kept = []
+        if resumed_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # torn by a kill mid-write
+                    continue
+                if record["step"] <= resumed_step:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept))
+
+    def write(self, step: int, epoch: int, window: list[dict]) -> None:
+        if self.path is not None:
+            ids = [int(i) for b in window for i in b["sample_ids"]]
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
 
 
 @torch.no_grad()

@@ -95,8 +95,9 @@ def train(cfg: PretrainConfig) -> dict:
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0,
-             "world_size": runtime.world_size, "best_eval_loss": None, "best_checkpoint": None}
-    resume_from = ckpt.resolve_resume(cfg.run.resume, out)
+             "world_size": runtime.world_size, "best_eval_loss": None, "best_checkpoint": None,
+             "skipped_steps": 0, "bad_steps_in_a_row": 0}
+    resume_from = ckpt.resolve_resume(cfg.run.resume, out, runtime)
     if resume_from is not None:
         state = ckpt.load_checkpoint(runtime, model, optimizer, resume_from,
                                      expect={"micro_batch": micro, "accumulation": accumulation})
@@ -106,6 +107,7 @@ def train(cfg: PretrainConfig) -> dict:
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state["step"])
     batches = loop.batch_stream(loader, sampler, state, micro)
     resumed_step = state["step"]
+    sample_log = loop.SampleLog(out, runtime.rank, cfg.run.record_sample_ids, resumed_step)
 
     # -------------------------------------------------------------------------- loop
     model.train()
@@ -116,15 +118,17 @@ def train(cfg: PretrainConfig) -> dict:
         report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
         window = [next(batches) for _ in range(accumulation)]
-        loss, grad_norm, global_tokens, _ = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
+        result = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
         state["micro_step"] += accumulation
         state["step"] += 1
-        state["tokens_seen"] += global_tokens
-        report.step_finished(loss)
+        state["tokens_seen"] += result.units
+        report.step_finished(result.loss, result.applied)
         step = state["step"]
+        sample_log.write(step, state["epoch"], window)
+        loop.account_step(runtime, state, result, window, tracker, cfg.run.max_bad_steps, out)
         if report.due(step):
-            report.log(step, lr, grad_norm, {"tokens": state["tokens_seen"]},
-                       epoch=state["epoch"] + state["samples_in_epoch"] / sampler.num_samples)
+            report.log(step, lr, result.grad_norm, {"tokens": state["tokens_seen"]},
+                       epoch=state["epoch"] + state["samples_in_epoch"] / sampler.num_samples, skipped_steps=state["skipped_steps"])
 
         evaluated = None
         if eval_blocks is not None and cfg.run.eval_steps > 0 and step % cfg.run.eval_steps == 0 and step < total_steps:

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -363,6 +364,22 @@ class Runtime(Collectives):
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
         return float(norm)
 
+    def optimizer_step(self, optimizer, grad_norm: float | None) -> bool:
+        """Apply the update of a finished accumulation window, unless its gradients are not finite;
+        True if applied. Every rank decides alike: the norm is global (DDP all-reduced the
+        gradients; DeepSpeed reduces the norm), and the loop poisons the gradients of a rank whose
+        loss is not finite, so that rank's NaN reaches every rank's norm."""
+        if self.uses_deepspeed:
+            # the engine stepped inside backward(); ZeRO 1-3 skip a step whose global norm is NaN/Inf
+            return bool(self.accelerator.deepspeed_engine_wrapped.engine.was_step_applied())
+        if self.precision == "fp16":  # the GradScaler skips (and lowers its scale) on inf/NaN itself
+            optimizer.step()
+            return not optimizer.step_was_skipped
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return False
+        optimizer.step()
+        return True
+
     def grad_norm_after_step(self) -> float | None:
         if not self.uses_deepspeed:
             return None
@@ -416,17 +433,24 @@ class Runtime(Collectives):
             if path is None:
                 raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
             return
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from trainers.checkpoint import load_plain
+
         unwrapped = self.unwrap(model)
-        state = load_file(str(directory / "model.safetensors"))
+        try:
+            state = load_file(str(directory / "model.safetensors"))  # safetensors: data only, nothing to execute
+        except SafetensorError as err:
+            raise UsageError(f"{directory / 'model.safetensors'}: not a readable safetensors file ({err}); delete this checkpoint "
+                             f"and resume from an earlier one") from None
         missing, unexpected = unwrapped.load_state_dict(state, strict=False)
         tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
         trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
         missing = [k for k in missing if k not in tied and (not frozen or k in trainable)]
         if unexpected or missing:
             raise RuntimeError(f"{directory}/model.safetensors does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(load_plain(directory / "optimizer.pt"))
 
     def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
         """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere; with
@@ -567,17 +591,13 @@ def check_deepspeed_files_safe(directory: Path) -> None:
     """DeepSpeed unpickles its checkpoint files without restriction (arbitrary code on load).
     Open each with the restricted unpickler first, allowing only the plain types DeepSpeed
     writes, so a file with a pickle payload is refused before any of its code runs."""
-    import torch.serialization as ser
+    from trainers.checkpoint import load_plain
 
     files = sorted(directory.glob("*.pt"))
     if not files:
-        raise RuntimeError(f"{directory}: no DeepSpeed state files")
+        raise UsageError(f"{directory}: no DeepSpeed state files; delete this checkpoint and resume from an earlier one")
     for path in files:
-        try:
-            with ser.safe_globals(_deepspeed_safe_globals()):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # UnpicklingError, or a file too damaged to read
-            raise RuntimeError(f"{path}: refused to load: not a plain-data DeepSpeed checkpoint file ({str(err).splitlines()[0]})") from None
+        load_plain(path, mmap=True, allowed=_deepspeed_safe_globals())
 
 
 def _deepspeed_safe_globals() -> list:

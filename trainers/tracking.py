@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
@@ -134,33 +135,43 @@ class StepLog:
     def step_started(self) -> None:
         self._since = time.perf_counter()
 
-    def step_finished(self, loss: float) -> None:
+    def step_finished(self, loss: float, applied: bool = True) -> None:
+        """A skipped update's loss (NaN/Inf) stays out of the window mean; loop.account_step
+        writes its own record."""
         spent = time.perf_counter() - self._since
         self.train_seconds += spent
         self._window_seconds += spent
-        self._losses.append(loss)
+        if applied and math.isfinite(loss):
+            self._losses.append(loss)
         self.progress.update(1)
 
     def due(self, step: int) -> bool:
         return step % self.logging_steps == 0 or step == self.total_steps
 
-    def log(self, step: int, lr: float, grad_norm: float | None, counts: dict[str, int], epoch: float) -> dict:
+    def log(self, step: int, lr: float, grad_norm: float | None, counts: dict[str, int], epoch: float, skipped_steps: int = 0) -> dict:
         """Write the record for `step`; `counts` are running totals (e.g. tokens), reported with
-        their rate over the window as `<name>_per_sec`. The first count is the headline rate."""
+        their rate over the window as `<name>_per_sec`. The first count is the headline rate.
+        `loss` is the mean over the window's applied steps (None if every one was skipped)."""
         window = max(self._window_seconds, 1e-9)
         rates = {f"{k}_per_sec": round((v - self._counts[k]) / window, 1) for k, v in counts.items()}
-        self.last = {"step": step, "loss": sum(self._losses) / len(self._losses), "lr": lr, "grad_norm": grad_norm,
+        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            grad_norm = None  # JSON has no NaN/Infinity; the skip record says what happened
+        self.last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      **rates, "elapsed_s": round(time.perf_counter() - self.started, 2), **counts,
-                     "epoch": round(epoch, 4), "peak_memory_gb": round(self.runtime.peak_memory_gb(), 3)}
+                     "epoch": round(epoch, 4), "peak_memory_gb": round(self.runtime.peak_memory_gb(), 3),
+                     "skipped_steps": skipped_steps}
         self._counts, self._losses, self._window_seconds = dict(counts), [], 0.0
         self.tracker.log(self.last)
         headline = next(iter(rates.values()))
-        self.progress.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{headline:,.0f}")
+        shown = "skipped" if loss is None else f"{loss:.4f}"
+        self.progress.set_postfix(loss=shown, lr=f"{lr:.2e}", tok_s=f"{headline:,.0f}")
         if self.runtime.is_main:
             eta = (self.total_steps - step) * self.train_seconds / max(step - self.start_step, 1)
             norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
-            self.progress.write(f"step {step}/{self.total_steps} loss {self.last['loss']:.4f} lr {lr:.3e} grad_norm {norm} "
-                                f"tok/s {headline:,.0f} mem {self.last['peak_memory_gb']:.2f} GB eta {eta / 60:.1f} min")
+            skipped = f" skipped {skipped_steps}" if skipped_steps else ""
+            self.progress.write(f"step {step}/{self.total_steps} loss {shown} lr {lr:.3e} grad_norm {norm} "
+                                f"tok/s {headline:,.0f} mem {self.last['peak_memory_gb']:.2f} GB eta {eta / 60:.1f} min{skipped}")
         return self.last
 
     def close(self) -> None:

@@ -60,7 +60,7 @@ def test_resume_auto_ignores_torn_checkpoint(corpus, tokenizer_dir, tmp_path, ca
     (out / "checkpoint-6.partial").mkdir()                      # a save that never finished
     caplog.set_level("WARNING")
     pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=5, save_steps=2, resume="auto"))
-    assert "ignoring incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert "skipping damaged checkpoint checkpoint-4" in caplog.text and "a save that did not finish" in caplog.text
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2
     assert sorted(read_losses(out)) == [1, 2, 3, 4, 5]
