@@ -218,8 +218,11 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
     `path` comes from resolve_resume, which verified it."""
     state = json.loads((path / STATE_FILE).read_text())
     if state["world_size"] != runtime.world_size:
-        raise UsageError(f"{path} was saved by {state['world_size']} ranks, this run has {runtime.world_size}; "
-                         f"resume with the same number of ranks (data order and optimizer shards depend on it)")
+        saved = state["world_size"]
+        raise UsageError(f"{path} was saved by {saved} ranks, this run has {runtime.world_size}: resume with {saved} ranks in all "
+                         f"(e.g. torchrun --nproc_per_node {saved}, or nodes x GPUs per node = {saved}) and the same flags; the data "
+                         f"order and ZeRO's optimizer shards depend on the world size. For another world size start a new "
+                         f"--output_dir from a saved model (--model_name_or_path <run>/final)")
     for key, now in expect.items():
         if state.get(key) != now:
             raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "

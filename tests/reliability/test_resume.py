@@ -1,5 +1,13 @@
-"""Save at step k, SIGKILL the process mid-run, `--resume auto` to step n: the losses of steps
-k+1..n equal the uninterrupted run's to 1e-6 (CPU, fp32, same samples in the same order)."""
+"""Save at step k, SIGKILL the run mid-step, `--resume auto` to step n: the losses of steps
+k+1..n equal the uninterrupted run's to 1e-6 (CPU, fp32, same samples in the same order), for one
+process and for two ranks under DDP and DeepSpeed ZeRO-2; the sample ids every rank trained on,
+step by step, equal the uninterrupted run's (no sample repeated or skipped). A checkpoint saved by
+two ranks is refused by one, with the reason and the supported path.
+
+Loss tolerance 1e-6: the resumed run replays the same fp32 CPU computation on the same samples in
+the same order (data position and RNG streams come from the checkpoint, two gloo ranks reduce in a
+fixed order), so it is expected to match bit for bit; a batch shifted by one or a lost optimizer
+state moves the losses by 1e-3 or more."""
 
 import json
 import os
@@ -10,11 +18,11 @@ import time
 
 import pytest
 
-from conftest import REPO, pretrain_args, read_losses, run_launcher
+from conftest import REPO, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
 from launch.pretrain import main as pretrain_main
 from trainers.checkpoint import MANIFEST, complete_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(corpus, tokenizer_dir, tmp_path):
@@ -95,3 +103,73 @@ def test_resume_exact_across_an_epoch_boundary(tokenizer_dir, tmp_path):
     expected, got = read_losses(full), read_losses(resumed)
     assert sorted(got) == list(range(save_at + 1, save_at + 5))
     assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)
+
+
+# block 128 x micro 4 makes a 2-rank step ~0.3 s here: time to kill between two checkpoints
+TWO_RANKS = dict(block_size=128, per_device_train_batch_size=4, max_steps=30, save_steps=6, logging_steps=1,
+                 record_sample_ids=True, resume="auto")
+
+
+def two_rank_command(corpus, tokenizer_dir, out, engine: str) -> list[str]:
+    extra = {"deepspeed": "ds_configs/zero2.json"} if engine == "zero2" else {}
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+            *pretrain_args(corpus, tokenizer_dir, out, **TWO_RANKS, **extra)]
+
+
+def sample_records(out) -> list[list[dict]]:
+    return [[json.loads(line) for line in (out / f"sample_ids.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_sigkill_two_ranks_mid_step_then_resume_equals_uninterrupted(engine, corpus, tokenizer_dir, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    run_launcher(two_rank_command(corpus, tokenizer_dir, reference, engine))
+    expected = read_losses(reference)
+    expected_ids = sample_records(reference)
+    assert [r["step"] for r in expected_ids[0]] == list(range(1, 31))
+    first_epoch = [i for records in expected_ids for r in records if r["epoch"] == 0 for i in r["ids"]]
+    assert len(first_epoch) == len(set(first_epoch)) == 30 * 2 * 4  # the ranks share out distinct samples
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(two_rank_command(corpus, tokenizer_dir, out, engine), cwd=REPO,
+                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "checkpoint-12" / MANIFEST).is_file() and (out / "metrics.jsonl").is_file()
+                   and max(read_losses(out), default=0) >= 14):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        # everything at once, as a lost node: the ranks and torchrun, no handler runs
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in [*map(int, workers), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(workers) == 2, workers
+    killed_at = max(read_losses(out))
+    assert 14 <= killed_at < 30 and not (out / "final").exists()
+
+    run_launcher(two_rank_command(corpus, tokenizer_dir, out, engine))  # the same command: --resume auto
+    resumed = read_losses(out)
+    newest_before_kill = max(s for s in (12, 18, 24) if s <= killed_at)
+    assert sorted(resumed) == list(range(1, 31))
+    worst = max(abs(resumed[s] - expected[s]) for s in range(newest_before_kill + 1, 31))
+    assert worst <= 1e-6, f"max |loss difference| {worst:.2e}"
+    assert sample_records(out) == expected_ids  # every step's samples, on every rank, in order: none repeated or skipped
+
+
+def test_checkpoint_of_two_ranks_is_refused_by_one(corpus, tokenizer_dir, tmp_path, capsys):
+    """Resuming on another world size refuses before loading anything, naming both sizes and the
+    way forward (the data order and ZeRO's optimizer shards depend on the world size)."""
+    out = tmp_path / "two"
+    run_launcher([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                  *pretrain_args(corpus, tokenizer_dir, out, max_steps=2, save_steps=2)])
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=4, resume="auto"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint-2 was saved by 2 ranks, this run has 1" in error and "--nproc_per_node 2" in error, error

@@ -24,6 +24,7 @@ from launch.pretrain import main as pretrain_main
 from trainers import stopping
 from trainers.checkpoint import complete_checkpoints, step_of
 
+pytestmark = [pytest.mark.reliability]
 TOLERANCE = 1e-6
 # block 128 x micro 8 makes a step ~50 ms here (~0.3 s with two ranks): slow enough to signal mid-run
 COMMON = dict(block_size=128, per_device_train_batch_size=8, max_steps=40, logging_steps=1, save_steps=0)

@@ -1,0 +1,169 @@
+"""Checkpoints under faults: a rank killed while a checkpoint is being written, a write that fails
+part-way (a full disk), and a checkpoint damaged on disk afterwards (a flipped byte, a truncated or
+missing file). In every case the next start resumes from the newest checkpoint that is still
+whole, and says which one it skipped and why; nothing partial is ever taken for complete, and a run
+never silently starts over from fresh state.
+
+Faults are injected by tests/reliability/faults.py (two gloo ranks under torchrun) or by editing
+the files (one process). Loss tolerance 1e-6 against an uninterrupted run, as in test_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import REPO, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+
+from launch.pretrain import main as pretrain_main
+from trainers.checkpoint import MANIFEST, complete_checkpoints
+
+pytestmark = [pytest.mark.reliability]
+FAULTS = str(REPO / "tests" / "reliability" / "faults.py")
+TWO_RANKS = dict(block_size=64, per_device_train_batch_size=4, max_steps=12, save_steps=4, logging_steps=1, resume="auto")
+
+
+def torchrun(corpus, tokenizer_dir, out, fault: dict | None = None, **extra) -> list[str]:
+    entry = [FAULTS, "launch/pretrain.py"] if fault else ["launch/pretrain.py"]
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *entry,
+            *pretrain_args(corpus, tokenizer_dir, out, **TWO_RANKS, **extra)]
+
+
+def run_with_fault(argv: list[str], fault: dict):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINRIG_FAULT": json.dumps(fault), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(corpus, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_launcher(torchrun(corpus, tokenizer_dir, out))
+    return read_losses(out)
+
+
+def assert_resumes_from(out, step: int, expected: dict, output: str) -> None:
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in output, output[-3000:]
+    got = read_losses(out)
+    assert sorted(got) == sorted(expected)
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert worst <= 1e-6, f"max |loss difference| {worst:.2e}"
+
+
+@pytest.mark.slow
+def test_rank_killed_while_writing_a_checkpoint(two_rank_reference, corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "killed_in_save"
+    fault = {"kind": "kill_in_save", "rank": 1, "step": 8}
+    proc = run_with_fault(torchrun(corpus, tokenizer_dir, out, fault=fault), fault)
+    assert proc.returncode != 0
+    assert (out / "checkpoint-8.partial").is_dir() and not (out / "checkpoint-8.partial" / MANIFEST).exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]
+
+    resumed = run_launcher(torchrun(corpus, tokenizer_dir, out))
+    assert f"ignoring {out / 'checkpoint-8.partial'}: a save that did not finish" in resumed.stdout
+    assert_resumes_from(out, 4, two_rank_reference, resumed.stdout)
+    assert not (out / "checkpoint-8.partial").exists()  # the resumed run wrote checkpoint-8 over it
+
+
+@pytest.mark.slow
+def test_checkpoint_write_fails_part_way(two_rank_reference, corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "disk_full"
+    fault = {"kind": "fail_write", "rank": 0, "step": 8, "file": "optimizer.pt"}
+    proc = run_with_fault(torchrun(corpus, tokenizer_dir, out, fault=fault), fault)
+    assert proc.returncode != 0
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert f"error: rank 0: writing {out / 'checkpoint-8.partial'} failed (OSError: [Errno 28] No space left on device" in error
+    assert f"{out / 'checkpoint-4'} is intact" in error and "--resume auto" in error
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]
+    assert not (out / "checkpoint-8").exists() and not (out / "final").exists()
+
+    resumed = run_launcher(torchrun(corpus, tokenizer_dir, out))
+    assert_resumes_from(out, 4, two_rank_reference, resumed.stdout)
+
+
+def test_write_failure_in_a_single_process_exits_1(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    original = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-4.partial" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=6, save_steps=2))
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: rank 0: writing") and "No space left on device" in error and "checkpoint-2 is intact" in error
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+
+
+# ----------------------------------------------------------------- damaged after writing
+
+
+@pytest.fixture(scope="module")
+def saved_run(corpus, tokenizer_dir, tmp_path_factory):
+    """checkpoint-2, -4 and -6 of a one-process run."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=6, save_steps=2))
+    return out
+
+
+def damage(path, how: str) -> None:
+    if how == "flip":  # same size: only the hash can tell
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("name,how,problem", [
+    ("model.safetensors", "flip", "does not match its sha256"),
+    ("optimizer.pt", "truncate", "bytes, the manifest says"),
+    ("rng_state_0.pt", "delete", "is missing"),
+    ("trainer_state.json", "flip", "does not match its sha256"),
+])
+def test_damaged_newest_checkpoint_falls_back_and_says_so(saved_run, corpus, tokenizer_dir, tmp_path, caplog, capsys, name, how, problem):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    shutil.rmtree(out / "final")
+    damage(out / "checkpoint-6" / name, how)
+
+    # an explicit path to it: refused, naming the file
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume=str(out / "checkpoint-6")))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out / 'checkpoint-6' / name}" in error and problem in error, error
+
+    # --resume auto: the previous complete checkpoint, with a warning naming the file
+    caplog.set_level("INFO")
+    summary = pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume="auto"))
+    assert f"skipping damaged checkpoint checkpoint-6: {out / 'checkpoint-6' / name}" in caplog.text and problem in caplog.text
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    assert summary["step"] == 8 and sorted(read_losses(out)) == list(range(1, 9))
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(saved_run, corpus, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    for step in (2, 4, 6):
+        damage(out / f"checkpoint-{step}" / "model.safetensors", "flip")
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume="auto"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--resume auto: no checkpoint in {out} verifies (checkpoint-6:" in error and "checkpoint-2:" in error
+    assert "--resume never" in error
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6  # nothing was overwritten
