@@ -1,7 +1,8 @@
 """Stopping on a signal outside Slurm: SIGTERM to a plain `python launch/pretrain.py`, SIGUSR2 to
-one torchrun rank only, and SIGTERM to torchrun itself (what a scheduler does). Each run stops at a
-step boundary with one complete checkpoint and exit status 75, and `--resume auto` continues to
-the losses of an uninterrupted run.
+one torchrun rank only (with a second signal to the other rank while the stop checkpoint is being
+written), and SIGTERM to torchrun itself (what a scheduler does). Each run stops at a step boundary
+with one complete checkpoint and exit status 75, and `--resume auto` continues to the losses of an
+uninterrupted run.
 
 Loss tolerance 1e-6, as in test_resume.py: the same fp32 CPU computation on the same samples in
 the same order, with two gloo ranks reducing in a fixed order; a lost batch or optimizer state
@@ -113,8 +114,8 @@ def test_torchrun_one_rank_signalled_then_torchrun_terminated_then_resumed(corpu
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2"]
     common = dict(COMMON, per_device_train_batch_size=4)
 
-    def command(out, port):
-        return [*torchrun, "--master_port", str(port), "launch/pretrain.py",
+    def command(out, port, entry=("launch/pretrain.py",)):
+        return [*torchrun, "--master_port", str(port), *entry,
                 *pretrain_args(corpus, tokenizer_dir, out, **common, resume="auto")]
 
     reference = tmp_path / "uninterrupted"
@@ -122,15 +123,18 @@ def test_torchrun_one_rank_signalled_then_torchrun_terminated_then_resumed(corpu
     out, status = tmp_path / "stopped", tmp_path / "status.json"
     env = {stopping.STATUS_FILE_ENV: str(status), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
 
-    # 1) SIGUSR2 to rank 1 alone: rank 0 never saw it, yet both stop after the same step
-    proc = start(command(out, free_port()), env=env)
+    # 1) SIGUSR2 to rank 1 alone: rank 0 never saw it, yet both stop after the same step; and rank 0
+    #    gets a second signal (SIGTERM) as it starts writing that stop checkpoint (tests/reliability/faults.py)
+    second_signal = {"kind": "signal_in_save", "rank": 0, "signal": "SIGTERM"}
+    proc = start(command(out, free_port(), entry=(str(REPO / "tests" / "reliability" / "faults.py"), "launch/pretrain.py")),
+                 env={**env, "TRAINRIG_FAULT": json.dumps(second_signal)})
     wait_for_steps(out, proc, 5)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(sorted(workers, key=int)[1]), signal.SIGUSR2)
     output = finish(proc)
     assert proc.returncode != 0, output[-4000:]  # torchrun reports its workers' 75 as a failure
-    assert "exitcode  : 75" in output, output[-4000:]
+    assert "exitcode  : 75" in output and "exitcode  : 1" not in output, output[-4000:]  # both ranks: 75
     first = json.loads(status.read_text())
     assert first["status"] == "stopped" and "reached 1 of 2 rank(s)" in first["reason"], first
     (checkpoint,) = complete_checkpoints(out)
