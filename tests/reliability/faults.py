@@ -10,7 +10,7 @@ runs as `__main__`, exactly as the launcher would have run it. Kinds:
   forward passes of optimizer steps k (counted from 1 in this process; `a` micro batches a step).
 - kill_in_save {"step": k}: SIGKILL this rank right after it wrote its share of checkpoint-k,
   before the manifest exists.
-- fail_write {"step": k, "file": name}: writing `name` into checkpoint-k fails like a full disk:
+- fail_write {"step": k, "file": name}: writing a file whose name ends with `name` into checkpoint-k fails like a full disk:
   part of the bytes land, then OSError(ENOSPC).
 - signal_in_save {"signal": "SIGTERM"}: this rank receives the signal at the start of its first
   checkpoint write (a second signal while a stop checkpoint is being saved).
@@ -65,7 +65,7 @@ def install(spec: dict) -> None:
 
         def save(obj, f, *args, **kwargs):
             path = str(f)
-            if f"checkpoint-{spec['step']}.partial" in path and os.path.basename(path) == spec["file"]:
+            if f"checkpoint-{spec['step']}.partial" in path and os.path.basename(path).endswith(spec["file"]):
                 with open(path, "wb") as fh:
                     fh.write(b"\0" * 4096)  # what landed before the disk filled up
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
