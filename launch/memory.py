@@ -66,13 +66,14 @@ class ModelShape:
         return self.layers * sum(rank * (sizes[t][0] + sizes[t][1]) for t in targets if t in sizes)
 
 
-def shape_from_config(config, name: str) -> ModelShape:
-    """Count parameters by building the model on the meta device (no memory, no weights)."""
+def shape_from_config(config, name: str, trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters by building the model on the meta device (no memory, no weights).
+    trust_remote_code: the run's flag; a config with auto_map builds the model's own class, as training will."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     layer_matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n)

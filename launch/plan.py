@@ -25,7 +25,7 @@ from pathlib import Path
 from launch import configs, hardware, memory
 from launch.memory import GiB
 from launch.planner import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
-from trainers.config import PretrainConfig, RewardConfig, SFTConfig, parse_config
+from trainers.config import PretrainConfig, RewardConfig, SFTConfig, parse_config, redact
 from trainers.errors import UsageError, exit_on_usage_error
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
@@ -73,7 +73,7 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
             vocab = QWEN_VOCAB
             notes.append(f"--model_preset {preset} planned with a {QWEN_VOCAB:,}-token vocabulary; pass --tokenizer_name_or_path for yours")
         config.vocab_size = vocab
-    return memory.shape_from_config(config, preset or m.model_name_or_path)
+    return memory.shape_from_config(config, preset or m.model_name_or_path, trust_remote_code=m.trust_remote_code)
 
 
 def _deepspeed_constraint(dist, plan_everything: bool) -> tuple[str, str, str]:
@@ -213,7 +213,7 @@ def write_plan_files(cfg, result: Plan, stage: str, user_args: list[str]) -> tup
     out = Path(cfg.run.output_dir)
     ds_path, acc_path = configs.write_files(result, out, cfg.optim.max_grad_norm)
     command = configs.launch_command(result, stage, user_args, ds_path, rdzv_seed=str(out.resolve()))
-    line = configs.shell_line(result.env, command)
+    line = configs.shell_line(result.env, redact(command))  # printed and kept in plan.json: no token from the environment
     record = {**result.to_json(), "command": line,
               "files": [str(p) for p in (out / "plan.json", ds_path, acc_path) if p is not None]}
     (out / "plan.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -310,7 +310,7 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
         if p:
             tips.append(f"a smaller micro batch: {p.setup.micro_batch} fits with {p.setup.name} "
                         f"(--per_device_train_batch_size auto sizes it)")
-    if not req.lora_rank and req.stage in ("cpt", "sft", "reward"):
+    if not req.lora_rank and req.stage in ("sft", "reward"):  # launch/pretrain.py (pretrain, cpt) takes no --lora_r
         p = fits(lora_rank=16)
         if p:
             tips.append(f"LoRA (--lora_r 16): {p.setup.name}, micro batch {p.setup.micro_batch}, "

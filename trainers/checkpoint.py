@@ -244,8 +244,10 @@ def load_plain(path: Path, mmap: bool = False, allowed: list | None = None):
         with serialization.safe_globals(allowed or []):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0])  # e.g. "GLOBAL posix.mkdir"
         raise UsageError(f"{path}: refused to load: it holds objects other than tensors and plain data, or is damaged "
-                         f"({str(err).strip().splitlines()[0][:160]}); trainrig never writes such files: delete this checkpoint "
+                         f"({why[:200]}); trainrig never writes such files: delete this checkpoint "
                          f"and resume from an earlier one (--resume auto after removing it)") from None
 
 

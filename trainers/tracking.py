@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +40,14 @@ class Tracker:
                 raise UsageError("--report_to wandb: wandb is not installed; `pip install wandb` or --report_to none") from None
             # WANDB_MODE=offline works without a network; the key comes only from wandb's own login/env
             try:
-                self.backend = wandb.init(project="trainrig", name=run_name or output_dir.name, dir=str(output_dir),
-                                          config=config, resume="allow")
+                # the run name is redacted like the config (a name built from the environment may carry a
+                # token), and so is the command line wandb records in the run's metadata
+                argv, sys.argv = sys.argv, redact(list(sys.argv))
+                try:
+                    self.backend = wandb.init(project="trainrig", name=redact(run_name or output_dir.name), dir=str(output_dir),
+                                              config=config, resume="allow")
+                finally:
+                    sys.argv = argv
             except Exception as err:  # wandb raises its own types for login and network problems
                 raise UsageError(f"--report_to wandb: wandb could not start ({str(err).splitlines()[0][:200]}); run "
                                  f"`wandb login`, set WANDB_MODE=offline, or use --report_to tensorboard") from None

@@ -6,9 +6,12 @@ which DeepSpeed pickles its config, resolved_config.yaml, plan.json, ds_config.j
 accelerate.yaml, metrics, final/, and the wandb/ offline run with its config, debug logs and
 .wandb file), plus everything the run printed. Runs: (a) one process with --report_to wandb and a
 checkpoint; (b) `trainrig launch` planning a 2-rank ZeRO-2 run (writing plan.json and
-ds_config.json) and running it with a checkpoint and wandb. The scan itself is checked: it finds a
-planted secret, and it does see inside the ZeRO shards and the wandb files (the DeepSpeed config
-and the run config are readable there as plain bytes).
+ds_config.json) and running it with a checkpoint and wandb. A --run_name that carries the token
+(a job script building names from the environment) must be redacted too: in the tracker's run
+name, in the command line wandb records, and in the command `trainrig launch` prints and keeps in
+plan.json. The scan itself is checked: it finds a planted secret, and it does see inside the ZeRO
+shards and the wandb files (the DeepSpeed config, the run config and the command line are
+readable there as plain bytes).
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def test_single_process_run_leaks_no_secret(run_name, env_secrets, corpus, token
 @pytest.mark.slow
 def test_launch_zero2_two_ranks_leaks_no_secret(env_secrets, corpus, tokenizer_dir, tmp_path):
     """`trainrig launch` plans (plan.json, ds_config.json, accelerate.yaml), then runs 2 CPU ranks
-    under ZeRO-2 with a checkpoint of DeepSpeed shards and a wandb run."""
+    under ZeRO-2 with a checkpoint of DeepSpeed shards and a wandb run. The --run_name carries
+    the token, as a job script building names from the environment would."""
     out = tmp_path / "zero2"
     args = pretrain_args(corpus, tokenizer_dir, out, max_steps=2, save_steps=2, report_to="wandb",
                          run_name=f"zero2-{env_secrets['HF_TOKEN']}")
@@ -107,5 +111,21 @@ def test_launch_zero2_two_ranks_leaks_no_secret(env_secrets, corpus, tokenizer_d
     # DeepSpeed pickles its config into the shards as plain bytes: the scan would see a secret there
     assert set(scan([out / "checkpoint-2" / "deepspeed"], {}, {"ds": "train_micro_batch_size_per_gpu"})) >= \
         {f"{shards[0]}: ds"}
+    # wandb records the command line (where --run_name carries the token) and launch prints it: both redacted
+    assert scan([out / "wandb"], {}, {"argv": "--run_name"}) and "launch: " in proc.stdout
     leaks = scan([out], {"stdout": proc.stdout, "stderr": proc.stderr}, env_secrets)
+    assert leaks == [], leaks
+
+
+def test_trainrig_plan_files_leak_no_secret(env_secrets, corpus, tokenizer_dir, tmp_path, capsys):
+    """`trainrig plan` alone: plan.json keeps the launch command, which would carry --run_name."""
+    from launch.plan import main_plan
+
+    out = tmp_path / "plan"
+    args = pretrain_args(corpus, tokenizer_dir, out, run_name=f"plan-{env_secrets['HF_TOKEN']}")
+    assert main_plan(["--stage", "pretrain", "--hardware", "2xcpu", "--zero_stage", "2", *args]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads((out / "plan.json").read_text())
+    assert "--run_name" in plan["command"] and (out / "ds_config.json").is_file() and (out / "accelerate.yaml").is_file()
+    leaks = scan([out], {"stdout": captured.out, "stderr": captured.err}, env_secrets)
     assert leaks == [], leaks

@@ -189,6 +189,7 @@ def remote_code_model(tokenizer_dir, tmp_path, monkeypatch) -> tuple[Path, Path]
         del sys.modules[name]
 
 
+@pytest.mark.slow
 def test_remote_code_needs_trust_remote_code(remote_code_model, corpus, tokenizer_dir, tmp_path, capsys):
     model_dir, marker = remote_code_model
 

@@ -232,7 +232,8 @@ class ChatRenderer:
         specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         missing = [t for t in (IM_START, IM_END) if t not in vocab or t not in specials]
         if missing:
-            raise UsageError(f"{tokenizer_flag}: the tokenizer has no special token {' '.join(missing)}; SFT renders ChatML. "
+            named = f"{tokenizer_flag} {tokenizer.name_or_path}" if getattr(tokenizer, "name_or_path", "") else tokenizer_flag
+            raise UsageError(f"{named}: the tokenizer has no special token {' '.join(missing)}; SFT renders ChatML. "
                              f"Use a ChatML tokenizer (Qwen's, or one from tokenizer/train.py), or add them as special tokens")
         self.system_prompt = settings.default_system_prompt or self._template_default_system()
         # the tokenizer turns these texts into special tokens wherever they appear
