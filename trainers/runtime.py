@@ -288,6 +288,9 @@ class Runtime(Collectives):
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.zero_stage = self.ds_config["zero_optimization"]["stage"] if self.uses_deepspeed else None
         self.offload = ds_offload(self.ds_config) if self.uses_deepspeed else "none"
+        self.watchdog = None  # several ranks: a stuck one makes the others stop the run (trainers/watchdog.py)
+        if expected_world > 1 and getattr(dist_cfg, "hang_timeout", 0) > 0:
+            self.watchdog = _start_hang_watchdog(dist_cfg.hang_timeout, self.rank, self.world_size)
 
     @staticmethod
     def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world) -> dict | None:
@@ -327,6 +330,12 @@ class Runtime(Collectives):
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def note_step(self) -> None:
+        """This rank finished an optimizer step (its heartbeat carries the count, for the message
+        that names a stuck rank)."""
+        if self.watchdog is not None:
+            self.watchdog.note_step()
 
     # -------------------------------------------------------------------------- training
 
@@ -478,6 +487,8 @@ class Runtime(Collectives):
 
         if self.world_size > 1:  # (accelerate's end_training would destroy the group: the teardown to avoid)
             self.barrier()  # every rank is done with every collective
+            if self.watchdog is not None:  # after the barrier: a rank hung before it is still caught
+                self.watchdog.finish()
             _FINISHED_RUNS.append(self.accelerator)  # holds the wrapped model, its reducer and the group
             return
         self.accelerator.end_training()
@@ -560,6 +571,28 @@ def _without_zero_init(plugin):
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def _start_hang_watchdog(timeout_s: int, rank: int, world_size: int):
+    """The heartbeat watchdog on a store client of its own (its own connection, so its reads never
+    queue behind the process group's). The store is where MASTER_ADDR:MASTER_PORT point: the
+    torchrun agent's (TORCHELASTIC_USE_AGENT_STORE=True: torchrun, accelerate launch), else the one
+    rank 0 serves from inside its process (the deepspeed launcher, plain env://)."""
+    import torch.distributed as dist
+
+    from trainers.watchdog import Watchdog
+
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    try:
+        store = dist.TCPStore(host_name=host, port=int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+    except (ValueError, RuntimeError) as err:  # DistError is a RuntimeError
+        log.warning("--hang_timeout: no store client at MASTER_ADDR=%r MASTER_PORT=%r (%s); running without the hang "
+                    "watchdog (a stuck rank stops the run only at --ddp_timeout)", host, port, str(err).splitlines()[0])
+        return None
+    owner = "the torchrun agent on the first node" if agent else "rank 0"
+    return Watchdog(store, rank, world_size, timeout_s, store_address=f"{host}:{port}", store_owner=owner).start()
 
 
 def _free_port() -> int:
