@@ -11,8 +11,31 @@ import run as bench  # noqa: E402
 
 def test_bench_loops_run(corpus, tokenizer_dir, tmp_path):
     bare = bench.bare_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
+    trainer = bench.hf_trainer_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
     ours = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "run")
-    assert bare > 0 and ours > 0
+    assert bare > 0 and trainer > 0 and ours > 0
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
+    """6 x (every weight but the input embedding, plus the head) + 12 x layers x hidden x length,
+    against the tiny preset's shape counted by hand."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from trainers.models import padded_vocab_size
+
+    shape = json.loads((REPO / "configs" / "models" / "tiny.json").read_text())
+    vocab = padded_vocab_size(AutoTokenizer.from_pretrained(tokenizer_dir))  # the model's rows: the tokenizer's, padded
+    hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    flops = bench.flops_per_token("tiny", tokenizer_dir, 64)
+    head_dim = hidden // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    per_layer = hidden * (hidden + 2 * kv) + (hidden + 2 * kv) + hidden * hidden + 3 * hidden * shape["intermediate_size"] + 2 * hidden
+    expected = layers * per_layer + hidden + vocab * hidden  # + final norm + head (tied or not, the head is a matmul)
+    assert flops["matmul_weights"] == expected
+    assert flops["attention"] == 12 * layers * hidden * 64
+    assert flops["per_token"] == 6 * expected + flops["attention"]
 
 
 def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
@@ -51,3 +74,16 @@ def test_bench_memory_case_runs_and_renders(corpus, tokenizer_dir, tmp_path):
     assert case["predicted_gb"] == case["terms"]["total"]  # on CPU the estimate includes the process's libraries
     text = "\n".join(bench.render_memory([case]))
     assert "## (d) Memory model vs. measured peak, cpu, fp32" in text and f"**{case['ratio']:.2f}**" in text
+
+
+def test_chat_masking_pipelines_train_the_same_tokens(corpus, tokenizer_dir, tmp_path):
+    """The data section's chat comparison: both pipelines run and label the very same tokens (the
+    figure is void otherwise)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat = tmp_path / "chat.jsonl"
+    bench.make_chat_set(chat, corpus, tokenizer, 60, 128, seed=3)
+    result = bench.bench_chat_masking(chat, tokenizer, 128, repeats=1, chunk=16)
+    assert result["same_labels"] and result["trainrig"]["trained_tokens"] > 0
+    assert result["trainrig"]["samples_s"] > 0 and result["hf_apply_chat_template"]["samples_s"] > 0
