@@ -4,11 +4,14 @@
 
 (a) data preparation: tokenize + pack a jsonl corpus into blocks, trainrig's `prepare_blocks`
     vs. HF run_clm's recipe (`datasets.load_dataset` -> `map(tokenize, num_proc)` -> `map(group_texts)`).
-(b) training step throughput: `launch/pretrain.py` vs. a bare hand-written PyTorch loop on the
-    same model init, blocks, micro batch, optimizer and precision.
+    Also chat rendering + assistant-only masking vs. `apply_chat_template` + offset-based masking.
+(b) training step throughput: `launch/pretrain.py` vs. the HF `Trainer` and a bare hand-written
+    PyTorch loop on the same model init, blocks, micro batch, optimizer and precision; model FLOP/s
+    over the machine's measured matmul peak (CPU efficiency).
 (c) SFT on a length-skewed chat set: `launch/sft.py` packed (default) and `--no-packing`
-    (length-grouped) vs. pad-to-max (Qwen's classic `preprocess` + a bare PyTorch loop): non-pad
-    share of the batches, trained (assistant) tokens/s, and the loss after equal steps.
+    (length-grouped) vs. TRL's `SFTTrainer` (its defaults, and its packing; bench/trl_sft.py) and
+    pad-to-max (Qwen's classic `preprocess` + a bare PyTorch loop): non-pad share of the batches,
+    trained (assistant) tokens/s, and the loss after equal steps.
 (d) the memory model: the planner's estimate for a run (plan.json `memory_gb`) against the run's
     measured peak (metrics.jsonl `peak_memory_gb`: the process's peak RSS on CPU, where the
     estimate includes the process's own libraries; `torch.cuda.max_memory_allocated` on a GPU,
@@ -239,7 +242,8 @@ def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size
     """The HF `Trainer` on the same blocks, init, micro batch, fp32 and the very same fused AdamW
     (passed in, constant lr, clip 1.0); its logging every `warmup` steps, like trainrig's here. Timed
     by a callback from the start of step `warmup` to the end of the last step, so data loading and
-    the Trainer's per-step work count, as they do in trainrig's figure."""
+    the Trainer's per-step work count, as they do in trainrig's figure (timed from the end of step
+    `warmup` to the end of the last: the same steps as the bare loop's)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -260,11 +264,9 @@ def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size
     class Timer(TrainerCallback):
         start = end = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):  # steps warmup+1..steps, each with its batch's loading
             if state.global_step == warmup:
                 Timer.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == steps:
                 Timer.end = time.perf_counter()
 
@@ -583,9 +585,11 @@ def sft_data_stats(chat, tokenizer, cache_dir, max_len, seed) -> dict:
 
 
 def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=2, steps=0, warmup=4, loss_steps=16,
-              samples=2000, repeats=3, seed=0) -> dict:
-    """(c): trainrig SFT, packed and length-grouped, vs. pad-to-max in a bare loop: the same chat set,
-    model, micro batch (rows), steps, optimizer and lr; medians of `repeats`, the three interleaved.
+              samples=2000, repeats=3, seed=0, trl_variants=None) -> dict:
+    """(c): trainrig SFT, packed and length-grouped, vs. pad-to-max in a bare loop and TRL's
+    SFTTrainer (bench/trl_sft.py; `trl_variants`, default ("defaults", "packing") when TRL imports,
+    () otherwise, and the result says why): the same chat set, model, micro batch (rows), steps,
+    optimizer and lr; medians of `repeats`, all loops interleaved.
 
     By default (steps=0) the timed window, steps - warmup, is exactly one of `--no-packing`'s
     length-group chunks (trainrig sorts each chunk of LENGTH_GROUP micro batches longest first), so
@@ -593,6 +597,15 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
     from trainers.models import load_tokenizer
     from trainers.sft import LENGTH_GROUP
 
+    if str(Path(__file__).resolve().parent) not in sys.path:  # bench/, for trl_sft.py when run.py is imported
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trl_sft import trl_available, trl_sft_in_process
+
+    trl_skipped = None
+    if trl_variants is None:
+        trl_variants = ("defaults", "packing") if trl_available() else ()
+        if not trl_variants:
+            trl_skipped = "TRL is not installed (`pip install -e \".[dev]\"`, which `make bench` and `make test` do)"
     steps = steps or warmup + LENGTH_GROUP
     corpus, tokenizer_dir, workdir = (Path(p).resolve() for p in (corpus, tokenizer_dir, workdir))  # children run in REPO
     cache = workdir / "sft_cache"
@@ -601,12 +614,15 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
     tokenizer = load_tokenizer(str(model_dir), False, "--model_name_or_path")
     chat = workdir / "sft_chat.jsonl"
     chat_stats = make_chat_set(chat, corpus, tokenizer, samples, max_len, seed=5)
-    runs: dict[str, list[dict]] = {"packed": [], "grouped": [], "pad_to_max": []}
+    runs: dict[str, list[dict]] = {"packed": [], "grouped": [], "pad_to_max": [], **{f"trl_{v}": [] for v in trl_variants}}
     for i in range(repeats):
         runs["pad_to_max"].append(bare_sft_in_process(chat, model_dir, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed))
         for name in ("packed", "grouped"):
             runs[name].append(trainrig_sft(chat, model_dir, cache, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed,
                                            workdir / f"sft_{name}_{i}", packing=name == "packed"))
+        for variant in trl_variants:
+            runs[f"trl_{variant}"].append(trl_sft_in_process(chat, model_dir, max_len, micro, steps, warmup, loss_steps,
+                                                             SFT_LR, seed, variant))
     data = sft_data_stats(chat, tokenizer, cache, max_len, seed)
     result = {"preset": preset, "max_seq_length": max_len, "micro_batch": micro, "steps": steps, "warmup": warmup,
               "loss_steps": loss_steps, "length_group": LENGTH_GROUP, "lr": SFT_LR, "repeats": repeats, "chat": chat_stats,
@@ -615,6 +631,7 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
         result[name] = {"trained_tok_s": statistics.median(r["trained_tok_s"] for r in rs),
                         "tok_s": statistics.median(r["tok_s"] for r in rs),
                         "loss": statistics.median(r["loss"] for r in rs),
+                        "trained_tokens": statistics.median(r["trained_tokens"] for r in rs),  # in the timed steps
                         "all": [round(r["trained_tok_s"]) for r in rs]}
     result["packed"].update(non_pad=runs["packed"][0]["batch_fill"], rows_used=data["rows_used"],
                             samples_per_row=data["samples_per_row"])
@@ -625,6 +642,16 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
     result["ratio"] = result["packed"]["trained_tok_s"] / result["pad_to_max"]["trained_tok_s"]
     result["grouped_ratio"] = result["grouped"]["trained_tok_s"] / result["pad_to_max"]["trained_tok_s"]
     result["targets"] = {"non_pad": result["packed"]["non_pad"] >= 0.95, "speedup": result["ratio"] >= 2.0}
+    result["trl_variants"], result["trl_skipped"] = list(trl_variants), trl_skipped
+    for variant in trl_variants:
+        first = runs[f"trl_{variant}"][0]
+        result[f"trl_{variant}"].update(non_pad=first["non_pad"], samples_per_row=first["samples_per_row"], trl=first["trl"],
+                                        assistant_only_loss=first["assistant_only_loss"])
+        result["trained_labels"][f"trl_{variant}"] = first["dataset_trained_tokens"]
+        result[f"trl_{variant}_ratio"] = result["packed"]["trained_tok_s"] / result[f"trl_{variant}"]["trained_tok_s"]
+    if "defaults" in trl_variants:
+        result["trl_ratio"] = result["trl_defaults_ratio"]  # trainrig packed / SFTTrainer defaults
+        result["targets"]["trl_speedup"] = result["trl_ratio"] >= 1.5
     return result
 
 
@@ -755,8 +782,8 @@ def render_training(training: list[dict]) -> list[str]:
                      f"| {t['trainrig_all']} / {t['hf_trainer_all']} / {t['bare_all']} |")
     lines += ["", f"Medians of {training[0]['repeats']} runs, the three loops interleaved, the warmup steps excluded; each run is its own "
               "process. trainrig's figure is its own `tokens_per_sec` (time inside training steps, data loading included); the "
-              "bare loop is timed over the same steps, the `Trainer` by a callback from the start of the first timed step to the "
-              "end of the last. All three get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr.",
+              "bare loop is timed over the same steps, the `Trainer` by a callback from the end of the last warmup step to the "
+              "end of the last step. All three get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr.",
               "", "Targets: " + "; ".join(
                   f"{t['preset']} vs. Trainer {'met' if t['trainer_ratio'] >= 1.10 else 'NOT met'}, vs. bare "
                   f"{'met' if t['ratio'] >= 0.97 else 'NOT met'}" for t in training) + "."]
@@ -798,6 +825,13 @@ def render_sft(r: dict) -> list[str]:
     labels = {"packed": "trainrig `launch/sft.py` (default: best-fit packing, padding-free)",
               "grouped": "trainrig `launch/sft.py --no-packing` (length-grouped batches, padded to their longest)",
               "pad_to_max": f"pad-to-max: Qwen's classic `preprocess` + bare PyTorch loop (every sample padded to {L})"}
+    trl_labels = {"defaults": "TRL `SFTTrainer`, its defaults (no packing: samples padded to the longest in the batch)",
+                  "packing": "TRL `SFTTrainer`, `packing=True` (BFD rows of {L}, padding-free: each micro batch flattened)",
+                  "padding_free": "TRL `SFTTrainer`, `padding_free=True` without packing (micro batch flattened)",
+                  "all_tokens": "TRL `SFTTrainer`, its defaults, loss on every token (stock template)"}
+    trl_variants = [v for v in r.get("trl_variants", []) if f"trl_{v}" in r]
+    labels.update({f"trl_{v}": trl_labels.get(v, f"TRL `SFTTrainer` {v}").format(L=L) for v in trl_variants})
+    loops = "all " + {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}.get(len(labels), str(len(labels)))
     timed = r["steps"] - r["warmup"]
     timing_note = (f"The {timed} timed steps are as many as one of `--no-packing`'s length-group chunks ({r['length_group']} "
                    "micro batches, sorted longest first), so it is timed on all lengths, not on a chunk's longest batches."
@@ -810,42 +844,104 @@ def render_sft(r: dict) -> list[str]:
         f"{c['samples']:,} `messages` records ({c['multi_turn']:,} multi-turn), ChatML lengths log-normal in [16, {L}] tokens: "
         f"mean {c['mean_tokens']:.0f}, median {c['median_tokens']:.0f}, max {c['max_tokens']} ({r['kept']:,} kept, "
         f"{r['truncated']} truncated by trainrig). Same model, micro batch {r['micro_batch']} rows of up to {L} tokens, "
-        f"{r['steps']} steps (the first {r['warmup']} excluded from timing), constant lr {r['lr']:g}, clip 1.0, for all three.",
+        f"{r['steps']} steps (the first {r['warmup']} excluded from timing), constant lr {r['lr']:g}, clip 1.0, for {loops}.",
         "",
         "| loop | non-pad tokens per batch | samples per row | trained tokens/s | non-pad tokens/s | vs pad-to-max | "
-        f"loss, mean of the last {r['loss_steps']} steps | runs, trained tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"trained tokens in the {timed} timed steps | loss, mean of the last {r['loss_steps']} steps | runs, trained tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base = r["pad_to_max"]["trained_tok_s"]
     for key, label in labels.items():
         x = r[key]
+        trained = f"{x['trained_tokens']:,.0f}" if "trained_tokens" in x else "-"
         lines.append(f"| {label} | {x['non_pad']:.1%} | {x['samples_per_row']:.2f} | {x['trained_tok_s']:,.0f} | {x['tok_s']:,.0f} | "
-                     f"**{x['trained_tok_s'] / base:.2f}x** | {x['loss']:.3f} | {x['all']} |")
+                     f"**{x['trained_tok_s'] / base:.2f}x** | {trained} | {x['loss']:.3f} | {x['all']} |")
     lines += [
         "",
         f"Target non-pad >= 95% with packing: **{met['non_pad']}** ({r['packed']['non_pad']:.1%}). "
         f"Target >= 2x pad-to-max's trained tokens/s: **{met['speedup']}** ({r['ratio']:.2f}x; without packing "
         f"{r['grouped_ratio']:.2f}x).",
         "",
+        *_render_sft_trl(r, trl_variants),
         f"Non-pad fraction: for trainrig, plan.json's `batch_fill`, the non-pad share of all positions of the micro "
         f"batches its loader builds in the first epoch (rows padded to the longest in their batch; the packed rows "
         f"themselves use {r['packed']['rows_used']:.1%} of {L} tokens). Pad-to-max, mean length / {L}. "
         f"Trained tokens/s counts labels that are not -100 after the one-token shift; trainrig's rates are the deltas of its "
         f"metrics.jsonl running totals (`trained_tokens`, `tokens`, `elapsed_s`) between step {r['warmup']} and the last step, "
         f"the bare loop is timed over the same steps. {timing_note} Each run "
-        f"is its own process, the three interleaved. Trained labels over the whole set (assistant content and its "
-        f"`<|im_end|>` in both): trainrig {r['trained_labels']['trainrig']:,}, the pad-to-max preprocess "
-        f"{r['trained_labels']['pad_to_max']:,}.",
+        f"is its own process, {loops} interleaved. Trained labels over the whole set (assistant content and its "
+        f"`<|im_end|>` in each): trainrig {r['trained_labels']['trainrig']:,}, the pad-to-max preprocess "
+        f"{r['trained_labels']['pad_to_max']:,}"
+        + "".join(f", TRL {v} {r['trained_labels'][f'trl_{v}']:,}" for v in trl_variants if f"trl_{v}" in r["trained_labels"])
+        + ".",
         "",
         f"Fairness of the losses: every loop takes {r['steps']} optimizer steps of {r['micro_batch']} rows, but a packed row "
         f"holds {r['packed']['samples_per_row']:.1f} samples, so packing sees ~{r['packed']['samples_per_row']:.1f}x the "
         "samples and trained tokens per step: equal steps are not equal data, and a lower packed loss is that, not a better optimizer. Each step's "
-        "loss is the mean over its trained tokens in all three, and the three see different samples in different orders "
+        f"loss is the mean over its trained tokens in {loops}, and they see different samples in different orders "
         "(`--no-packing` in length-sorted runs, so its last steps hold a length mix unlike the others'). "
-        "The model is a preset pretrained for one step (a near-random start), so the losses show that all three loops train, "
+        f"{_sft_token_parity(r, labels)}"
+        f"The model is a preset pretrained for one step (a near-random start), so the losses show that {loops} loops train, "
         "not what SFT achieves.",
     ]
     return lines
+
+
+def _sft_token_parity(r: dict, labels: dict) -> str:
+    """One sentence on whether the losses are at equal trained tokens (the timed steps' counts)."""
+    counts = {k: r[k]["trained_tokens"] for k in labels if "trained_tokens" in r[k]}
+    if len(counts) < 2:
+        return ""
+    low, high = min(counts, key=counts.get), max(counts, key=counts.get)
+    spread = counts[high] / max(counts[low], 1)
+    short = {"packed": "trainrig packed", "grouped": "trainrig --no-packing", "pad_to_max": "pad-to-max"}
+    low_name, high_name = (short.get(k, k.replace("trl_", "TRL ")) for k in (low, high))
+    if spread <= 1.15:
+        return (f"The trained tokens of the timed steps agree within {spread - 1:.0%} across the loops, so the losses are "
+                "at about equal trained tokens. ")
+    return (f"The losses are NOT at equal trained tokens: in the timed steps the loops trained from {counts[low]:,.0f} "
+            f"({low_name}) to {counts[high]:,.0f} ({high_name}) tokens, {spread:.1f}x apart, so compare losses only between loops "
+            "with similar counts (packed with packed, padded with padded); the loss at equal trained tokens would need "
+            "the padded loops to run proportionally more steps. ")
+
+
+def _render_sft_trl(r: dict, trl_variants: list[str]) -> list[str]:
+    """The TRL SFTTrainer lines of section (c): the target, or why the rows are missing, and its settings."""
+    if not trl_variants:
+        why = (r.get("trl_skipped") or "not asked for (`bench_sft(trl_variants=())`)" if "trl_variants" in r else
+               "not measured: results/sft.json predates them; rerun `bench/run.py --only sft`")
+        return [f"TRL `SFTTrainer` rows skipped: {why}.", ""]
+    lines = []
+    if "trl_ratio" in r:
+        met = "met" if r["targets"]["trl_speedup"] else "NOT met"
+        others = "".join(f"; vs SFTTrainer {v}: {r[f'trl_{v}_ratio']:.2f}x" for v in trl_variants if v != "defaults")
+        lines.append(f"Target >= 1.5x TRL `SFTTrainer` (defaults)'s trained tokens/s: **{met}** ({r['trl_ratio']:.2f}x{others}).")
+    else:
+        lines.append("No SFTTrainer-defaults run, so the >= 1.5x target is not evaluated"
+                     + "".join(f"; trainrig packed vs SFTTrainer {v}: {r[f'trl_{v}_ratio']:.2f}x" for v in trl_variants) + ".")
+    version = r[f"trl_{trl_variants[0]}"].get("trl", "?")
+    assistant_only = all(r[f"trl_{v}"].get("assistant_only_loss", True) for v in trl_variants)
+    lines += ["", f"TRL {version} (`bench/trl_sft.py`, each run its own process): the same model directory, fp32, SDPA, "
+              "micro batch, steps, lr (constant, no warmup), AdamW betas 0.9/0.95 eps 1e-8 no weight decay (Trainer's fused "
+              "AdamW), clip 1.0 and seed; TRL's gradient-checkpointing default (on) turned off, as neither trainrig (for this "
+              "model) nor the bare loop checkpoints; no eval, saving or trackers; all else TRL's defaults (its chat-template "
+              "tokenisation, collator, shuffled loader, fused LM head, per-step entropy/accuracy metrics). "
+              + ("Loss on assistant tokens only, as the others: `assistant_only_loss=True` with `chat_template_path` set to the "
+                 "model's ChatML plus `{% generation %}` markers around each assistant content and its `<|im_end|>` (the "
+                 "model's own template has none, and TRL cannot patch it), rendering the same text; TRL's trained labels "
+                 "above match trainrig's. "
+                 if assistant_only else
+                 "Some TRL runs train on every token (the model's template has no `{% generation %}` markers); their trained "
+                 "tokens/s count only the assistant tokens, the work the other loops do, and their loss is over all tokens. ")
+              + "Timed by a TrainerCallback from the end of step "
+              f"{r['warmup']} to the end of the last step (data loading and the Trainer's per-step work included); its "
+              "non-pad share is that of the batches of those steps. "
+              + ("`packing=True` (best-fit decreasing) forces padding-free: each micro batch becomes one flattened row with "
+                 "`position_ids` restarting per sample and no attention mask; with SDPA on CPU, transformers rebuilds a "
+                 "block-diagonal causal mask from those `position_ids`, so samples stay separate but attention is dense over "
+                 "the whole flattened micro batch (no varlen kernel without FlashAttention). "
+                 if "packing" in trl_variants else "")]
+    return [*lines[:-1], lines[-1].rstrip(), ""]
 
 
 def render_memory(cases: list[dict]) -> list[str]:
@@ -1002,8 +1098,9 @@ def main() -> None:
             save_result(results_dir, "pretrain", info, training)
         if "sft" in run:
             sft = bench_sft(corpus, work / "tok", work, repeats=args.repeats)
+            trl = "".join(f", TRL {v} {sft['trl_' + v]['trained_tok_s']:,.0f}" for v in sft.get("trl_variants", ()))
             print(f"(c) sft: trained tok/s packed {sft['packed']['trained_tok_s']:,.0f}, no-packing {sft['grouped']['trained_tok_s']:,.0f}, "
-                  f"pad-to-max {sft['pad_to_max']['trained_tok_s']:,.0f} = {sft['ratio']:.2f}x; non-pad packed "
+                  f"pad-to-max {sft['pad_to_max']['trained_tok_s']:,.0f} = {sft['ratio']:.2f}x{trl}; non-pad packed "
                   f"{sft['packed']['non_pad']:.1%}", flush=True)
             save_result(results_dir, "sft", info, sft)
         if "memory" in run:

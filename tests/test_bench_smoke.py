@@ -40,9 +40,10 @@ def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
 
 def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     """Section (c) end to end on a handful of steps: base model, chat set, the three loops, the
-    fills, then its JSON and the report rendered from it."""
+    fills, then its JSON and the report rendered from it. Without the TRL rows (trl_variants=()),
+    so `make test` needs no TRL; test_trl_sft_runs covers those where TRL is installed."""
     result = bench.bench_sft(corpus, tokenizer_dir, tmp_path, max_len=64, micro=2, steps=4, warmup=2, loss_steps=2,
-                             samples=40, repeats=1)
+                             samples=40, repeats=1, trl_variants=())
     chat = result["chat"]
     assert chat["samples"] == result["kept"] == 40 and result["truncated"] == 0
     assert 16 <= chat["min_tokens"] and chat["max_tokens"] <= 64 and chat["multi_turn"]
@@ -63,7 +64,50 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     text = report.read_text()
     assert "## (c) SFT" in text and "Target non-pad >= 95% with packing: **" in text and "Measured today" in text
     assert "Carried over from the previous RESULTS.md" in text and "| a | table |" in text  # (a) had no JSON
+    assert "TRL `SFTTrainer` rows skipped: not asked for" in text and "trained tokens in the 2 timed steps" in text
     assert json.loads((tmp_path / "results" / "sft.json").read_text())["packed"]["trained_tok_s"] > 0
+
+
+def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
+    """bench/trl_sft.py: TRL's SFTTrainer, defaults and packing, 3 steps each on the bench's chat set
+    and model, in their own processes; the labels are trainrig's (assistant-only) and the rows render."""
+    import trl_sft
+    from trainers.models import load_tokenizer
+
+    model_dir = bench.make_sft_model(corpus, tokenizer_dir, tmp_path / "base", "tiny", tmp_path / "cache")
+    chat = tmp_path / "chat.jsonl"
+    bench.make_chat_set(chat, corpus, load_tokenizer(str(model_dir), False, "--model_name_or_path"), 24, 64, seed=5)
+    trainrig_labels = bench.sft_data_stats(chat, load_tokenizer(str(model_dir), False, "--model_name_or_path"),
+                                           tmp_path / "cache", 64, 0)["dataset_trained_tokens"]
+    runs = {v: trl_sft.trl_sft_in_process(chat, model_dir, 64, 2, 3, 1, 2, 1e-3, 0, v) for v in ("defaults", "packing")}
+    for variant, run in runs.items():
+        assert run["trained_tok_s"] > 0 and run["tok_s"] >= run["trained_tok_s"] and run["loss"] > 0, variant
+        assert run["trained_tokens"] > 0 and run["assistant_only_loss"], variant
+        assert run["dataset_trained_tokens"] == trainrig_labels, variant  # the very same trained tokens as trainrig
+    assert runs["packing"]["non_pad"] == 1.0 and runs["packing"]["samples_per_row"] > 1  # padding-free, packed rows
+    assert runs["defaults"]["non_pad"] < 1.0 and runs["defaults"]["samples_per_row"] == 1.0
+
+    # the rows in section (c), on a result with made-up figures for the other loops
+    loop = {"trained_tok_s": 100.0, "tok_s": 200.0, "loss": 5.0, "trained_tokens": 50, "all": [100], "non_pad": 0.9,
+            "samples_per_row": 1.0}
+    result = {"preset": "tiny", "max_seq_length": 64, "micro_batch": 2, "steps": 3, "warmup": 1, "loss_steps": 2,
+              "length_group": 64, "lr": 1e-3, "repeats": 1, "kept": 24, "truncated": 0,
+              "chat": {"samples": 24, "multi_turn": 3, "mean_tokens": 30.0, "median_tokens": 30.0, "max_tokens": 60},
+              "packed": {**loop, "trained_tok_s": 300.0, "trained_tokens": 150, "rows_used": 0.9, "samples_per_row": 2.0},
+              "grouped": loop, "pad_to_max": loop, "trained_labels": {"trainrig": 1, "pad_to_max": 1},
+              "ratio": 3.0, "grouped_ratio": 1.0, "targets": {"non_pad": False, "speedup": True},
+              "trl_variants": ["defaults", "packing"], "trl_skipped": None, "trl_ratio": 1.6, "trl_defaults_ratio": 1.6,
+              "trl_packing_ratio": 1.1}
+    result["targets"]["trl_speedup"] = True
+    for variant, run in runs.items():
+        result[f"trl_{variant}"] = {**{k: run[k] for k in ("trained_tok_s", "tok_s", "loss", "trained_tokens", "non_pad",
+                                                           "samples_per_row", "trl", "assistant_only_loss")},
+                                    "all": [round(run["trained_tok_s"])]}
+        result["trained_labels"][f"trl_{variant}"] = run["dataset_trained_tokens"]
+    text = "\n".join(bench.render_sft(result))
+    assert "| TRL `SFTTrainer`, its defaults" in text and "| TRL `SFTTrainer`, `packing=True`" in text
+    assert "Target >= 1.5x TRL `SFTTrainer` (defaults)'s trained tokens/s: **met** (1.60x; vs SFTTrainer packing: 1.10x)" in text
+    assert "NOT at equal trained tokens" in text and "for all five" in text
 
 
 def test_bench_memory_case_runs_and_renders(corpus, tokenizer_dir, tmp_path):
