@@ -1085,7 +1085,7 @@ def main() -> None:
             data["chat"] = bench_chat_masking(chat_set, tokenizer, 512, args.repeats)
             print(f"(a) chat rendering + masking: trainrig {data['chat']['trainrig']['samples_s']:,.0f} samples/s, "
                   f"{data['chat']['ratio']:.2f}x apply_chat_template + offsets", flush=True)
-            print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict)}, flush=True)
+            print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict) and "tok_s" in v}, flush=True)
             save_result(results_dir, "data", info, data)
         if "pretrain" in run:
             training, peak = [], matmul_peak_flops()
