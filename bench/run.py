@@ -198,13 +198,12 @@ def bench_chat_masking(chat: Path, tokenizer, max_len: int, repeats: int, chunk:
 # --------------------------------------------------------------------------- (b) training
 
 
-def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr) -> float:
-    """The hand-written loop a user would write: same blocks, same init, same fused AdamW."""
+def pretraining_setup(corpus, tokenizer_dir, cache_dir, preset, block_size, seed, lr):
+    """(blocks, model, optimizer) as launch/pretrain.py makes them: the same blocks cache, seeded
+    init and fused AdamW, for the loops it is compared with."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from trainers.config import OptimConfig, PretrainModelConfig
-    from trainers.data.collate import collate_blocks
     from trainers.data.packing import prepare_blocks
     from trainers.models import build_model, load_tokenizer, resolve_model_config
     from trainers.optim import build_optimizer
@@ -214,7 +213,17 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
     blocks = prepare_blocks([str(corpus)], "--train_files", tokenizer, block_size, "text", str(cache_dir), 1000, build=True)
     model_cfg = PretrainModelConfig(model_preset=preset)
     model = build_model(model_cfg, resolve_model_config(model_cfg, block_size), tokenizer, "sdpa", seed)
-    optimizer = build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
+    return blocks, model, build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
+
+
+def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr) -> float:
+    """The hand-written loop a user would write: same blocks, same init, same fused AdamW."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from trainers.data.collate import collate_blocks
+
+    blocks, model, optimizer = pretraining_setup(corpus, tokenizer_dir, cache_dir, preset, block_size, seed, lr)
     sampler = DistributedSampler(blocks, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True)
 
@@ -241,24 +250,14 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
 def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr) -> float:
     """The HF `Trainer` on the same blocks, init, micro batch, fp32 and the very same fused AdamW
     (passed in, constant lr, clip 1.0); its logging every `warmup` steps, like trainrig's here. Timed
-    by a callback from the start of step `warmup` to the end of the last step, so data loading and
-    the Trainer's per-step work count, as they do in trainrig's figure (timed from the end of step
-    `warmup` to the end of the last: the same steps as the bare loop's)."""
+    by a callback from the end of step `warmup` to the end of the last step (the bare loop's steps),
+    so data loading and the Trainer's per-step work count, as they do in trainrig's figure."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from trainers.config import OptimConfig, PretrainModelConfig
     from trainers.data.collate import collate_blocks
-    from trainers.data.packing import prepare_blocks
-    from trainers.models import build_model, load_tokenizer, resolve_model_config
-    from trainers.optim import build_optimizer
 
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(str(tokenizer_dir), False, "--tokenizer_name_or_path")
-    blocks = prepare_blocks([str(corpus)], "--train_files", tokenizer, block_size, "text", str(cache_dir), 1000, build=True)
-    model_cfg = PretrainModelConfig(model_preset=preset)
-    model = build_model(model_cfg, resolve_model_config(model_cfg, block_size), tokenizer, "sdpa", seed)
-    optimizer = build_optimizer(model, OptimConfig(learning_rate=lr), torch.device("cpu"))
+    blocks, model, optimizer = pretraining_setup(corpus, tokenizer_dir, cache_dir, preset, block_size, seed, lr)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     class Timer(TrainerCallback):
