@@ -12,10 +12,13 @@ actually runs (not a textbook model):
   tests/test_memory.py) so the planner agrees with the engine it configures.
 - Activations: what autograd saves per layer per token, measured on transformers 5 Qwen2 layers
   with saved-tensor hooks for each precision mode (tests re-measure on other shapes, within 3%).
-- Logits: 12 bytes per vocabulary entry per token at the start of the backward: the saved fp32
+- Logits, with the model's own loss (--no-chunked_loss, or a model trainers/chunked_loss.py does
+  not route): 12 bytes per vocabulary entry per token at the start of the backward: the saved fp32
   log-softmax, the fp32 gradient coming out of the NLL loss and the one log-softmax's backward
   makes (measured as peak RSS on CPU: 12.0-12.1 V bytes per token, every precision). The loop
   drops the bf16 logits before the backward; kept, they would add 2 V more.
+- Logits, chunked (the default): no term in V x tokens. What stays is the hidden states' gradient
+  and the head's, plus one chunk's logits while the forward makes them (chunked_loss_bytes).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class ModelShape:
     largest_module_parameters: int  # DeepSpeed ZeRO-3's working buffer holds one gathered module
     matrix_parameters: int  # 2-D weights inside the layers (Muon's share; autocast copies these)
     max_positions: int
+    model_type: str = "qwen2"  # the HF config's: whether trainers/chunked_loss.py routes the loss
+    tied_embeddings: bool = True  # the head is the input embedding (PEFT wraps both for LoRA's chat-token rows)
 
     @property
     def kv_dim(self) -> int:
@@ -83,7 +88,8 @@ def shape_from_config(config, name: str, trust_remote_code: bool = False) -> Mod
                       layers=config.num_hidden_layers, heads=heads,
                       kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                       vocab=config.vocab_size, parameters=params, largest_module_parameters=largest,
-                      matrix_parameters=layer_matrices, max_positions=getattr(config, "max_position_embeddings", 0) or 0)
+                      matrix_parameters=layer_matrices, max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+                      model_type=getattr(config, "model_type", ""), tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
 def shipped_shape_names() -> list[str]:
@@ -125,6 +131,7 @@ class Setup:
     on_gpu: bool = True
     sharded_load: bool = False  # ZeRO-3 loading a checkpoint under zero.Init: no rank holds the whole model
     vocab_head: bool = True  # False: a scalar head (reward model), no vocabulary-sized logits
+    chunked_loss: bool = True  # trainers/chunked_loss.py computes the head's loss a chunk of tokens at a time
 
 
     @property
@@ -273,9 +280,36 @@ def activation_bytes(shape: ModelShape, s: Setup) -> int:
 
 
 def logits_bytes(shape: ModelShape, s: Setup) -> int:
-    """Peak of the loss at the start of the backward: 3 fp32 (tokens x vocab) tensors (none for a
-    reward model's scalar head)."""
-    return 12 * shape.vocab * s.micro_batch * s.seq_len if s.vocab_head else 0
+    """Peak of the loss: with the model's own loss, 3 fp32 (tokens x vocab) tensors at the start of
+    the backward; chunked, chunked_loss_bytes; none for a reward model's scalar head."""
+    if not s.vocab_head:
+        return 0
+    if s.chunked_loss:
+        return chunked_loss_bytes(shape, s)
+    return 12 * shape.vocab * s.micro_batch * s.seq_len
+
+
+def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
+    """trainers/chunked_loss.py at the end of its forward: the hidden states' gradient (16-bit under
+    a DeepSpeed 16-bit engine, whose hidden states are 16-bit; else fp32), the head's gradient
+    accumulated in fp32 (plus its 16-bit copy under such an engine; none for a frozen LoRA head),
+    the head cast to autocast's 16-bit dtype (Accelerate's bf16/fp16 over fp32 weights), and one
+    chunk's logits: fp32, plus the matmul's 16-bit output and the 16-bit gradient in a 16-bit run. On
+    CPU the BLAS also packs its operands: a copy of the head for the logits' matmul and of the
+    chunk's gradient for the head's (peak RSS: 80.7 MiB measured for 81.6 predicted, 32k vocab,
+    32k tokens, d 128)."""
+    from trainers.chunked_loss import chunk_rows
+
+    tokens = s.micro_batch * s.seq_len
+    head = shape.vocab * shape.hidden
+    engine_half = s.deepspeed and s.half
+    hidden_grad = tokens * shape.hidden * (2 if engine_half else 4)
+    head_grad = 0 if s.lora_parameters else 4 * head + (2 * head if engine_half else 0)
+    head_cast = 2 * head if s.half and not engine_half and not s.lora_parameters else 0
+    rows = min(tokens, chunk_rows(shape.vocab, "cuda" if s.on_gpu else "cpu"))
+    chunk = rows * shape.vocab * (8 if s.half else 4)
+    blas_packing = 0 if s.on_gpu else 4 * head + rows * shape.vocab * 4
+    return hidden_grad + head_grad + head_cast + chunk + blas_packing
 
 
 def overhead_bytes(shape: ModelShape, s: Setup) -> int:

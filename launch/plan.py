@@ -112,12 +112,25 @@ def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, n
     ckpt = cfg.model.gradient_checkpointing if ("gradient_checkpointing" in sources or not plan_everything) else None
     lora = getattr(cfg, "lora", None)
     seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
-    return Request(stage=stage, shape=model_shape(cfg, notes), seq_len=seq_len, hardware=hw,
+    shape = model_shape(cfg, notes)
+    return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
                    lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload,
-                   attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa")
+                   attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
+                   chunked_loss=chunked_loss_applies(cfg, shape))
+
+
+def chunked_loss_applies(cfg, shape: memory.ModelShape) -> bool:
+    """Whether the trainer will route the loss through trainers/chunked_loss.py (use_chunked_loss's
+    rules, known before the model exists): asked for, a supported model type, and a plain head
+    (PEFT wraps a tied head for --lora_train_chat_tokens)."""
+    from trainers.chunked_loss import SUPPORTED_MODEL_TYPES
+
+    lora = getattr(cfg, "lora", None)
+    wrapped_head = bool(lora and lora.lora_r > 0 and lora.lora_train_chat_tokens and shape.tied_embeddings)
+    return getattr(cfg.model, "chunked_loss", False) and shape.model_type in SUPPORTED_MODEL_TYPES and not wrapped_head
 
 
 def make_plan(cfg, stage: str, local_only: bool, plan_everything: bool) -> Plan:

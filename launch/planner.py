@@ -56,6 +56,7 @@ class Request:
     zero_stage: str = "auto"
     offload: str = "auto"
     attn: str = "sdpa"
+    chunked_loss: bool = True  # the run computes its LM loss with trainers/chunked_loss.py (launch/plan.py decides)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
                          lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn,
                          seq_len=req.seq_len * per_sample_sequences, on_gpu=hw.gpu is not None,
                          sharded_load=req.stage != "pretrain",  # the trainers load checkpoints under zero.Init
-                         vocab_head=req.stage != "reward")
+                         vocab_head=req.stage != "reward", chunked_loss=req.chunked_loss)
             candidates.append(evaluate_candidate(req, base, budget))
     if not candidates:
         raise UsageError(f"no strategy satisfies these flags together: {conflicting_flags(req)}; drop one of them")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from trainers import checkpoint as ckpt
 from trainers import loop, stopping
+from trainers.chunked_loss import use_chunked_loss
 from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
@@ -78,6 +79,8 @@ def train(cfg: PretrainConfig) -> dict:
     log.info("attention: %s (%s)", attn, why)
     with runtime.model_init_context(sharded=bool(m.model_name_or_path)):
         model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
+    chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
+    log.info("loss: %s", loss_why)
     n_params = count_parameters(model)
 
     # --------------------------------------------------------------------- optimizer
@@ -91,7 +94,7 @@ def train(cfg: PretrainConfig) -> dict:
              micro, accumulation, runtime.world_size, global_batch, f"{global_batch * d.block_size:,}", total_steps,
              steps_per_epoch, len(train_blocks))
     if runtime.is_main:
-        loop.write_plan(out, runtime, cfg, attn, why, global_batch)
+        loop.write_plan(out, runtime, cfg, attn, why, global_batch, extra={"chunked_loss": chunked, "loss_reason": loss_why})
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0,

@@ -28,6 +28,7 @@ from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_templ
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
+from trainers.chunked_loss import use_chunked_loss
 from trainers.lora import apply_lora, merge_adapter
 from trainers.models import build_model, count_parameters, resolve_attn_implementation, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
@@ -127,6 +128,8 @@ def train(cfg: SFTConfig) -> dict:
                         "training the LoRA adapters without the chat-token embedding rows")
             chat_tokens = None
         model = apply_lora(model, lora, cfg.run.seed, chat_tokens)
+    chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
+    log.info("loss: %s", loss_why)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
@@ -143,7 +146,7 @@ def train(cfg: SFTConfig) -> dict:
     if runtime.is_main:
         loop.write_plan(out, runtime, cfg, attn, why, global_batch,
                         extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
-                               "lora_r": lora.lora_r, "trainable_parameters": n_trainable})
+                               "lora_r": lora.lora_r, "trainable_parameters": n_trainable, "chunked_loss": chunked, "loss_reason": loss_why})
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0, "input_tokens_seen": 0,
