@@ -294,10 +294,10 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
     a DeepSpeed 16-bit engine, whose hidden states are 16-bit; else fp32), the head's gradient
     accumulated in fp32 (plus its 16-bit copy under such an engine; none for a frozen LoRA head),
     the head cast to autocast's 16-bit dtype (Accelerate's bf16/fp16 over fp32 weights), and one
-    chunk's logits: fp32, plus the matmul's 16-bit output and the 16-bit gradient in a 16-bit run. On
-    CPU the BLAS also packs its operands: a copy of the head for the logits' matmul and of the
-    chunk's gradient for the head's (peak RSS: 80.7 MiB measured for 81.6 predicted, 32k vocab,
-    32k tokens, d 128)."""
+    chunk's logits: fp32, plus the matmul's 16-bit output and the 16-bit gradient in a 16-bit run.
+    Live bytes, as a GPU's caching allocator reuses them; on CPU glibc's heap can keep freed chunk
+    buffers besides (peak RSS 93 MiB for these 48 MiB, 32k vocab, 32k tokens, d 128; 48 MiB when
+    every large block is mmapped and returned, MALLOC_MMAP_THRESHOLD_=65536)."""
     from trainers.chunked_loss import chunk_rows
 
     tokens = s.micro_batch * s.seq_len
@@ -308,8 +308,7 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
     head_cast = 2 * head if s.half and not engine_half and not s.lora_parameters else 0
     rows = min(tokens, chunk_rows(shape.vocab, "cuda" if s.on_gpu else "cpu"))
     chunk = rows * shape.vocab * (8 if s.half else 4)
-    blas_packing = 0 if s.on_gpu else 4 * head + rows * shape.vocab * 4
-    return hidden_grad + head_grad + head_cast + chunk + blas_packing
+    return hidden_grad + head_grad + head_cast + chunk
 
 
 def overhead_bytes(shape: ModelShape, s: Setup) -> int:

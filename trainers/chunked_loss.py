@@ -71,23 +71,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_max = logits.max(dim=-1, keepdim=True).values
                 row_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
                 total += ((row_sum.log() + row_max - picked).squeeze(1) * valid).sum()
-                # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows
+                # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows; the 1/denominator (and
+                # fp16's loss scale) is applied in the backward, so the 16-bit copy holds values in
+                # [-1, 1] and none underflows (p / 16k tokens would, in fp16, before the loss scale)
                 grad_logits = logits.div_(row_sum)
                 grad_logits.scatter_add_(1, target, -valid[:, None].float())
-                grad_logits.mul_((valid.float() / denominator)[:, None])
+                grad_logits.mul_(valid[:, None])
                 g = grad_logits.to(dtype)
                 grad_hidden[start:start + rows] = g @ w
                 if grad_weight is not None:
                     grad_weight.addmm_(g.t().float(), h.float()) if dtype != torch.float32 else grad_weight.addmm_(g.t(), h)
                 del logits, grad_logits, g  # before the next chunk's matmul, so one chunk is alive at a time
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        ctx.save_for_backward(grad_hidden, grad_weight, denominator)
+        ctx.weight_dtype = weight.dtype
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype),
-                grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None, None, None, None)
+        grad_hidden, grad_weight, denominator = ctx.saved_tensors
+        scale = grad_loss.float() / denominator  # in fp32: fp16's loss scale times 1/tokens
+
+        def scaled(grad, dtype):  # in place where fp32: the saved gradient is not needed again
+            return grad.mul_(scale).to(dtype) if grad.dtype == torch.float32 else (grad.float() * scale).to(dtype)
+
+        return (scaled(grad_hidden, grad_hidden.dtype),
+                scaled(grad_weight, ctx.weight_dtype) if grad_weight is not None else None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
