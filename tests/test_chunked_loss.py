@@ -164,3 +164,21 @@ def test_pretraining_equals_the_models_own_loss(corpus, tokenizer_dir, tmp_path)
         assert (f'"chunked_loss": {str(not flag).lower()}') in (out / "plan.json").read_text()
     assert sorted(runs["chunked"]) == sorted(runs["own"]) == list(range(1, 7))
     assert max(abs(runs["chunked"][s] - runs["own"][s]) for s in runs["own"]) < 1e-5
+
+
+def test_fp16_gradients_do_not_underflow_with_a_large_token_count():
+    """A 16-bit engine's head (DeepSpeed fp16): softmax / 1e6 tokens is below fp16's smallest
+    subnormal (6e-8) for most entries; the 1/denominator is applied in fp32 in the backward, so the
+    gradients equal fp32's to fp16 rounding instead of flushing to zero."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 16), torch.randn(500, 16) * 0.5
+    labels = torch.randint(0, 500, (64,))
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        h, w = hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, labels, denominator=1e6, rows=16)
+        (loss * 1e6).backward()  # fp16's loss scale brings the gradients back into range
+        grads[dtype] = (h.grad.float(), w.grad.float())
+    for ref, got in zip(grads[torch.float32], grads[torch.float16]):
+        assert got.abs().sum() > 0.9 * ref.abs().sum()
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-3)
