@@ -11,7 +11,9 @@
 (c) SFT on a length-skewed chat set: `launch/sft.py` packed (default) and `--no-packing`
     (length-grouped) vs. TRL's `SFTTrainer` (its defaults, and its packing; bench/trl_sft.py) and
     pad-to-max (Qwen's classic `preprocess` + a bare PyTorch loop): non-pad share of the batches,
-    trained (assistant) tokens/s, and the loss after equal steps.
+    trained (assistant) tokens/s, and the loss after equal steps; then, for a loss at equal data,
+    every loop trains the same budget of assistant tokens (the padded ones taking ~4x the steps) and
+    one evaluator scores each saved model on the same held-out conversations.
 (d) the memory model: the planner's estimate for a run (plan.json `memory_gb`) against the run's
     measured peak (metrics.jsonl `peak_memory_gb`: the process's peak RSS on CPU, where the
     estimate includes the process's own libraries; `torch.cuda.max_memory_allocated` on a GPU,
@@ -321,9 +323,11 @@ def flops_per_token(preset: str, tokenizer_dir, block_size: int) -> dict:
     return {"matmul_weights": matmul_weights, "attention": attention, "per_token": 6 * matmul_weights + attention}
 
 
-def trainrig_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr, out) -> float:
-    """`python launch/pretrain.py` as a user runs it, in its own process; its own tokens_per_sec."""
-    argv = ["--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
+def trainrig_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr, out,
+                          chunked_loss: bool = True) -> float:
+    """`python launch/pretrain.py` as a user runs it, in its own process; its own tokens_per_sec.
+    chunked_loss=False: `--no-chunked_loss`, the model's own loss, as the Trainer and the bare loop use it."""
+    argv = ["--chunked_loss" if chunked_loss else "--no-chunked_loss", "--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
             "--block_size", str(block_size), "--per_device_train_batch_size", str(micro), "--max_steps", str(steps),
             "--logging_steps", str(warmup), "--learning_rate", str(lr), "--seed", str(seed), "--output_dir", str(out),
             "--resume", "never", "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"]
@@ -353,25 +357,36 @@ def _tokens_per_s_in_process(flag: str, *args) -> float:
 
 def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, steps, warmup, repeats, peak_flops: float) -> dict:
     cache = workdir / "train_cache"
-    runs: dict[str, list[float]] = {"trainrig": [], "bare": [], "hf_trainer": []}
+    runs: dict[str, list[float]] = {"trainrig": [], "trainrig_own_loss": [], "bare": [], "hf_trainer": []}
     for i in range(repeats):  # interleaved, so drift in machine load hits every loop alike
         common = (corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3)
         runs["bare"].append(bare_tokens_per_s_in_process(*common))
         runs["hf_trainer"].append(hf_trainer_tokens_per_s_in_process(*common))
         runs["trainrig"].append(trainrig_tokens_per_s(*common, workdir / f"run_{preset}_{i}"))
+        runs["trainrig_own_loss"].append(trainrig_tokens_per_s(*common, workdir / f"run_{preset}_own_{i}", chunked_loss=False))
     median = {name: statistics.median(values) for name, values in runs.items()}
     flops = flops_per_token(preset, tokenizer_dir, block_size)
-    return {"preset": preset, "block_size": block_size, "micro_batch": micro, "steps": steps, "warmup": warmup,
-            "trainrig_tok_s": median["trainrig"], "bare_tok_s": median["bare"], "hf_trainer_tok_s": median["hf_trainer"],
+    return {"preset": preset, "block_size": block_size, "micro_batch": micro, "steps": steps, "warmup": warmup, "repeats": repeats,
+            **{f"{name}_tok_s": value for name, value in median.items()},
+            **{f"{name}_all": [round(x) for x in values] for name, values in runs.items()},
             "ratio": median["trainrig"] / median["bare"], "trainer_ratio": median["trainrig"] / median["hf_trainer"],
-            "repeats": repeats, "trainrig_all": [round(x) for x in runs["trainrig"]], "bare_all": [round(x) for x in runs["bare"]],
-            "hf_trainer_all": [round(x) for x in runs["hf_trainer"]], "flops_per_token": flops, "peak_flops": peak_flops,
+            "own_loss_trainer_ratio": median["trainrig_own_loss"] / median["hf_trainer"],
+            "own_loss_ratio": median["trainrig_own_loss"] / median["bare"],
+            "flops_per_token": flops, "peak_flops": peak_flops,
             "mfu": {name: value * flops["per_token"] / peak_flops for name, value in median.items()}}
 
 
 # ------------------------------------------------------------------------------- (c) SFT
 
 SFT_LR = 1e-3  # all three loops; high enough that the loss moves in a few dozen steps from a barely trained model
+# The equal-token budget T, as a share of the chat set's trained tokens: a third (51k of 154k at the
+# defaults) is more than any loop trains in the timed steps (packing: ~40k in 68), so every timed run
+# is the start of its run to T, and it takes the padded loops ~340 steps (~45 s for pad-to-max).
+SFT_TOKEN_SHARE = 1 / 3
+# Each run stops at the first step that reaches T, so it overshoots by less than one step's tokens
+# (at most micro x max_len = 1,024, 2% of T at the defaults); a loop further off is flagged.
+SFT_TOKEN_TOLERANCE = 0.03
+SFT_HELDOUT_SEED = 6  # the held-out conversations' make_chat_set seed; the training set's is 5
 
 
 def make_chat_set(path: Path, corpus: Path, tokenizer, n_samples: int, max_seq_length: int, seed: int) -> dict:
@@ -457,28 +472,63 @@ def make_sft_model(corpus: Path, tokenizer_dir: Path, out: Path, preset: str, ca
     return out / "final"
 
 
-def trainrig_sft(chat, model_dir, cache_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, out, packing: bool) -> dict:
+def trainrig_sft(chat, model_dir, cache_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, out, packing: bool,
+                 run_steps: int = 0) -> dict:
     """`python launch/sft.py` as a user runs it, in its own process, logging every `warmup` steps. Its
     metrics lines carry running totals (`trained_tokens`, `tokens`) and wall time (`elapsed_s`); the
-    rates are the deltas between the line at step `warmup` and the last one, so the warmup steps are
-    excluded.
-    The loss is the mean over the last `loss_steps` steps (a multiple of `warmup`, dividing `steps`)."""
+    rates are the deltas between the line at step `warmup` and the one at step `steps`, so the warmup
+    steps are excluded.
+    The loss is the mean over the last `loss_steps` of those steps (a multiple of `warmup`, dividing `steps`).
+    With run_steps > steps the run goes on to run_steps after the timed ones (an equal-token run);
+    steps_taken, tokens_reached (trained tokens since step 0) and model (its final/) are the whole run's."""
     assert steps % warmup == 0 and loss_steps % warmup == 0 and loss_steps <= steps - warmup
     argv = ["--train_files", str(chat), "--model_name_or_path", str(model_dir), "--max_seq_length", str(max_len),
-            "--per_device_train_batch_size", str(micro), "--max_steps", str(steps), "--logging_steps", str(warmup),
+            "--per_device_train_batch_size", str(micro), "--max_steps", str(max(steps, run_steps)), "--logging_steps", str(warmup),
             "--learning_rate", str(lr), "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--seed", str(seed),
             "--output_dir", str(out), "--resume", "never", "--data_cache_dir", str(cache_dir),
             "--validation_split_ratio", "0", "--packing" if packing else "--no-packing"]
     run_quietly([sys.executable, str(REPO / "launch" / "sft.py"), *argv])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "trained_tokens" in r]
-    first, last = next(r for r in timed if r["step"] == warmup), timed[-1]
+    first, last = (next(r for r in timed if r["step"] == at) for at in (warmup, steps))
     seconds = last["elapsed_s"] - first["elapsed_s"]
-    tail = [r["loss"] for r in timed if r["step"] > steps - loss_steps]  # equal windows: the mean of their means
+    tail = [r["loss"] for r in timed if steps - loss_steps < r["step"] <= steps]  # equal windows: the mean of their means
     plan = json.loads((out / "plan.json").read_text())
     return {"trained_tok_s": (last["trained_tokens"] - first["trained_tokens"]) / seconds,
             "tok_s": (last["tokens"] - first["tokens"]) / seconds, "loss": sum(tail) / len(tail), "batch_fill": plan["batch_fill"],
-            "trained_tokens": last["trained_tokens"] - first["trained_tokens"]}
+            "trained_tokens": last["trained_tokens"] - first["trained_tokens"], "steps_taken": timed[-1]["step"],
+            "tokens_reached": timed[-1]["trained_tokens"], "model": str(out / "final")}
+
+
+def trainrig_steps_to(samples, max_len, micro, seed, packing: bool, budget: int, at_least: int) -> int:
+    """The first step (>= at_least) at which `launch/sft.py` has trained `budget` tokens, found by
+    replaying its data order on one process from trainrig's own pieces as trainers/sft.py builds
+    them (make_rows, ResumableSampler, micro batches with drop_last, epoch after epoch). A row's
+    trained tokens are its samples' labels after each one's first (collate_rows ignores that one). The
+    run's own metrics.jsonl then says what it trained, so a replay out of step shows as a miss of T."""
+    from itertools import count
+
+    import numpy as np
+
+    from trainers.data.collate import ResumableSampler, trained_tokens
+    from trainers.sft import LENGTH_GROUP, make_rows
+
+    rows = make_rows(samples, np.arange(len(samples)), max_len, packing, seed)
+    per_sample = np.array([trained_tokens(samples[i]["labels"]) for i in range(len(samples))])
+    per_row = np.array([per_sample[row].sum() for row in rows.rows])
+    sampler = ResumableSampler(rows, 1, 0, seed=seed, lengths=None if packing else samples.lengths,
+                               group_size=LENGTH_GROUP * micro)
+    done_steps, done_tokens = 0, 0
+    for epoch in count():
+        sampler.set_position(epoch, 0)
+        order = np.fromiter(sampler, dtype=np.int64)
+        per_step = per_row[order[:len(order) // micro * micro]].reshape(-1, micro).sum(axis=1)
+        reached = done_tokens + np.cumsum(per_step)
+        step = done_steps + 1 + np.arange(len(per_step))
+        hits = np.flatnonzero((reached >= budget) & (step >= at_least))
+        if len(hits):
+            return int(step[hits[0]])
+        done_steps, done_tokens = int(step[-1]), int(reached[-1])
 
 
 def pad_to_max_preprocess(conversations: list[list[dict]], tokenizer, max_len: int) -> dict:
@@ -510,12 +560,15 @@ def pad_to_max_preprocess(conversations: list[list[dict]], tokenizer, max_len: i
     return {"input_ids": input_ids, "labels": torch.tensor(targets, dtype=torch.long), "attention_mask": input_ids.ne(pad_id)}
 
 
-def bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed) -> dict:
+def bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, token_budget: int = 0,
+                  save_dir: Path | None = None) -> dict:
     """Pad-to-max SFT as a user writes it by hand: Qwen's preprocess above, a shuffled loader of
     the padded tensors, the same model (fp32, SDPA) and fused AdamW (trainrig's SFT defaults:
     betas 0.9/0.95, no weight decay, constant lr), clip 1.0. Trained tokens are the labels that
-    are not -100 after the one-token shift; timed from step `warmup` on; the loss is the mean of
-    the last `loss_steps` steps' losses, as trainrig's is."""
+    are not -100 after the one-token shift; timed over steps `warmup` to `steps`; the loss is the
+    mean of the last `loss_steps` of those steps' losses, as trainrig's is.
+    With token_budget, it goes on after `steps` until it has trained that many tokens since step 0
+    (an equal-token run); the model is then written to save_dir."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -536,8 +589,8 @@ def bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr
 
     stream = batches()
     model.train()
-    start, trained, real, losses = None, 0, 0, []
-    for step in range(steps):
+    step, reached, start, seconds, trained, real, losses = 0, 0, None, None, 0, 0, []
+    while step < steps or reached < token_budget:
         if step == warmup:
             start = time.perf_counter()
         input_ids, labels, attention_mask = next(stream)
@@ -547,15 +600,22 @@ def bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = loss.item()
-        if step >= warmup:
-            trained += int((labels[:, 1:] != -100).sum())
+        step_trained = int((labels[:, 1:] != -100).sum())
+        reached += step_trained
+        if warmup <= step < steps:
+            trained += step_trained
             real += int(attention_mask.sum())
-        if step >= steps - loss_steps:
+        if steps - loss_steps <= step < steps:
             losses.append(value)
-    seconds = time.perf_counter() - start
+        step += 1
+        if step == steps:
+            seconds = time.perf_counter() - start
+    if save_dir:
+        model.save_pretrained(str(save_dir))
     return {"trained_tok_s": trained / seconds, "tok_s": real / seconds, "loss": sum(losses) / len(losses),
             "non_pad": data["attention_mask"].sum().item() / data["input_ids"].numel(), "trained_tokens": trained,
-            "dataset_trained_tokens": int((data["labels"][:, 1:] != -100).sum())}
+            "dataset_trained_tokens": int((data["labels"][:, 1:] != -100).sum()), "steps_taken": step,
+            "tokens_reached": reached, "model": str(save_dir) if save_dir else None}
 
 
 def bare_sft_in_process(*args) -> dict:
@@ -567,16 +627,53 @@ def bare_sft_in_process(*args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def heldout_examples(heldout: Path, train_chat: Path, tokenizer, max_len: int) -> list[tuple]:
+    """The held-out conversations as unpadded (input_ids, labels) pairs, built once so that every
+    model is scored on the very same tokens: the pad-to-max preprocess's labels (each assistant
+    content and its `<|im_end|>`, what every loop trains; the SFT smoke test checks them against
+    trainrig's), cut to each conversation's tokens. None of them may be in the training set."""
+    lines = Path(heldout).read_text().splitlines()
+    shared = set(lines) & set(Path(train_chat).read_text().splitlines())
+    if shared:
+        raise ValueError(f"{len(shared)} held-out conversations are also in the training set {train_chat}")
+    data = pad_to_max_preprocess([json.loads(line)["messages"] for line in lines], tokenizer, max_len)
+    return [(ids[mask], labels[mask]) for ids, labels, mask in zip(data["input_ids"], data["labels"], data["attention_mask"])]
+
+
+def heldout_loss(model_dir, examples: list[tuple]) -> float:
+    """Section (c)'s one evaluator: a saved model's mean cross-entropy over every trained token of
+    the held-out examples (summed, then divided by their count: a conversation weighs by its
+    tokens, as in training), one conversation per forward (no padding), fp32, SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for input_ids, labels in examples:
+            logits = model(input_ids=input_ids[None], use_cache=False).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+    return total / count
+
+
+def chat_samples(chat, tokenizer, cache_dir, max_len):
+    """trainrig's encoded samples of the chat set (its prepare_chat with launch/sft.py's defaults),
+    built into the cache the runs use, or read from it."""
+    from trainers.data.chat import ChatSettings, prepare_chat
+
+    return prepare_chat([str(chat)], "--train_files", tokenizer, ChatSettings(max_len), "auto", False, str(cache_dir), build=True)
+
+
 def sft_data_stats(chat, tokenizer, cache_dir, max_len, seed) -> dict:
     """What trainrig's SFT data preparation makes of the chat set (its own prepare_chat and
     make_rows, in-process, on the cache the runs use): rows, samples per packed row, counts."""
     import numpy as np
 
-    from trainers.data.chat import ChatSettings, prepare_chat
     from trainers.sft import make_rows
 
-    samples = prepare_chat([str(chat)], "--train_files", tokenizer, ChatSettings(max_len), "auto", False, str(cache_dir),
-                           build=True)
+    samples = chat_samples(chat, tokenizer, cache_dir, max_len)
     rows = make_rows(samples, np.arange(len(samples)), max_len, True, seed)
     return {"rows": len(rows), "rows_used": float(rows.row_lengths().sum() / (len(rows) * max_len)),
             "samples_per_row": len(samples) / len(rows), "kept": samples.meta["kept"], "read": samples.meta["read"],
@@ -584,7 +681,7 @@ def sft_data_stats(chat, tokenizer, cache_dir, max_len, seed) -> dict:
 
 
 def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=2, steps=0, warmup=4, loss_steps=16,
-              samples=2000, repeats=3, seed=0, trl_variants=None) -> dict:
+              samples=2000, repeats=3, seed=0, trl_variants=None, token_share=SFT_TOKEN_SHARE, heldout=200) -> dict:
     """(c): trainrig SFT, packed and length-grouped, vs. pad-to-max in a bare loop and TRL's
     SFTTrainer (bench/trl_sft.py; `trl_variants`, default ("defaults", "packing") when TRL imports,
     () otherwise, and the result says why): the same chat set, model, micro batch (rows), steps,
@@ -592,7 +689,13 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
 
     By default (steps=0) the timed window, steps - warmup, is exactly one of `--no-packing`'s
     length-group chunks (trainrig sorts each chunk of LENGTH_GROUP micro batches longest first), so
-    that loop is timed on the whole spread of lengths, not only on a chunk's longest batches."""
+    that loop is timed on the whole spread of lengths, not only on a chunk's longest batches.
+
+    Equal data: every loop also trains T = `token_share` of the set's trained tokens, and its model
+    is scored on `heldout` conversations made like the set but not in it (sft_equal_tokens). The
+    first repeat's runs go on after their timed steps until they reach T (the loss is seeded, so one
+    run per loop); the pad-to-max loop's run to T is in this process (its child takes only the timed
+    run's arguments), the same code and seed as its timed runs."""
     from trainers.models import load_tokenizer
     from trainers.sft import LENGTH_GROUP
 
@@ -613,15 +716,28 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
     tokenizer = load_tokenizer(str(model_dir), False, "--model_name_or_path")
     chat = workdir / "sft_chat.jsonl"
     chat_stats = make_chat_set(chat, corpus, tokenizer, samples, max_len, seed=5)
+    trainrig_samples = chat_samples(chat, tokenizer, cache, max_len)
+    budget = round(token_share * trainrig_samples.meta["trained_tokens"])
+    run_steps = {name: trainrig_steps_to(trainrig_samples, max_len, micro, seed, name == "packed", budget, steps)
+                 for name in ("packed", "grouped")}
     runs: dict[str, list[dict]] = {"packed": [], "grouped": [], "pad_to_max": [], **{f"trl_{v}": [] for v in trl_variants}}
     for i in range(repeats):
+        to_budget = i == 0  # the first repeat's runs go on to T
         runs["pad_to_max"].append(bare_sft_in_process(chat, model_dir, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed))
         for name in ("packed", "grouped"):
             runs[name].append(trainrig_sft(chat, model_dir, cache, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed,
-                                           workdir / f"sft_{name}_{i}", packing=name == "packed"))
+                                           workdir / f"sft_{name}_{i}", packing=name == "packed",
+                                           run_steps=run_steps[name] if to_budget else 0))
         for variant in trl_variants:
-            runs[f"trl_{variant}"].append(trl_sft_in_process(chat, model_dir, max_len, micro, steps, warmup, loss_steps,
-                                                             SFT_LR, seed, variant))
+            runs[f"trl_{variant}"].append(trl_sft_in_process(
+                chat, model_dir, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed, variant,
+                budget if to_budget else 0, workdir / f"sft_trl_{variant}_model" if to_budget else ""))
+    to_budget_runs = {name: rs[0] for name, rs in runs.items() if name != "pad_to_max"}
+    to_budget_runs["pad_to_max"] = bare_sft_loop(chat, model_dir, max_len, micro, steps, warmup, loss_steps, SFT_LR, seed,
+                                                 budget, workdir / "sft_pad_to_max_model")
+    heldout_chat = workdir / "sft_heldout.jsonl"
+    make_chat_set(heldout_chat, corpus, tokenizer, heldout, max_len, seed=SFT_HELDOUT_SEED)
+    examples = heldout_examples(heldout_chat, chat, tokenizer, max_len)
     data = sft_data_stats(chat, tokenizer, cache, max_len, seed)
     result = {"preset": preset, "max_seq_length": max_len, "micro_batch": micro, "steps": steps, "warmup": warmup,
               "loss_steps": loss_steps, "length_group": LENGTH_GROUP, "lr": SFT_LR, "repeats": repeats, "chat": chat_stats,
@@ -651,7 +767,22 @@ def bench_sft(corpus, tokenizer_dir, workdir, preset="tiny", max_len=512, micro=
     if "defaults" in trl_variants:
         result["trl_ratio"] = result["trl_defaults_ratio"]  # trainrig packed / SFTTrainer defaults
         result["targets"]["trl_speedup"] = result["trl_ratio"] >= 1.5
+    result["equal_tokens"] = {"share": token_share, **sft_equal_tokens(to_budget_runs, model_dir, examples, budget)}
     return result
+
+
+def sft_equal_tokens(to_budget: dict[str, dict], base_model: Path, examples: list[tuple], budget: int) -> dict:
+    """Section (c) at equal data: per loop, its run to T (optimizer steps, trained tokens since step 0)
+    and the held-out loss of the model it saved, all scored by heldout_loss; the base model's
+    held-out loss (where every loop started) beside them. `within`: every loop reached T within
+    SFT_TOKEN_TOLERANCE."""
+    loops = {name: {"steps_taken": run["steps_taken"], "tokens_reached": run["tokens_reached"],
+                    "heldout_loss": heldout_loss(run["model"], examples)} for name, run in to_budget.items()}
+    worst = max(abs(loop["tokens_reached"] / budget - 1) for loop in loops.values())
+    return {"budget": budget, "loops": loops, "worst_off": worst, "tolerance": SFT_TOKEN_TOLERANCE,
+            "within": worst <= SFT_TOKEN_TOLERANCE, "base_loss": heldout_loss(base_model, examples),
+            "heldout_conversations": len(examples),
+            "heldout_trained_tokens": sum(int((labels[1:] != -100).sum()) for _, labels in examples)}
 
 
 # ---------------------------------------------------------------------- (d) memory model
@@ -701,7 +832,7 @@ def bench_memory(corpus, tokenizer_dir, workdir) -> list[dict]:
 
 # -------------------------------------------------------------------------------- report
 
-SECTIONS = {"data": "(a)", "pretrain": "(b)", "sft": "(c)", "memory": "(d)"}  # results/<name>.json -> RESULTS.md section
+SECTIONS = {"data": "(a)", "pretrain": "(b)", "sft": "(c)", "memory": "(d)", "gpu": "(e)"}  # results/<name>.json -> RESULTS.md section
 
 
 def machine_line(info: dict) -> str:
@@ -766,55 +897,45 @@ def render_data(data: dict, info: dict) -> list[str]:
 
 
 def render_training(training: list[dict]) -> list[str]:
-    if "hf_trainer_tok_s" not in training[0]:  # measured before the Trainer comparison existed
-        return _render_training_bare_only(training)
     lines = [
         "## (b) Pretraining step throughput, 1 process, fp32, fused AdamW",
         "",
-        "| model | block x micro | steps (warmup excluded) | trainrig tokens/s | HF `Trainer` tokens/s | bare PyTorch loop tokens/s "
-        "| vs. Trainer (target >= 1.10) | vs. bare (target >= 0.97) | runs (trainrig / Trainer / bare) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | block x micro | steps (warmup excluded) | trainrig tokens/s | trainrig `--no-chunked_loss` | HF `Trainer` tokens/s "
+        "| bare PyTorch loop tokens/s | vs. Trainer (target >= 1.10) | vs. bare (target >= 0.97) | runs (trainrig / no-chunked / Trainer / bare) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in training:
         lines.append(f"| {t['preset']} | {t['block_size']} x {t['micro_batch']} | {t['steps']} ({t['warmup']}) | {t['trainrig_tok_s']:,.0f} "
-                     f"| {t['hf_trainer_tok_s']:,.0f} | {t['bare_tok_s']:,.0f} | **{t['trainer_ratio']:.3f}** | **{t['ratio']:.3f}** "
-                     f"| {t['trainrig_all']} / {t['hf_trainer_all']} / {t['bare_all']} |")
-    lines += ["", f"Medians of {training[0]['repeats']} runs, the three loops interleaved, the warmup steps excluded; each run is its own "
-              "process. trainrig's figure is its own `tokens_per_sec` (time inside training steps, data loading included); the "
+                     f"| {t['trainrig_own_loss_tok_s']:,.0f} | {t['hf_trainer_tok_s']:,.0f} | {t['bare_tok_s']:,.0f} "
+                     f"| **{t['trainer_ratio']:.3f}** | **{t['ratio']:.3f}** "
+                     f"| {t['trainrig_all']} / {t['trainrig_own_loss_all']} / {t['hf_trainer_all']} / {t['bare_all']} |")
+    lines += ["", f"Medians of {training[0]['repeats']} runs, the four loops interleaved, the warmup steps excluded; each run is its own "
+              "process. trainrig's figures are its own `tokens_per_sec` (time inside training steps, data loading included); the "
               "bare loop is timed over the same steps, the `Trainer` by a callback from the end of the last warmup step to the "
-              "end of the last step. All three get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr.",
+              "end of the last step. All get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr. "
+              "trainrig runs as a user runs it, with its default chunked LM-head loss (trainers/chunked_loss.py); the Trainer and "
+              "the bare loop use the model's own loss (transformers' ForCausalLMLoss over the whole logits), as does trainrig with "
+              "`--no-chunked_loss`, which isolates the loop: "
+              + "; ".join(f"{t['preset']} {t['own_loss_trainer_ratio']:.3f}x the Trainer and {t['own_loss_ratio']:.3f}x the bare loop"
+                          for t in training) + ".",
               "", "Targets: " + "; ".join(
                   f"{t['preset']} vs. Trainer {'met' if t['trainer_ratio'] >= 1.10 else 'NOT met'}, vs. bare "
                   f"{'met' if t['ratio'] >= 0.97 else 'NOT met'}" for t in training) + "."]
     peak = training[0]["peak_flops"]
     lines += ["", f"### CPU efficiency: model FLOP/s over the measured fp32 matmul peak ({peak / 1e9:,.1f} GFLOP/s, best of 10 "
               "2048x2048 products with the training's threads)", "",
-              "| model | FLOPs per token (6 x matmul weights + attention) | trainrig | HF Trainer | bare loop |", "|---|---:|---:|---:|---:|"]
+              "| model | FLOPs per token (6 x matmul weights + attention) | trainrig | trainrig `--no-chunked_loss` | HF Trainer | bare loop |",
+              "|---|---:|---:|---:|---:|---:|"]
     for t in training:
         f, mfu = t["flops_per_token"], t["mfu"]
         lines.append(f"| {t['preset']} | {f['per_token'] / 1e6:,.1f}M (6 x {f['matmul_weights'] / 1e6:,.2f}M + {f['attention'] / 1e6:,.1f}M) "
-                     f"| {mfu['trainrig']:.1%} ({t['trainrig_tok_s'] * f['per_token'] / 1e9:,.1f} GFLOP/s) | {mfu['hf_trainer']:.1%} "
-                     f"| {mfu['bare']:.1%} |")
+                     f"| {mfu['trainrig']:.1%} ({t['trainrig_tok_s'] * f['per_token'] / 1e9:,.1f} GFLOP/s) | {mfu['trainrig_own_loss']:.1%} "
+                     f"| {mfu['hf_trainer']:.1%} | {mfu['bare']:.1%} |")
     lines += ["", "Model FLOPs follow PaLM's appendix B: 6 per matmul weight per token (forward and backward; the input embedding "
               "is a lookup, the LM head counts), plus 12 x layers x hidden x block length for attention, causal masking not "
               "discounted. What the tiny shapes leave of the peak goes to work that is not a large matmul: element-wise ops, "
-              "the optimizer step, small matrices that do not fill the cores."]
-    return lines
-
-
-def _render_training_bare_only(training: list[dict]) -> list[str]:
-    lines = [
-        "## (b) Pretraining step throughput, 1 process, fp32, fused AdamW",
-        "",
-        "| model | block x micro | steps (warmup excluded) | trainrig tokens/s | bare PyTorch loop tokens/s | ratio (target >= 0.97) | runs (trainrig / bare) |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
-    for t in training:
-        lines.append(f"| {t['preset']} | {t['block_size']} x {t['micro_batch']} | {t['steps']} ({t['warmup']}) | {t['trainrig_tok_s']:,.0f} | {t['bare_tok_s']:,.0f} | "
-                     f"**{t['ratio']:.3f}** | {t['trainrig_all']} / {t['bare_all']} |")
-    lines += ["", f"Medians of {training[0]['repeats']} runs, the two loops interleaved, the warmup steps excluded. trainrig's figure is its own `tokens_per_sec` "
-              "(time inside training steps, data loading included); the bare loop is timed over the same steps. Each run is "
-              "its own process (`python launch/pretrain.py`, and the bare loop alike)."]
+              "the loss's softmax passes over the vocabulary (fewer with the chunked loss), the optimizer step, small matrices "
+              "that do not fill the cores."]
     return lines
 
 
@@ -846,7 +967,7 @@ def render_sft(r: dict) -> list[str]:
         f"{r['steps']} steps (the first {r['warmup']} excluded from timing), constant lr {r['lr']:g}, clip 1.0, for {loops}.",
         "",
         "| loop | non-pad tokens per batch | samples per row | trained tokens/s | non-pad tokens/s | vs pad-to-max | "
-        f"trained tokens in the {timed} timed steps | loss, mean of the last {r['loss_steps']} steps | runs, trained tokens/s |",
+        f"trained tokens in the {timed} timed steps | loss, mean of the last {r['loss_steps']} timed steps | runs, trained tokens/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base = r["pad_to_max"]["trained_tok_s"]
@@ -866,42 +987,69 @@ def render_sft(r: dict) -> list[str]:
         f"batches its loader builds in the first epoch (rows padded to the longest in their batch; the packed rows "
         f"themselves use {r['packed']['rows_used']:.1%} of {L} tokens). Pad-to-max, mean length / {L}. "
         f"Trained tokens/s counts labels that are not -100 after the one-token shift; trainrig's rates are the deltas of its "
-        f"metrics.jsonl running totals (`trained_tokens`, `tokens`, `elapsed_s`) between step {r['warmup']} and the last step, "
-        f"the bare loop is timed over the same steps. {timing_note} Each run "
+        f"metrics.jsonl running totals (`trained_tokens`, `tokens`, `elapsed_s`) between step {r['warmup']} and step {r['steps']}, "
+        f"the bare loop is timed over the same steps. {timing_note} Each timed run "
         f"is its own process, {loops} interleaved. Trained labels over the whole set (assistant content and its "
         f"`<|im_end|>` in each): trainrig {r['trained_labels']['trainrig']:,}, the pad-to-max preprocess "
         f"{r['trained_labels']['pad_to_max']:,}"
         + "".join(f", TRL {v} {r['trained_labels'][f'trl_{v}']:,}" for v in trl_variants if f"trl_{v}" in r["trained_labels"])
         + ".",
         "",
-        f"Fairness of the losses: every loop takes {r['steps']} optimizer steps of {r['micro_batch']} rows, but a packed row "
-        f"holds {r['packed']['samples_per_row']:.1f} samples, so packing sees ~{r['packed']['samples_per_row']:.1f}x the "
-        "samples and trained tokens per step: equal steps are not equal data, and a lower packed loss is that, not a better optimizer. Each step's "
-        f"loss is the mean over its trained tokens in {loops}, and they see different samples in different orders "
-        "(`--no-packing` in length-sorted runs, so its last steps hold a length mix unlike the others'). "
-        f"{_sft_token_parity(r, labels)}"
-        f"The model is a preset pretrained for one step (a near-random start), so the losses show that {loops} loops train, "
-        "not what SFT achieves.",
+        *_sft_token_parity(r, labels, loops),
     ]
     return lines
 
 
-def _sft_token_parity(r: dict, labels: dict) -> str:
-    """One sentence on whether the losses are at equal trained tokens (the timed steps' counts)."""
-    counts = {k: r[k]["trained_tokens"] for k in labels if "trained_tokens" in r[k]}
-    if len(counts) < 2:
-        return ""
+def _sft_token_parity(r: dict, labels: dict, loops: str) -> list[str]:
+    """The lines of section (c) on the fairness of the losses: the equal-step counts, then the
+    held-out loss of every loop at equal trained tokens T and what still differs."""
+    counts = {k: r[k]["trained_tokens"] for k in labels}
     low, high = min(counts, key=counts.get), max(counts, key=counts.get)
-    spread = counts[high] / max(counts[low], 1)
     short = {"packed": "trainrig packed", "grouped": "trainrig --no-packing", "pad_to_max": "pad-to-max"}
-    low_name, high_name = (short.get(k, k.replace("trl_", "TRL ")) for k in (low, high))
-    if spread <= 1.15:
-        return (f"The trained tokens of the timed steps agree within {spread - 1:.0%} across the loops, so the losses are "
-                "at about equal trained tokens. ")
-    return (f"The losses are NOT at equal trained tokens: in the timed steps the loops trained from {counts[low]:,.0f} "
-            f"({low_name}) to {counts[high]:,.0f} ({high_name}) tokens, {spread:.1f}x apart, so compare losses only between loops "
-            "with similar counts (packed with packed, padded with padded); the loss at equal trained tokens would need "
-            "the padded loops to run proportionally more steps. ")
+    name = {k: short.get(k, k.replace("trl_", "TRL ")) for k in labels}
+    spr = r["packed"]["samples_per_row"]
+    equal_steps = (f"Fairness of the losses. The first table's loss column is at equal steps, not equal data: every loop takes "
+                   f"{r['steps']} optimizer steps of {r['micro_batch']} rows, but a packed row holds {spr:.1f} samples, so in "
+                   f"the timed steps the loops trained from {counts[low]:,.0f} ({name[low]}) to {counts[high]:,.0f} "
+                   f"({name[high]}) tokens, {counts[high] / max(counts[low], 1):.1f}x apart; compare that column only between "
+                   "loops with similar counts. ")
+    e = r.get("equal_tokens")
+    if e is None:
+        return [equal_steps + "The held-out loss at equal trained tokens is not measured: results/sft.json predates it; "
+                "rerun `bench/run.py --only sft`."]
+    T, runs = e["budget"], e["loops"]
+    lines = [f"### Held-out loss at equal trained tokens: T = {T:,} ({e['share']:.0%} of the set's trained tokens)", "",
+             "| loop | optimizer steps | trained tokens | vs T | held-out loss |", "|---|---:|---:|---:|---:|"]
+    for key, label in labels.items():
+        x = runs[key]
+        lines.append(f"| {label} | {x['steps_taken']:,} | {x['tokens_reached']:,} | {x['tokens_reached'] / T - 1:+.1%} "
+                     f"| **{x['heldout_loss']:.3f}** |")
+    lines.append(f"| the base model, before SFT | 0 | 0 | - | {e['base_loss']:.3f} |")
+    reached = (f"every loop reached T within {e['worst_off']:.1%}" if e["within"] else
+               f"**NOT every loop reached T within {e['tolerance']:.0%}** (the worst is {e['worst_off']:.1%} off): "
+               "those losses are not at equal data")
+    steps = {packed: [runs[k]["steps_taken"] for k in labels if (r[k]["samples_per_row"] > 1) == packed] for packed in (True, False)}
+    unequal_steps = ""
+    if steps[True] and steps[False]:
+        unequal_steps = (f"With the same micro batch and lr, equal data is unequal steps: the packed loops reach T in "
+                         f"{min(steps[True]):,}-{max(steps[True]):,} optimizer steps, the padded ones in "
+                         f"{min(steps[False]):,}-{max(steps[False]):,}, ~{statistics.mean(steps[False]) / statistics.mean(steps[True]):.1f}x "
+                         "as many updates of fewer tokens each; so equal tokens is not equal optimisation, and the held-out "
+                         "losses reflect the number of updates as well as the data; what the table rules out is a loop winning "
+                         "by training on more (or less) data. ")
+    lines += ["", equal_steps
+              + f"This table is at equal data: the first repeat's runs go on after their timed steps and stop at the first "
+              "step by which they have trained T tokens since step 0 (`launch/sft.py` with the `--max_steps` that a replay of its "
+              "own data order gives, checked against its metrics.jsonl; the bare loop and TRL stop themselves; the pad-to-max "
+              f"loop's run to T is an in-process run of its code and seed), and {reached}. " + unequal_steps
+              + f"They also see different samples in different orders (`--no-packing` in length-sorted chunks, so a run that "
+              "stops mid-chunk has trained that chunk's longest samples). The held-out "
+              f"loss is one evaluator's (`heldout_loss`) for every saved model: the mean cross-entropy over the "
+              f"{e['heldout_trained_tokens']:,} trained tokens (assistant content and its `<|im_end|>`, the labels every loop "
+              f"trains) of {e['heldout_conversations']:,} conversations made like the training set with another seed, none of "
+              f"them in it. The model is a preset pretrained for one step (a near-random start), so the losses show that "
+              f"{loops} loops train, not what SFT achieves."]
+    return lines
 
 
 def _render_sft_trl(r: dict, trl_variants: list[str]) -> list[str]:
@@ -923,7 +1071,7 @@ def _render_sft_trl(r: dict, trl_variants: list[str]) -> list[str]:
     lines += ["", f"TRL {version} (`bench/trl_sft.py`, each run its own process): the same model directory, fp32, SDPA, "
               "micro batch, steps, lr (constant, no warmup), AdamW betas 0.9/0.95 eps 1e-8 no weight decay (Trainer's fused "
               "AdamW), clip 1.0 and seed; TRL's gradient-checkpointing default (on) turned off, as neither trainrig (for this "
-              "model) nor the bare loop checkpoints; no eval, saving or trackers; all else TRL's defaults (its chat-template "
+              "model) nor the bare loop checkpoints; no eval, checkpoints or trackers; all else TRL's defaults (its chat-template "
               "tokenisation, collator, shuffled loader, fused LM head, per-step entropy/accuracy metrics). "
               + ("Loss on assistant tokens only, as the others: `assistant_only_loss=True` with `chat_template_path` set to the "
                  "model's ChatML plus `{% generation %}` markers around each assistant content and its `<|im_end|>` (the "
@@ -933,7 +1081,7 @@ def _render_sft_trl(r: dict, trl_variants: list[str]) -> list[str]:
                  "Some TRL runs train on every token (the model's template has no `{% generation %}` markers); their trained "
                  "tokens/s count only the assistant tokens, the work the other loops do, and their loss is over all tokens. ")
               + "Timed by a TrainerCallback from the end of step "
-              f"{r['warmup']} to the end of the last step (data loading and the Trainer's per-step work included); its "
+              f"{r['warmup']} to the end of step {r['steps']} (data loading and the Trainer's per-step work included); its "
               "non-pad share is that of the batches of those steps. "
               + ("`packing=True` (best-fit decreasing) forces padding-free: each micro batch becomes one flattened row with "
                  "`position_ids` restarting per sample and no attention mask; with SDPA on CPU, transformers rebuilds a "
@@ -983,11 +1131,13 @@ def write_report(path: Path, results: dict[str, dict], results_dir: Path | None 
     """RESULTS.md from every section's results (`results[name] = {"machine": ..., ...}` as stored in
     bench/results/<name>.json), in the order (a) (b) (c). A section without results that the
     existing RESULTS.md has (measured before the JSONs existed) is carried over verbatim, marked so."""
+    from gpu import render_gpu  # here, not at the top: bench/gpu.py imports this module
+
     old_header, old_sections = _split_sections(path.read_text()) if path.is_file() else ([], {})
     newest = max((r["machine"] for r in results.values()), key=lambda m: m["date"], default=None)
     lines = ["# trainrig benchmarks", "",
              f"Generated by `make bench` (`bench/run.py`) from `{os.path.relpath(results_dir or path.parent / 'results', path.parent)}/*.json` "
-             "beside this file; one section alone: `bench/run.py --only data|pretrain|sft|memory`. Do not edit by hand.", ""]
+             "beside this file; one section alone: `bench/run.py --only data|pretrain|sft|memory|gpu`. Do not edit by hand.", ""]
     if newest:
         lines += [f"Machine: {machine_line(newest)}", ""]
     for name in SECTIONS:
@@ -995,7 +1145,7 @@ def write_report(path: Path, results: dict[str, dict], results_dir: Path | None 
             info = results[name]["machine"]
             try:
                 body = {"data": lambda r: render_data(r, info), "pretrain": lambda r: render_training(r["runs"]),
-                        "sft": render_sft, "memory": lambda r: render_memory(r["runs"])}[name](results[name])
+                        "sft": render_sft, "memory": lambda r: render_memory(r["runs"]), "gpu": render_gpu}[name](results[name])
             except (KeyError, TypeError, IndexError) as err:  # a JSON written by an older bench/run.py
                 body = [f"## {SECTIONS[name]} {name}", "",
                         f"`results/{name}.json` lacks {err} (written by an older bench/run.py); rerun `bench/run.py --only {name}`."]
@@ -1013,6 +1163,10 @@ def write_report(path: Path, results: dict[str, dict], results_dir: Path | None 
                 body = [body[0], "", f"Carried over from the previous RESULTS.md{' (measured ' + when.group(1) + ')' if when else ''}; "
                         f"rerun `bench/run.py --only {name}` to refresh. {machine_was}".rstrip(), *body[1:]]
             lines += [*body, ""]
+        elif name == "gpu":
+            lines += ["## (e) GPU: bf16 pretraining, 125M and 0.5B", "",
+                      "Not measured: no CUDA GPU was visible where `make bench` ran. On a machine with one, "
+                      "`python bench/gpu.py` measures it and adds its results here.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -1063,6 +1217,11 @@ def main() -> None:
         write_report(output, load_results(results_dir), results_dir)
         print(f"wrote {output} from {results_dir}")
         return
+    if "gpu" in run:  # its own process, before this one touches CUDA; without a GPU it says so and writes nothing
+        subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--output", str(output), "--results_dir", str(results_dir)], cwd=REPO)
+        run.discard("gpu")
+        if not run:
+            return
 
     logging.basicConfig(level=logging.WARNING)
     from launch.demo import make_corpus

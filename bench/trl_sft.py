@@ -48,8 +48,13 @@ Counted in the timed window (the steps after `warmup`, timed by a TrainerCallbac
 step `warmup` to the end of the last step, data loading and logging included, as trainrig's window
 is): trained tokens = assistant labels that are not -100 after the one-token shift (the same rule
 as trainrig and the pad-to-max loop; in "all_tokens" the assistant positions, not TRL's labels),
-non-pad = real input tokens. The loss is the mean of the last `loss_steps` steps' losses (each the
-mean over that step's trained tokens, as in the other loops).
+non-pad = real input tokens. The loss is the mean of the last `loss_steps` timed steps' losses (each
+the mean over that step's trained tokens, as in the other loops).
+
+Equal-token runs (`token_budget`, `save_dir`): the run goes on after its timed steps until its
+trained tokens since step 0 (counted as above) reach the budget, stops at that step (a
+TrainerCallback), and `trainer.save_model` writes the model to save_dir for bench/run.py's held-out
+evaluator; the timed figures are those of the first `steps` steps all the same.
 """
 
 from __future__ import annotations
@@ -125,12 +130,16 @@ class AssistantCounter:
         return count
 
 
-def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant="defaults") -> dict:
+def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant="defaults", token_budget=0,
+            save_dir=None) -> dict:
     """One SFTTrainer run on the chat set; see the module docstring for the settings of each variant.
-    Returns trained_tok_s, tok_s (non-pad input tokens/s), loss (mean of the last loss_steps steps),
+    Returns trained_tok_s, tok_s (non-pad input tokens/s), loss (mean of the last loss_steps timed steps),
     trained_tokens and non_pad_tokens (in the timed window), non_pad (the non-pad share of the input
     positions of the timed batches), rows / samples_per_row (of TRL's prepared train set) and
-    dataset_trained_tokens (labels over the prepared set, after the one-token shift)."""
+    dataset_trained_tokens (labels over the prepared set, after the one-token shift).
+    With token_budget the run goes on after `steps` until it has trained that many tokens since
+    step 0, then saves its model to save_dir (an equal-token run); steps_taken and tokens_reached
+    are the whole run's."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     assert 0 < warmup < steps and 0 < loss_steps <= steps
@@ -155,8 +164,10 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
                     raise RuntimeError(f"{model_dir}'s chat template does not render the ChatML that "
                                        "CHATML_TRAINING_TEMPLATE marks up; update the template in bench/trl_sft.py")
 
+        # with a budget, a bound the run never reaches (every step trains >= 1 token); the Stop callback ends it
+        max_steps = max(steps, token_budget)
         config = SFTConfig(
-            output_dir=str(Path(tmp) / "out"), max_steps=steps, per_device_train_batch_size=micro,
+            output_dir=str(Path(tmp) / "out"), max_steps=max_steps, per_device_train_batch_size=micro,
             gradient_accumulation_steps=1, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
             optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
             max_grad_norm=1.0, seed=seed, data_seed=seed, bf16=False, fp16=False, activation_checkpointing=False,
@@ -167,7 +178,7 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
             logging_steps=warmup, logging_strategy="steps", save_strategy="no", eval_strategy="no", report_to="none",
             disable_tqdm=True, dataloader_num_workers=0,
         )
-        counts = {"trained": 0, "non_pad": 0, "positions": 0}
+        counts = {"trained": 0, "non_pad": 0, "positions": 0, "reached": 0}  # reached: trained since step 0
         timing = {"start": None, "end": None, "steps": []}
         losses: list[float] = []  # every step's
 
@@ -175,20 +186,29 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == warmup:
                     timing["start"] = time.perf_counter()
-                elif state.global_step > warmup:
+                elif warmup < state.global_step <= steps:
                     timing["steps"].append(time.perf_counter() - (timing["end"] or timing["start"]))
                     timing["end"] = time.perf_counter()
+
+        class Stop(TrainerCallback):
+            """Ends the run at the first step, from the last timed one on, by which it has trained token_budget."""
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= steps and counts["reached"] >= token_budget:
+                    control.should_training_stop = True
 
         class CountingSFTTrainer(SFTTrainer):
             """SFTTrainer that also counts each step's trained and real tokens (a few integer sums)."""
 
             def training_step(self, model, inputs, num_items_in_batch=None):
-                if self.state.global_step >= warmup:
-                    ids = inputs["input_ids"]
-                    if assistant_only:
-                        counts["trained"] += int((inputs["labels"][:, 1:] != -100).sum())
-                    else:  # TRL trains every token here; count the assistant ones, the work the others do
-                        counts["trained"] += assistant_tokens(ids)
+                ids = inputs["input_ids"]
+                if assistant_only:
+                    trained = int((inputs["labels"][:, 1:] != -100).sum())
+                else:  # TRL trains every token here; count the assistant ones, the work the others do
+                    trained = assistant_tokens(ids)
+                counts["reached"] += trained
+                if warmup <= self.state.global_step < steps:
+                    counts["trained"] += trained
                     mask = inputs.get("attention_mask")
                     counts["non_pad"] += int(mask.sum()) if mask is not None else ids.numel()
                     counts["positions"] += ids.numel()
@@ -198,20 +218,23 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
 
         assistant_tokens = AssistantCounter(AutoTokenizer.from_pretrained(str(model_dir)))
         trainer = CountingSFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(records),
-                                     callbacks=[Timer()])
+                                     callbacks=[Timer(), Stop()])
         labels = trainer.train_dataset["labels"]
         dataset_trained = sum(sum(1 for t in row[1:] if t != -100) for row in labels)
         rows = len(trainer.train_dataset)
         trainer.train()
+        if save_dir:
+            trainer.save_model(str(save_dir))
 
     seconds = timing["end"] - timing["start"]
-    tail = losses[steps - loss_steps:]
+    tail = losses[steps - loss_steps:steps]
     return {"variant": variant, "trl": trl.__version__, "trained_tok_s": counts["trained"] / seconds,
             "tok_s": counts["non_pad"] / seconds, "loss": sum(tail) / len(tail), "trained_tokens": counts["trained"],
             "non_pad_tokens": counts["non_pad"], "non_pad": counts["non_pad"] / counts["positions"],
             "seconds": seconds, "step_seconds": [round(t, 4) for t in timing["steps"]], "rows": rows,
             "samples_per_row": len(records) / rows,
-            "dataset_trained_tokens": dataset_trained, "assistant_only_loss": assistant_only}
+            "dataset_trained_tokens": dataset_trained, "assistant_only_loss": assistant_only,
+            "steps_taken": len(losses), "tokens_reached": counts["reached"], "model": str(save_dir) if save_dir else None}
 
 
 def trl_sft_in_process(*args) -> dict:
@@ -227,13 +250,13 @@ def trl_sft_in_process(*args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True,
-                        help="JSON list: chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant")
+    parser.add_argument("--run", required=True, help="JSON list: chat, model_dir, max_len, micro, steps, warmup, "
+                                                     "loss_steps, lr, seed, variant, token_budget, save_dir ('': none)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant = json.loads(args.run)
+    chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant, token_budget, save_dir = json.loads(args.run)
     result = trl_sft(Path(chat), Path(model_dir), int(max_len), int(micro), int(steps), int(warmup), int(loss_steps),
-                     float(lr), int(seed), variant)
+                     float(lr), int(seed), variant, int(token_budget), Path(save_dir) if save_dir else None)
     print(json.dumps(result))
 
 

@@ -13,7 +13,26 @@ def test_bench_loops_run(corpus, tokenizer_dir, tmp_path):
     bare = bench.bare_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
     trainer = bench.hf_trainer_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
     ours = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "run")
-    assert bare > 0 and trainer > 0 and ours > 0
+    own = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "own",
+                                      chunked_loss=False)
+    assert bare > 0 and trainer > 0 and ours > 0 and own > 0
+    assert '"chunked_loss": true' in (tmp_path / "run" / "plan.json").read_text()
+    assert '"chunked_loss": false' in (tmp_path / "own" / "plan.json").read_text()
+
+
+def test_render_training_reports_each_loop_and_the_targets():
+    row = {"preset": "tiny", "block_size": 256, "micro_batch": 16, "steps": 60, "warmup": 10, "repeats": 3,
+           "trainrig_tok_s": 12100.0, "trainrig_own_loss_tok_s": 10400.0, "hf_trainer_tok_s": 10500.0, "bare_tok_s": 10600.0,
+           "trainrig_all": [12100, 12000, 12300], "trainrig_own_loss_all": [10400] * 3, "hf_trainer_all": [10500] * 3,
+           "bare_all": [10600] * 3, "ratio": 12100 / 10600, "trainer_ratio": 12100 / 10500, "own_loss_ratio": 10400 / 10600,
+           "own_loss_trainer_ratio": 10400 / 10500, "peak_flops": 1.0e11,
+           "flops_per_token": {"per_token": 7.0e6, "matmul_weights": 0.9e6, "attention": 1.6e6},
+           "mfu": {"trainrig": 0.847, "trainrig_own_loss": 0.728, "hf_trainer": 0.735, "bare": 0.742}}
+    text = "\n".join(bench.render_training([row, {**row, "preset": "small", "trainer_ratio": 1.05, "ratio": 0.96}]))
+    assert "| tiny | 256 x 16 | 60 (10) | 12,100 | 10,400 | 10,500 | 10,600 | **1.152** | **1.142** |" in text
+    assert "tiny 0.990x the Trainer and 0.981x the bare loop" in text
+    assert "tiny vs. Trainer met, vs. bare met; small vs. Trainer NOT met, vs. bare NOT met." in text
+    assert "| 84.7% (84.7 GFLOP/s) | 72.8% | 73.5% | 74.2% |" in text
 
 
 def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
@@ -40,13 +59,20 @@ def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
 
 def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     """Section (c) end to end on a handful of steps: base model, chat set, the three loops, the
-    fills, then its JSON and the report rendered from it. Without the TRL rows (trl_variants=()),
-    so `make test` needs no TRL; test_trl_sft_runs covers those where TRL is installed."""
-    result = bench.bench_sft(corpus, tokenizer_dir, tmp_path, max_len=64, micro=2, steps=4, warmup=2, loss_steps=2,
-                             samples=40, repeats=1, trl_variants=())
+    fills, the runs to equal trained tokens and their held-out losses, then its JSON and the report
+    rendered from it. Without the TRL rows (trl_variants=()), so `make test` needs no TRL;
+    test_trl_sft_runs covers those where TRL is installed."""
+    import pytest
+
+    from trainers.models import load_tokenizer
+
+    # 100 samples of <= 128 tokens (2.5 to a packed row): a third of their trained tokens takes every
+    # loop past the 4 timed steps (packed 8, pad-to-max 16)
+    result = bench.bench_sft(corpus, tokenizer_dir, tmp_path, max_len=128, micro=2, steps=4, warmup=2, loss_steps=2,
+                             samples=100, repeats=1, trl_variants=(), heldout=20)
     chat = result["chat"]
-    assert chat["samples"] == result["kept"] == 40 and result["truncated"] == 0
-    assert 16 <= chat["min_tokens"] and chat["max_tokens"] <= 64 and chat["multi_turn"]
+    assert chat["samples"] == result["kept"] == 100 and result["truncated"] == 0
+    assert 16 <= chat["min_tokens"] and chat["max_tokens"] <= 128 and chat["multi_turn"]
     for name in ("packed", "grouped", "pad_to_max"):
         run = result[name]
         assert run["trained_tok_s"] > 0 and run["tok_s"] >= run["trained_tok_s"] and run["loss"] > 0, name
@@ -54,6 +80,32 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     assert result["pad_to_max"]["non_pad"] < result["grouped"]["non_pad"] and result["packed"]["samples_per_row"] > 1
     # trainrig's chat pipeline and the pad-to-max preprocess train the very same tokens
     assert result["trained_labels"]["trainrig"] == result["trained_labels"]["pad_to_max"] > 0
+
+    # equal data: each loop stops at the first step by which it has trained T, so less than one
+    # micro batch of trained tokens past it; trainrig's --max_steps comes from the replay of its data order
+    equal = result["equal_tokens"]
+    budget, loops = equal["budget"], equal["loops"]
+    assert budget == round(result["trained_labels"]["trainrig"] / 3)
+    for name, run in loops.items():
+        assert budget <= run["tokens_reached"] < budget + 2 * 128 and run["steps_taken"] > result["steps"], name
+        assert 0 < run["heldout_loss"] < equal["base_loss"], name  # every loop trains
+    assert loops["packed"]["steps_taken"] < loops["pad_to_max"]["steps_taken"]  # packed rows: fewer, larger steps
+    assert equal["within"] == (equal["worst_off"] <= equal["tolerance"])
+
+    # one evaluator, one held-out set: the same model scores the same, another model differently, and
+    # the held-out labels are trainrig's own, token for token
+    tokenizer = load_tokenizer(str(tmp_path / "sft_base_tiny" / "final"), False, "--model_name_or_path")
+    heldout = tmp_path / "sft_heldout.jsonl"
+    examples = bench.heldout_examples(heldout, tmp_path / "sft_chat.jsonl", tokenizer, 128)
+    packed_model = tmp_path / "sft_packed_0" / "final"
+    assert bench.heldout_loss(packed_model, examples) == bench.heldout_loss(packed_model, examples) == loops["packed"]["heldout_loss"]
+    assert len({run["heldout_loss"] for run in loops.values()} | {equal["base_loss"]}) == 4
+    samples = bench.chat_samples(heldout, tokenizer, tmp_path / "sft_cache", 128)
+    assert [(s["input_ids"].tolist(), s["labels"].tolist()) for s in (samples[i] for i in range(len(samples)))] == \
+        [(ids.tolist(), labels.tolist()) for ids, labels in examples]
+    assert equal["heldout_conversations"] == 20 and equal["heldout_trained_tokens"] == samples.meta["trained_tokens"]
+    with pytest.raises(ValueError, match="also in the training set"):
+        bench.heldout_examples(tmp_path / "sft_chat.jsonl", tmp_path / "sft_chat.jsonl", tokenizer, 128)
 
     bench.save_result(tmp_path / "results", "sft", {**dict.fromkeys(
         ("cpu", "gpu", "python", "torch", "transformers", "accelerate", "deepspeed", "datasets", "tokenizers"), "-"),
@@ -65,27 +117,44 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     assert "## (c) SFT" in text and "Target non-pad >= 95% with packing: **" in text and "Measured today" in text
     assert "Carried over from the previous RESULTS.md" in text and "| a | table |" in text  # (a) had no JSON
     assert "TRL `SFTTrainer` rows skipped: not asked for" in text and "trained tokens in the 2 timed steps" in text
+    assert f"### Held-out loss at equal trained tokens: T = {budget:,} (33% of the set's trained tokens)" in text
+    assert f"| {loops['grouped']['steps_taken']:,} | {loops['grouped']['tokens_reached']:,} |" in text
+    assert "with another seed, none of them in it" in text and ("**NOT every loop reached T" in text) != equal["within"]
     assert json.loads((tmp_path / "results" / "sft.json").read_text())["packed"]["trained_tok_s"] > 0
 
 
 def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
-    """bench/trl_sft.py: TRL's SFTTrainer, defaults and packing, 3 steps each on the bench's chat set
-    and model, in their own processes; the labels are trainrig's (assistant-only) and the rows render."""
+    """bench/trl_sft.py: TRL's SFTTrainer, defaults and packing, 3 timed steps each on the bench's chat
+    set and model, in their own processes, then on to a token budget and a saved model that the
+    held-out evaluator scores; the labels are trainrig's (assistant-only) and the rows render."""
     import trl_sft
     from trainers.models import load_tokenizer
 
     model_dir = bench.make_sft_model(corpus, tokenizer_dir, tmp_path / "base", "tiny", tmp_path / "cache")
+    tokenizer = load_tokenizer(str(model_dir), False, "--model_name_or_path")
     chat = tmp_path / "chat.jsonl"
-    bench.make_chat_set(chat, corpus, load_tokenizer(str(model_dir), False, "--model_name_or_path"), 24, 64, seed=5)
-    trainrig_labels = bench.sft_data_stats(chat, load_tokenizer(str(model_dir), False, "--model_name_or_path"),
-                                           tmp_path / "cache", 64, 0)["dataset_trained_tokens"]
-    runs = {v: trl_sft.trl_sft_in_process(chat, model_dir, 64, 2, 3, 1, 2, 1e-3, 0, v) for v in ("defaults", "packing")}
+    bench.make_chat_set(chat, corpus, tokenizer, 24, 64, seed=5)
+    trainrig_labels = bench.sft_data_stats(chat, tokenizer, tmp_path / "cache", 64, 0)["dataset_trained_tokens"]
+    budget = trainrig_labels // 2  # past the 3 timed steps for both (20-30 tokens a step)
+    runs = {v: trl_sft.trl_sft_in_process(chat, model_dir, 64, 2, 3, 1, 2, 1e-3, 0, v, budget, tmp_path / f"trl_{v}")
+            for v in ("defaults", "packing")}
     for variant, run in runs.items():
         assert run["trained_tok_s"] > 0 and run["tok_s"] >= run["trained_tok_s"] and run["loss"] > 0, variant
         assert run["trained_tokens"] > 0 and run["assistant_only_loss"], variant
         assert run["dataset_trained_tokens"] == trainrig_labels, variant  # the very same trained tokens as trainrig
+        # stopped at the first step by which it trained the budget: less than one micro batch past it
+        assert budget <= run["tokens_reached"] < budget + 2 * 64 and run["steps_taken"] > 3, variant
     assert runs["packing"]["non_pad"] == 1.0 and runs["packing"]["samples_per_row"] > 1  # padding-free, packed rows
     assert runs["defaults"]["non_pad"] < 1.0 and runs["defaults"]["samples_per_row"] == 1.0
+    assert runs["packing"]["steps_taken"] < runs["defaults"]["steps_taken"]
+
+    # the saved models load in the held-out evaluator, and both trained
+    heldout = tmp_path / "heldout.jsonl"
+    bench.make_chat_set(heldout, corpus, tokenizer, 10, 64, seed=bench.SFT_HELDOUT_SEED)
+    examples = bench.heldout_examples(heldout, chat, tokenizer, 64)
+    base_loss = bench.heldout_loss(model_dir, examples)
+    heldout_losses = {v: bench.heldout_loss(run["model"], examples) for v, run in runs.items()}
+    assert all(0 < loss < base_loss for loss in heldout_losses.values()) and len(set(heldout_losses.values())) == 2
 
     # the rows in section (c), on a result with made-up figures for the other loops
     loop = {"trained_tok_s": 100.0, "tok_s": 200.0, "loss": 5.0, "trained_tokens": 50, "all": [100], "non_pad": 0.9,
@@ -104,10 +173,21 @@ def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
                                                            "samples_per_row", "trl", "assistant_only_loss")},
                                     "all": [round(run["trained_tok_s"])]}
         result["trained_labels"][f"trl_{variant}"] = run["dataset_trained_tokens"]
+    made_up = {"steps_taken": 20, "tokens_reached": budget + 10, "heldout_loss": 5.0}
+    result["equal_tokens"] = {
+        "share": 1 / 2, "budget": budget, "tolerance": 0.03, "worst_off": 0.05, "within": False, "base_loss": base_loss,
+        "heldout_conversations": len(examples), "heldout_trained_tokens": 100,
+        "loops": {**dict.fromkeys(("packed", "grouped", "pad_to_max"), made_up),
+                  **{f"trl_{v}": {"steps_taken": run["steps_taken"], "tokens_reached": run["tokens_reached"],
+                                  "heldout_loss": heldout_losses[v]} for v, run in runs.items()}}}
     text = "\n".join(bench.render_sft(result))
     assert "| TRL `SFTTrainer`, its defaults" in text and "| TRL `SFTTrainer`, `packing=True`" in text
     assert "Target >= 1.5x TRL `SFTTrainer` (defaults)'s trained tokens/s: **met** (1.60x; vs SFTTrainer packing: 1.10x)" in text
-    assert "NOT at equal trained tokens" in text and "for all five" in text
+    assert "loss column is at equal steps, not equal data" in text and "for all five" in text
+    packing = runs["packing"]
+    assert (f"padding-free: each micro batch flattened) | {packing['steps_taken']:,} | {packing['tokens_reached']:,} | "
+            f"{packing['tokens_reached'] / budget - 1:+.1%} | **{heldout_losses['packing']:.3f}** |") in text
+    assert "**NOT every loop reached T within 3%** (the worst is 5.0% off)" in text
 
 
 def test_bench_memory_case_runs_and_renders(corpus, tokenizer_dir, tmp_path):
