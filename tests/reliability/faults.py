@@ -26,24 +26,44 @@ import signal
 import sys
 
 
+def poison_loss(factor_for_call, setattr=setattr) -> None:
+    """Multiply the causal LM's loss by factor_for_call(n) in its n-th training forward (counted from
+    1 in this process; None leaves it). Both ways the loss is made are wrapped: the class's own forward
+    and the chunked loss's routing, which use_chunked_loss binds to the model later and which calls the
+    class's forward where it does not apply; only the outermost wrapper of a call counts it. `setattr`:
+    pytest's monkeypatch.setattr in a test, so the patches are undone after it."""
+    from transformers import Qwen2ForCausalLM
+
+    from trainers import chunked_loss
+
+    calls, depth = [0], [0]
+
+    def poisoned(original):
+        def forward(self, *args, **kwargs):
+            depth[0] += 1
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if self.training and depth[0] == 0:
+                calls[0] += 1
+                factor = factor_for_call(calls[0])
+                if factor is not None:
+                    out["loss"] = out["loss"] * factor
+            return out
+        return forward
+
+    setattr(Qwen2ForCausalLM, "forward", poisoned(Qwen2ForCausalLM.forward))
+    setattr(chunked_loss, "_causal_lm_forward", poisoned(chunked_loss._causal_lm_forward))
+
+
 def install(spec: dict) -> None:
     if spec.get("rank", int(os.environ.get("RANK", "0"))) != int(os.environ.get("RANK", "0")):
         return
     kind = spec["kind"]
     if kind == "nan_loss":
-        from transformers import Qwen2ForCausalLM
-
-        original, calls = Qwen2ForCausalLM.forward, [0]
-
-        def forward(self, *args, **kwargs):
-            out = original(self, *args, **kwargs)
-            if self.training:
-                calls[0] += 1
-                if (calls[0] - 1) // spec.get("accumulation", 1) + 1 in spec["steps"]:
-                    out["loss"] = out["loss"] * float("nan")
-            return out
-
-        Qwen2ForCausalLM.forward = forward
+        steps, accumulation = spec["steps"], spec.get("accumulation", 1)
+        poison_loss(lambda call: float("nan") if (call - 1) // accumulation + 1 in steps else None)
     elif kind in ("kill_in_save", "signal_in_save"):
         from trainers.runtime import Runtime
 

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from conftest import REPO, VENV_BIN, free_port, pretrain_args, run_launcher
+from faults import poison_loss
 
 from launch.pretrain import main as pretrain_main
 from trainers.checkpoint import load_plain
@@ -87,16 +88,7 @@ def test_nan_on_one_rank_skips_the_same_update_everywhere(engine, corpus, tokeni
 
 
 def test_more_bad_steps_in_a_row_than_allowed_stop_the_run(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
-    from transformers import Qwen2ForCausalLM
-
-    original = Qwen2ForCausalLM.forward
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        out["loss"] = out["loss"] * float("inf")  # an Inf loss (finite gradients would follow from it unpoisoned)
-        return out
-
-    monkeypatch.setattr(Qwen2ForCausalLM, "forward", forward)
+    poison_loss(lambda call: float("inf"), monkeypatch.setattr)  # an Inf loss (finite gradients would follow from it unpoisoned)
     out = tmp_path / "diverged"
     with pytest.raises(SystemExit) as exit_info:
         pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=10, save_steps=0, max_bad_steps=2))
@@ -111,19 +103,7 @@ def test_more_bad_steps_in_a_row_than_allowed_stop_the_run(corpus, tokenizer_dir
 
 def test_one_bad_step_is_skipped_in_a_single_process(corpus, tokenizer_dir, tmp_path, monkeypatch):
     """The same guarantee without a launcher (fast): an Inf loss at step 3 only."""
-    from transformers import Qwen2ForCausalLM
-
-    original, calls = Qwen2ForCausalLM.forward, [0]
-
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.training:
-            calls[0] += 1
-            if calls[0] == 3:
-                out["loss"] = out["loss"] * float("inf")
-        return out
-
-    monkeypatch.setattr(Qwen2ForCausalLM, "forward", forward)
+    poison_loss(lambda call: float("inf") if call == 3 else None, monkeypatch.setattr)
     out = tmp_path / "single"
     summary = pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=5, save_steps=1))
     assert summary["step"] == 5 and math.isfinite(summary["loss"])
