@@ -47,14 +47,16 @@ def test_ddp_torchrun(single_run, corpus, tokenizer_dir, tmp_path):
     assert '"name": "ddp"' in (out / "plan.json").read_text()
 
 
-def test_zero2_deepspeed_launcher_and_resume(single_run, corpus, tokenizer_dir, tmp_path):
+def test_zero2_deepspeed_launcher_compiled_and_resume(single_run, corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "zero2"
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    run_launcher([*cmd, *script_args(corpus, tokenizer_dir, out, deepspeed="ds_configs/zero2.json", save_steps=3)])
+    # compiled decoder layers (--torch_compile) under the engine: the eager single run's losses
+    run_launcher([*cmd, *script_args(corpus, tokenizer_dir, out, deepspeed="ds_configs/zero2.json", save_steps=3, torch_compile=True)])
     assert_same_losses(single_run, out)
     assert (out / "ds_config.json").is_file() and (out / "checkpoint-3" / "deepspeed").is_dir()
+    assert '"compiled_layers": 4' in (out / "plan.json").read_text()
 
-    # resume DeepSpeed's sharded state from step 3: steps 4..6 must repeat exactly
+    # resume DeepSpeed's sharded state from step 3, eager: steps 4..6 must repeat exactly
     resumed = tmp_path / "zero2_resumed"
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")

@@ -100,6 +100,9 @@ class ModelConfig:
     tokenizer_name_or_path: str = opt("", "Tokenizer directory (default: the model directory).")
     attn_implementation: str = opt("auto", "auto: flash_attention_2 when flash-attn imports and the GPU supports it, else sdpa.", ("auto", "flash_attention_2", "sdpa", "eager"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% more compute).")
+    torch_compile: bool = opt(False, "torch.compile each decoder layer in place (regional compilation: one graph shared by all layers, "
+                                      "built on the first step and cached by inductor); fuses the element-wise ops around the matmuls. "
+                                      "Needs a C++ compiler on CPU, triton on a GPU.")
     trust_remote_code: bool = opt(False, "Allow a model/tokenizer directory's own Python code (auto_map) to run. Off by default.")
 
 

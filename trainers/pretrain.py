@@ -21,7 +21,8 @@ from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError, check_output_dir
-from trainers.models import build_model, count_parameters, resolve_attn_implementation, resolve_model_config, tokenizer_for
+from trainers.models import (build_model, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
+                             tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -81,6 +82,8 @@ def train(cfg: PretrainConfig) -> dict:
         model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
     chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
     log.info("loss: %s", loss_why)
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
 
     # --------------------------------------------------------------------- optimizer
@@ -94,7 +97,8 @@ def train(cfg: PretrainConfig) -> dict:
              micro, accumulation, runtime.world_size, global_batch, f"{global_batch * d.block_size:,}", total_steps,
              steps_per_epoch, len(train_blocks))
     if runtime.is_main:
-        loop.write_plan(out, runtime, cfg, attn, why, global_batch, extra={"chunked_loss": chunked, "loss_reason": loss_why})
+        loop.write_plan(out, runtime, cfg, attn, why, global_batch, extra={"chunked_loss": chunked, "loss_reason": loss_why,
+                                                                              "compiled_layers": compiled})
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0,

@@ -29,7 +29,8 @@ from trainers.data.collate import ResumableSampler
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora
-from trainers.models import TORCH_DTYPES, _check_model_dir, count_parameters, resolve_attn_implementation, tokenizer_for
+from trainers.models import (TORCH_DTYPES, _check_model_dir, compile_decoder_layers, count_parameters, resolve_attn_implementation,
+                             tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -145,6 +146,8 @@ def train(cfg: RewardConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.lora_r > 0:
         model = apply_lora(model, lora, cfg.run.seed, task_type="SEQ_CLS")
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
@@ -160,7 +163,8 @@ def train(cfg: RewardConfig) -> dict:
              micro, accumulation, runtime.world_size, global_batch, total_steps, steps_per_epoch, len(train_set))
     if runtime.is_main:
         loop.write_plan(out, runtime, cfg, attn, why, global_batch,
-                        extra={"max_seq_length": d.max_seq_length, "lora_r": lora.lora_r, "trainable_parameters": n_trainable})
+                        extra={"max_seq_length": d.max_seq_length, "lora_r": lora.lora_r, "trainable_parameters": n_trainable,
+                               "compiled_layers": compiled})
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0, "pairs_seen": 0,

@@ -30,7 +30,8 @@ from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
 from trainers.chunked_loss import use_chunked_loss
 from trainers.lora import apply_lora, merge_adapter
-from trainers.models import build_model, count_parameters, resolve_attn_implementation, resolve_model_config, tokenizer_for
+from trainers.models import (build_model, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
+                             tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -130,6 +131,8 @@ def train(cfg: SFTConfig) -> dict:
         model = apply_lora(model, lora, cfg.run.seed, chat_tokens)
     chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
     log.info("loss: %s", loss_why)
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
@@ -146,7 +149,8 @@ def train(cfg: SFTConfig) -> dict:
     if runtime.is_main:
         loop.write_plan(out, runtime, cfg, attn, why, global_batch,
                         extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
-                               "lora_r": lora.lora_r, "trainable_parameters": n_trainable, "chunked_loss": chunked, "loss_reason": loss_why})
+                               "lora_r": lora.lora_r, "trainable_parameters": n_trainable, "chunked_loss": chunked, "loss_reason": loss_why,
+                               "compiled_layers": compiled})
 
     # ------------------------------------------------------------------------ resume
     state = {"step": 0, "micro_step": 0, "epoch": 0, "samples_in_epoch": 0, "tokens_seen": 0, "input_tokens_seen": 0,
