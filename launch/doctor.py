@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def check_disk(path: Path, free_bytes: int) -> Check:
                  "free space, or pass --output_dir on a larger disk")
 
 
+def check_build_locks(stale: list[Path]) -> Check:
+    """torch JIT-extension build locks left by killed builds: DeepSpeed's next build waits on them forever."""
+    if not stale:
+        return Check("build locks", "pass", "no interrupted JIT extension build")
+    return Check("build locks", "fail", f"{len(stale)} left by an interrupted JIT extension build ({', '.join(map(str, stale))}): "
+                 "every DeepSpeed run would hang building that op", "rm " + " ".join(map(str, stale)))
+
+
 # ---------------------------------------------------------------------------------- gathering
 
 
@@ -250,7 +259,10 @@ def existing_parent(path: Path) -> Path:
 
 
 def run_checks(output_dir: str) -> list[Check]:
+    from trainers.runtime import extension_build_roots, stale_build_locks
+
     checks = [check_python(tuple(sys.version_info[:3]))] + torch_checks() + deepspeed_checks()
+    checks.append(check_build_locks(stale_build_locks(extension_build_roots(), time.time())))
     checks.append(check_ram(host_ram_bytes(), available_ram_bytes()))
     disk = existing_parent(Path(output_dir))
     checks.append(check_disk(disk, shutil.disk_usage(disk).free))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from launch.doctor import (GB, GPU, check_cuda_arch, check_deepspeed, check_disk, check_flash_attn, check_peer_access,
+from launch.doctor import (GB, GPU, check_build_locks, check_cuda_arch, check_deepspeed, check_disk, check_flash_attn, check_peer_access,
                            check_precision, check_ram, check_torch, main)
 
 CU124_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -87,4 +87,45 @@ def test_main_json_on_this_machine(tmp_path, capsys):
     assert {c["status"] for c in checks} <= {"pass", "warn", "fail", "skip"}
     by_name = {c["name"]: c for c in checks}
     assert by_name["torch"]["status"] == "pass"
-    assert {"python", "cuda arch", "flash-attn", "deepspeed", "cpu adam", "ram", "disk", "transformers"} <= set(by_name)
+    assert {"python", "cuda arch", "flash-attn", "deepspeed", "cpu adam", "build locks", "ram", "disk", "transformers"} <= set(by_name)
+
+
+def test_stale_build_locks_are_old_locks_with_nothing_built(tmp_path):
+    """A killed JIT build leaves <op>/lock; a running build's lock is young, a finished build's op dir has its .so."""
+    import os
+    import time
+
+    from trainers.runtime import stale_build_locks
+
+    now = time.time()
+    for op, age, built in (("interrupted", 1200, False), ("building", 60, False), ("built_then_killed", 1200, True), ("clean", None, True)):
+        (tmp_path / op).mkdir()
+        if built:
+            (tmp_path / op / f"{op}.so").write_bytes(b"")
+        if age is not None:
+            (tmp_path / op / "lock").touch()
+            os.utime(tmp_path / op / "lock", (now - age, now - age))
+    assert stale_build_locks([tmp_path], now) == [tmp_path / "interrupted" / "lock"]
+    failing = check_build_locks([tmp_path / "interrupted" / "lock"])
+    assert failing.status == "fail" and failing.fix == f"rm {tmp_path / 'interrupted' / 'lock'}"
+    assert check_build_locks([]).status == "pass"
+
+
+def test_deepspeed_run_with_a_stale_build_lock_exits_2_naming_it(corpus, tokenizer_dir, tmp_path):
+    """Instead of hanging in DeepSpeed's comm-op build forever (seen here after a first run was killed mid-build)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, pretrain_args
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 3600,) * 2)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, tmp_path / "run", zero_stage=2)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"rm {lock}" in proc.stderr and "interrupted build of the deepspeed_shm_comm extension" in proc.stderr
