@@ -249,11 +249,13 @@ def bare_loop_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size,
     return (steps - warmup) * micro * block_size / (time.perf_counter() - start)
 
 
-def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr) -> float:
+def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr,
+                            torch_compile: bool = False) -> float:
     """The HF `Trainer` on the same blocks, init, micro batch, fp32 and the very same fused AdamW
     (passed in, constant lr, clip 1.0); its logging every `warmup` steps, like trainrig's here. Timed
     by a callback from the end of step `warmup` to the end of the last step (the bare loop's steps),
-    so data loading and the Trainer's per-step work count, as they do in trainrig's figure."""
+    so data loading and the Trainer's per-step work count, as they do in trainrig's figure.
+    torch_compile: its `torch_compile=True` (the whole model, loss included, through accelerate)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -278,7 +280,8 @@ def hf_trainer_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro, max_steps=steps, learning_rate=lr,
                                  max_grad_norm=1.0, logging_steps=warmup, save_strategy="no", report_to=[], disable_tqdm=True,
-                                 dataloader_num_workers=0, seed=seed, use_cpu=True, remove_unused_columns=False)
+                                 dataloader_num_workers=0, seed=seed, use_cpu=True, remove_unused_columns=False,
+                                 torch_compile=torch_compile)
         trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=collate,
                           optimizers=(optimizer, constant), callbacks=[Timer()])
         trainer.train()
@@ -324,10 +327,12 @@ def flops_per_token(preset: str, tokenizer_dir, block_size: int) -> dict:
 
 
 def trainrig_tokens_per_s(corpus, tokenizer_dir, cache_dir, preset, block_size, micro, steps, warmup, seed, lr, out,
-                          chunked_loss: bool = True) -> float:
+                          chunked_loss: bool = True, torch_compile: bool = False) -> float:
     """`python launch/pretrain.py` as a user runs it, in its own process; its own tokens_per_sec.
-    chunked_loss=False: `--no-chunked_loss`, the model's own loss, as the Trainer and the bare loop use it."""
-    argv = ["--chunked_loss" if chunked_loss else "--no-chunked_loss", "--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
+    chunked_loss=False: `--no-chunked_loss`, the model's own loss, as the Trainer and the bare loop use it.
+    torch_compile: `--torch_compile`, the decoder layers compiled (built in the warmup steps)."""
+    argv = ["--chunked_loss" if chunked_loss else "--no-chunked_loss", "--torch_compile" if torch_compile else "--no-torch_compile",
+            "--train_files", str(corpus), "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset,
             "--block_size", str(block_size), "--per_device_train_batch_size", str(micro), "--max_steps", str(steps),
             "--logging_steps", str(warmup), "--learning_rate", str(lr), "--seed", str(seed), "--output_dir", str(out),
             "--resume", "never", "--data_cache_dir", str(cache_dir), "--validation_split_ratio", "0"]
@@ -347,6 +352,10 @@ def hf_trainer_tokens_per_s_in_process(*args) -> float:
     return _tokens_per_s_in_process("--hf_trainer", *args)
 
 
+def hf_trainer_compiled_tokens_per_s_in_process(*args) -> float:
+    return _tokens_per_s_in_process("--hf_trainer_compiled", *args)
+
+
 def _tokens_per_s_in_process(flag: str, *args) -> float:
     proc = subprocess.run([sys.executable, __file__, flag, json.dumps([str(a) for a in args])], cwd=REPO,
                           capture_output=True, text=True)
@@ -355,15 +364,28 @@ def _tokens_per_s_in_process(flag: str, *args) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+# Section (b)'s loops, in the order each repeat runs them and the tables show them.
+TRAINING_LOOPS = {
+    "trainrig": "trainrig (default: chunked loss)",
+    "trainrig_compiled": "trainrig `--torch_compile`",
+    "trainrig_own_loss": "trainrig `--no-chunked_loss`",
+    "hf_trainer": "HF `Trainer`",
+    "hf_trainer_compiled": "HF `Trainer` `torch_compile=True`",
+    "bare": "bare PyTorch loop",
+}
+
+
 def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, steps, warmup, repeats, peak_flops: float) -> dict:
     cache = workdir / "train_cache"
-    runs: dict[str, list[float]] = {"trainrig": [], "trainrig_own_loss": [], "bare": [], "hf_trainer": []}
+    runs: dict[str, list[float]] = {name: [] for name in TRAINING_LOOPS}
     for i in range(repeats):  # interleaved, so drift in machine load hits every loop alike
         common = (corpus, tokenizer_dir, cache, preset, block_size, micro, steps, warmup, 0, 1e-3)
         runs["bare"].append(bare_tokens_per_s_in_process(*common))
         runs["hf_trainer"].append(hf_trainer_tokens_per_s_in_process(*common))
         runs["trainrig"].append(trainrig_tokens_per_s(*common, workdir / f"run_{preset}_{i}"))
         runs["trainrig_own_loss"].append(trainrig_tokens_per_s(*common, workdir / f"run_{preset}_own_{i}", chunked_loss=False))
+        runs["trainrig_compiled"].append(trainrig_tokens_per_s(*common, workdir / f"run_{preset}_compiled_{i}", torch_compile=True))
+        runs["hf_trainer_compiled"].append(hf_trainer_compiled_tokens_per_s_in_process(*common))
     median = {name: statistics.median(values) for name, values in runs.items()}
     flops = flops_per_token(preset, tokenizer_dir, block_size)
     return {"preset": preset, "block_size": block_size, "micro_batch": micro, "steps": steps, "warmup": warmup, "repeats": repeats,
@@ -372,6 +394,9 @@ def bench_training(corpus, tokenizer_dir, workdir, preset, block_size, micro, st
             "ratio": median["trainrig"] / median["bare"], "trainer_ratio": median["trainrig"] / median["hf_trainer"],
             "own_loss_trainer_ratio": median["trainrig_own_loss"] / median["hf_trainer"],
             "own_loss_ratio": median["trainrig_own_loss"] / median["bare"],
+            "compiled_trainer_ratio": median["trainrig_compiled"] / median["hf_trainer"],
+            "compiled_ratio": median["trainrig_compiled"] / median["bare"],
+            "compiled_vs_compiled_trainer": median["trainrig_compiled"] / median["hf_trainer_compiled"],
             "flops_per_token": flops, "peak_flops": peak_flops,
             "mfu": {name: value * flops["per_token"] / peak_flops for name, value in median.items()}}
 
@@ -897,45 +922,51 @@ def render_data(data: dict, info: dict) -> list[str]:
 
 
 def render_training(training: list[dict]) -> list[str]:
+    first = training[0]
     lines = [
         "## (b) Pretraining step throughput, 1 process, fp32, fused AdamW",
         "",
-        "| model | block x micro | steps (warmup excluded) | trainrig tokens/s | trainrig `--no-chunked_loss` | HF `Trainer` tokens/s "
-        "| bare PyTorch loop tokens/s | vs. Trainer (target >= 1.10) | vs. bare (target >= 0.97) | runs (trainrig / no-chunked / Trainer / bare) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"Medians of {first['repeats']} runs, the six loops interleaved, the warmup steps excluded (they hold the compile of the "
+        "compiled loops); each run is its own process.",
+        "",
+        "| model (block x micro, steps (warmup)) | loop | tokens/s | vs. HF `Trainer` | vs. bare loop | MFU | runs |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for t in training:
-        lines.append(f"| {t['preset']} | {t['block_size']} x {t['micro_batch']} | {t['steps']} ({t['warmup']}) | {t['trainrig_tok_s']:,.0f} "
-                     f"| {t['trainrig_own_loss_tok_s']:,.0f} | {t['hf_trainer_tok_s']:,.0f} | {t['bare_tok_s']:,.0f} "
-                     f"| **{t['trainer_ratio']:.3f}** | **{t['ratio']:.3f}** "
-                     f"| {t['trainrig_all']} / {t['trainrig_own_loss_all']} / {t['hf_trainer_all']} / {t['bare_all']} |")
-    lines += ["", f"Medians of {training[0]['repeats']} runs, the four loops interleaved, the warmup steps excluded; each run is its own "
-              "process. trainrig's figures are its own `tokens_per_sec` (time inside training steps, data loading included); the "
-              "bare loop is timed over the same steps, the `Trainer` by a callback from the end of the last warmup step to the "
-              "end of the last step. All get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr. "
-              "trainrig runs as a user runs it, with its default chunked LM-head loss (trainers/chunked_loss.py); the Trainer and "
-              "the bare loop use the model's own loss (transformers' ForCausalLMLoss over the whole logits), as does trainrig with "
-              "`--no-chunked_loss`, which isolates the loop: "
-              + "; ".join(f"{t['preset']} {t['own_loss_trainer_ratio']:.3f}x the Trainer and {t['own_loss_ratio']:.3f}x the bare loop"
-                          for t in training) + ".",
-              "", "Targets: " + "; ".join(
-                  f"{t['preset']} vs. Trainer {'met' if t['trainer_ratio'] >= 1.10 else 'NOT met'}, vs. bare "
-                  f"{'met' if t['ratio'] >= 0.97 else 'NOT met'}" for t in training) + "."]
-    peak = training[0]["peak_flops"]
-    lines += ["", f"### CPU efficiency: model FLOP/s over the measured fp32 matmul peak ({peak / 1e9:,.1f} GFLOP/s, best of 10 "
-              "2048x2048 products with the training's threads)", "",
-              "| model | FLOPs per token (6 x matmul weights + attention) | trainrig | trainrig `--no-chunked_loss` | HF Trainer | bare loop |",
-              "|---|---:|---:|---:|---:|---:|"]
+        shape = f"{t['preset']} ({t['block_size']} x {t['micro_batch']}, {t['steps']} ({t['warmup']}))"
+        for name, label in TRAINING_LOOPS.items():
+            rate = t[f"{name}_tok_s"]
+            lines.append(f"| {shape} | {label} | {rate:,.0f} | {rate / t['hf_trainer_tok_s']:.3f}x | {rate / t['bare_tok_s']:.3f}x "
+                         f"| {t['mfu'][name]:.1%} | {t[f'{name}_all']} |")
+    lines += ["", "trainrig's figures are its own `tokens_per_sec` (time inside training steps, data loading included); the bare "
+              "loop is timed over the same steps, the `Trainer` by a callback from the end of the last warmup step to the end of "
+              "the last step. All get the same blocks, init, micro batch, fp32, and trainrig's fused AdamW with a constant lr. "
+              "trainrig's default runs as a user runs it, with its chunked LM-head loss (trainers/chunked_loss.py); the Trainer "
+              "and the bare loop use the model's own loss (transformers' ForCausalLMLoss over the whole logits), as does trainrig "
+              "with `--no-chunked_loss`, which isolates the loop. `--torch_compile` compiles trainrig's decoder layers in place "
+              "(one graph shared by the layers; the chunked loss stays eager); the Trainer's `torch_compile=True` compiles the "
+              "whole model, its loss included.",
+              "", "Targets (>= 1.10x the Trainer, >= 0.97x the bare loop):"]
     for t in training:
-        f, mfu = t["flops_per_token"], t["mfu"]
-        lines.append(f"| {t['preset']} | {f['per_token'] / 1e6:,.1f}M (6 x {f['matmul_weights'] / 1e6:,.2f}M + {f['attention'] / 1e6:,.1f}M) "
-                     f"| {mfu['trainrig']:.1%} ({t['trainrig_tok_s'] * f['per_token'] / 1e9:,.1f} GFLOP/s) | {mfu['trainrig_own_loss']:.1%} "
-                     f"| {mfu['hf_trainer']:.1%} | {mfu['bare']:.1%} |")
-    lines += ["", "Model FLOPs follow PaLM's appendix B: 6 per matmul weight per token (forward and backward; the input embedding "
-              "is a lookup, the LM head counts), plus 12 x layers x hidden x block length for attention, causal masking not "
-              "discounted. What the tiny shapes leave of the peak goes to work that is not a large matmul: element-wise ops, "
-              "the loss's softmax passes over the vocabulary (fewer with the chunked loss), the optimizer step, small matrices "
-              "that do not fill the cores."]
+        verdicts = []
+        for name, label in (("trainrig", "default"), ("trainrig_compiled", "`--torch_compile`")):
+            vs_trainer, vs_bare = t[f"{name}_tok_s"] / t["hf_trainer_tok_s"], t[f"{name}_tok_s"] / t["bare_tok_s"]
+            verdicts.append(f"{label} {vs_trainer:.3f}x the Trainer ({'met' if vs_trainer >= 1.10 else 'NOT met'}), "
+                            f"{vs_bare:.3f}x bare ({'met' if vs_bare >= 0.97 else 'NOT met'})")
+        verdicts.append(f"compiled against compiled, `--torch_compile` {t['compiled_vs_compiled_trainer']:.3f}x the Trainer's "
+                        f"`torch_compile=True`")
+        lines.append(f"- {t['preset']}: " + "; ".join(verdicts) + ".")
+    peak = first["peak_flops"]
+    lines += ["", f"MFU: model FLOP/s over the measured fp32 matmul peak ({peak / 1e9:,.1f} GFLOP/s, best of 10 2048x2048 products "
+              "with the training's threads). Model FLOPs follow PaLM's appendix B: 6 per matmul weight per token (forward and "
+              "backward; the input embedding is a lookup, the LM head counts), plus 12 x layers x hidden x block length for "
+              "attention, causal masking not discounted: "
+              + "; ".join(f"{t['preset']} {t['flops_per_token']['per_token'] / 1e6:,.1f}M per token "
+                          f"(6 x {t['flops_per_token']['matmul_weights'] / 1e6:,.2f}M + {t['flops_per_token']['attention'] / 1e6:,.1f}M)"
+                          for t in training)
+              + ". What the tiny shapes leave of the peak goes to work that is not a large matmul: element-wise ops (what "
+              "compiling fuses), the loss's softmax passes over the vocabulary (fewer with the chunked loss), the optimizer "
+              "step, small matrices that do not fill the cores."]
     return lines
 
 
@@ -1193,16 +1224,17 @@ def main() -> None:
     parser.add_argument("--bare_loop", help=argparse.SUPPRESS)  # internal: one bare-loop measurement, JSON args
     parser.add_argument("--bare_sft", help=argparse.SUPPRESS)  # internal: one pad-to-max SFT measurement, JSON args
     parser.add_argument("--hf_trainer", help=argparse.SUPPRESS)  # internal: one HF Trainer measurement, JSON args
+    parser.add_argument("--hf_trainer_compiled", help=argparse.SUPPRESS)  # internal: the same with torch_compile=True
     args = parser.parse_args()
     if args.bare_loop:
         corpus, tok, cache, preset, block, micro, steps, warmup, seed, lr = json.loads(args.bare_loop)
         print(bare_loop_tokens_per_s(Path(corpus), Path(tok), Path(cache), preset, int(block), int(micro), int(steps),
                                      int(warmup), int(seed), float(lr)))
         return
-    if args.hf_trainer:
-        corpus, tok, cache, preset, block, micro, steps, warmup, seed, lr = json.loads(args.hf_trainer)
+    if args.hf_trainer or args.hf_trainer_compiled:
+        corpus, tok, cache, preset, block, micro, steps, warmup, seed, lr = json.loads(args.hf_trainer or args.hf_trainer_compiled)
         print(hf_trainer_tokens_per_s(Path(corpus), Path(tok), Path(cache), preset, int(block), int(micro), int(steps),
-                                      int(warmup), int(seed), float(lr)))
+                                      int(warmup), int(seed), float(lr), torch_compile=bool(args.hf_trainer_compiled)))
         return
     if args.bare_sft:
         chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed = json.loads(args.bare_sft)

@@ -15,24 +15,32 @@ def test_bench_loops_run(corpus, tokenizer_dir, tmp_path):
     ours = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "run")
     own = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "own",
                                       chunked_loss=False)
-    assert bare > 0 and trainer > 0 and ours > 0 and own > 0
+    compiled = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "comp",
+                                           torch_compile=True)
+    trainer_compiled = bench.hf_trainer_compiled_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1,
+                                                                         0, 1e-3)
+    assert bare > 0 and trainer > 0 and ours > 0 and own > 0 and compiled > 0 and trainer_compiled > 0
+    assert '"compiled_layers": 4' in (tmp_path / "comp" / "plan.json").read_text()
     assert '"chunked_loss": true' in (tmp_path / "run" / "plan.json").read_text()
     assert '"chunked_loss": false' in (tmp_path / "own" / "plan.json").read_text()
 
 
 def test_render_training_reports_each_loop_and_the_targets():
-    row = {"preset": "tiny", "block_size": 256, "micro_batch": 16, "steps": 60, "warmup": 10, "repeats": 3,
-           "trainrig_tok_s": 12100.0, "trainrig_own_loss_tok_s": 10400.0, "hf_trainer_tok_s": 10500.0, "bare_tok_s": 10600.0,
-           "trainrig_all": [12100, 12000, 12300], "trainrig_own_loss_all": [10400] * 3, "hf_trainer_all": [10500] * 3,
-           "bare_all": [10600] * 3, "ratio": 12100 / 10600, "trainer_ratio": 12100 / 10500, "own_loss_ratio": 10400 / 10600,
-           "own_loss_trainer_ratio": 10400 / 10500, "peak_flops": 1.0e11,
+    rates = {"trainrig": 12100.0, "trainrig_compiled": 13200.0, "trainrig_own_loss": 10400.0, "hf_trainer": 10500.0,
+             "hf_trainer_compiled": 11000.0, "bare": 10600.0}
+    row = {"preset": "tiny", "block_size": 256, "micro_batch": 16, "steps": 60, "warmup": 10, "repeats": 3, "peak_flops": 1.0e11,
+           **{f"{name}_tok_s": rate for name, rate in rates.items()},
+           **{f"{name}_all": [round(rate)] * 3 for name, rate in rates.items()},
+           "compiled_vs_compiled_trainer": 13200 / 11000,
            "flops_per_token": {"per_token": 7.0e6, "matmul_weights": 0.9e6, "attention": 1.6e6},
-           "mfu": {"trainrig": 0.847, "trainrig_own_loss": 0.728, "hf_trainer": 0.735, "bare": 0.742}}
-    text = "\n".join(bench.render_training([row, {**row, "preset": "small", "trainer_ratio": 1.05, "ratio": 0.96}]))
-    assert "| tiny | 256 x 16 | 60 (10) | 12,100 | 10,400 | 10,500 | 10,600 | **1.152** | **1.142** |" in text
-    assert "tiny 0.990x the Trainer and 0.981x the bare loop" in text
-    assert "tiny vs. Trainer met, vs. bare met; small vs. Trainer NOT met, vs. bare NOT met." in text
-    assert "| 84.7% (84.7 GFLOP/s) | 72.8% | 73.5% | 74.2% |" in text
+           "mfu": {name: rate * 7.0e6 / 1.0e11 for name, rate in rates.items()}}
+    slow = {**row, "preset": "small", "trainrig_tok_s": 10000.0, "trainrig_compiled_tok_s": 11600.0}
+    text = "\n".join(bench.render_training([row, slow]))
+    assert "| tiny (256 x 16, 60 (10)) | trainrig (default: chunked loss) | 12,100 | 1.152x | 1.142x | 84.7% | [12100, 12100, 12100] |" in text
+    assert "| tiny (256 x 16, 60 (10)) | HF `Trainer` `torch_compile=True` | 11,000 | 1.048x | 1.038x | 77.0% |" in text
+    assert ("- tiny: default 1.152x the Trainer (met), 1.142x bare (met); `--torch_compile` 1.257x the Trainer (met), 1.245x bare "
+            "(met); compiled against compiled, `--torch_compile` 1.200x the Trainer's `torch_compile=True`.") in text
+    assert "- small: default 0.952x the Trainer (NOT met), 0.943x bare (NOT met); `--torch_compile` 1.105x the Trainer (met)" in text
 
 
 def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
