@@ -9,7 +9,7 @@ scaled by 1/denominator), multiplied into the hidden states' and the head's grad
 dropped; what stays until the backward is one gradient the size of the hidden states and one the
 size of the head. One exp pass replaces the log-softmax's forward and backward passes, which is
 also faster where the vocabulary outweighs the model: in the full CPU bench (bench/RESULTS.md),
-+8% tokens/s for the tiny preset (12,192 vs 11,309 with --no-chunked_loss), within the runs' +-10%
++9% tokens/s for the tiny preset (11,225 vs 10,295 with --no-chunked_loss), within the runs' +-10%
 noise for small.
 
 Written by hand because the fused kernels that do this (Liger's FusedLinearCrossEntropy, Apple's
