@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launch.hardware import host_ram_bytes, available_ram_bytes, kernel_support
+from trainers.extensions import extension_build_dir, stale_build_locks
 
 GB = 10**9
 MIN_FREE_DISK_BYTES = 20 * GB  # one 7B checkpoint with optimizer states is ~100 GB; 20 GB holds a ~1B one
@@ -169,11 +170,11 @@ def check_disk(path: Path, free_bytes: int) -> Check:
 
 
 def check_build_locks(stale: list[Path]) -> Check:
-    """torch JIT-extension build locks left by killed builds: DeepSpeed's next build waits on them forever."""
+    """torch JIT-extension locks left by killed builds or loads: DeepSpeed's next load waits on them forever."""
     if not stale:
         return Check("build locks", "pass", "no interrupted JIT extension build")
-    return Check("build locks", "fail", f"{len(stale)} left by an interrupted JIT extension build ({', '.join(map(str, stale))}): "
-                 "every DeepSpeed run would hang building that op", "rm " + " ".join(map(str, stale)))
+    return Check("build locks", "fail", f"{len(stale)} left by an interrupted JIT extension load or build ({', '.join(map(str, stale))}): "
+                 "every DeepSpeed run would hang loading that op", "rm " + " ".join(map(str, stale)))
 
 
 # ---------------------------------------------------------------------------------- gathering
@@ -259,10 +260,11 @@ def existing_parent(path: Path) -> Path:
 
 
 def run_checks(output_dir: str) -> list[Check]:
-    from trainers.runtime import extension_build_roots, stale_build_locks
-
     checks = [check_python(tuple(sys.version_info[:3]))] + torch_checks() + deepspeed_checks()
-    checks.append(check_build_locks(stale_build_locks(extension_build_roots(), time.time())))
+    try:
+        checks.append(check_build_locks(stale_build_locks(extension_build_dir(), time.time())))
+    except Exception as error:  # torch missing or broken: the torch check above already says so
+        checks.append(Check("build locks", "skip", f"needs torch ({error.__class__.__name__})"))
     checks.append(check_ram(host_ram_bytes(), available_ram_bytes()))
     disk = existing_parent(Path(output_dir))
     checks.append(check_disk(disk, shutil.disk_usage(disk).free))

@@ -90,25 +90,43 @@ def test_main_json_on_this_machine(tmp_path, capsys):
     assert {"python", "cuda arch", "flash-attn", "deepspeed", "cpu adam", "build locks", "ram", "disk", "transformers"} <= set(by_name)
 
 
-def test_stale_build_locks_are_old_locks_with_nothing_built(tmp_path):
-    """A killed JIT build leaves <op>/lock; a running build's lock is young, a finished build's op dir has its .so."""
+def test_stale_build_locks_are_the_old_ones(tmp_path):
+    """torch takes <op>/lock on every load of an op, built before or not: a young lock is a load in
+    progress; an old one was left by a killed process, whether or not the op's .so is there."""
     import os
     import time
 
-    from trainers.runtime import stale_build_locks
+    from trainers.extensions import stale_build_locks
 
     now = time.time()
-    for op, age, built in (("interrupted", 1200, False), ("building", 60, False), ("built_then_killed", 1200, True), ("clean", None, True)):
+    for op, age, built in (("killed_building", 1200, False), ("loading", 60, True), ("killed_loading", 1200, True), ("clean", None, True)):
         (tmp_path / op).mkdir()
         if built:
             (tmp_path / op / f"{op}.so").write_bytes(b"")
         if age is not None:
             (tmp_path / op / "lock").touch()
             os.utime(tmp_path / op / "lock", (now - age, now - age))
-    assert stale_build_locks([tmp_path], now) == [tmp_path / "interrupted" / "lock"]
-    failing = check_build_locks([tmp_path / "interrupted" / "lock"])
-    assert failing.status == "fail" and failing.fix == f"rm {tmp_path / 'interrupted' / 'lock'}"
+    assert stale_build_locks(tmp_path, now) == [tmp_path / "killed_building" / "lock", tmp_path / "killed_loading" / "lock"]
+    failing = check_build_locks([tmp_path / "killed_building" / "lock"])
+    assert failing.status == "fail" and failing.fix == f"rm {tmp_path / 'killed_building' / 'lock'}"
     assert check_build_locks([]).status == "pass"
+
+
+def test_extension_build_dir_is_torchs(monkeypatch):
+    """The folder torch itself builds in, with and without TORCH_EXTENSIONS_DIR."""
+    import os
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from trainers.extensions import extension_build_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    probe = cpp_extension._get_build_directory("trainrig_doctor_probe", False)  # torch makes the op's folder
+    os.rmdir(probe)
+    assert extension_build_dir() / "trainrig_doctor_probe" == Path(probe)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/ext")
+    assert str(extension_build_dir()) == "/somewhere/ext"
 
 
 def test_deepspeed_run_with_a_stale_build_lock_exits_2_naming_it(corpus, tokenizer_dir, tmp_path):
@@ -128,4 +146,4 @@ def test_deepspeed_run_with_a_stale_build_lock_exits_2_naming_it(corpus, tokeniz
     proc = subprocess.run([sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, tmp_path / "run", zero_stage=2)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"rm {lock}" in proc.stderr and "interrupted build of the deepspeed_shm_comm extension" in proc.stderr
+    assert f"rm {lock}" in proc.stderr and "interrupted load or build of the deepspeed_shm_comm extension" in proc.stderr

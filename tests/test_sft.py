@@ -213,4 +213,4 @@ def test_torch_compile_same_losses(chat_dir, sft_model_dir, tmp_path):
     eager, compiled = read_losses(tmp_path / "eager"), read_losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys() == set(range(1, 7))
     assert max(abs(eager[s] - compiled[s]) for s in eager) < 1e-4, (eager, compiled)
-    assert json.loads((tmp_path / "compiled" / "plan.json").read_text())["compiled_layers"] > 0
+    assert json.loads((tmp_path / "compiled" / "plan.json").read_text())["compiled_layers"] == 4  # the tiny base's layers

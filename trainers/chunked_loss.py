@@ -8,9 +8,9 @@ rows. Here a chunk's logits are made, turned in place into their gradient (softm
 scaled by 1/denominator), multiplied into the hidden states' and the head's gradients, and
 dropped; what stays until the backward is one gradient the size of the hidden states and one the
 size of the head. One exp pass replaces the log-softmax's forward and backward passes, which is
-also faster where the vocabulary outweighs the model: in the full CPU bench (bench/RESULTS.md),
-+9% tokens/s for the tiny preset (11,225 vs 10,295 with --no-chunked_loss), within the runs' +-10%
-noise for small.
+also faster where the vocabulary outweighs the model: in the CPU bench (bench/RESULTS.md), the
+tiny preset's median is +9% (11,225 vs 10,295 tokens/s with --no-chunked_loss), small's level, both
+inside the runs' +-14% spread.
 
 Written by hand because the fused kernels that do this (Liger's FusedLinearCrossEntropy, Apple's
 Cut Cross-Entropy) are Triton, GPU-only, and would give the CPU runs, tests and the GPU runs two

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -171,7 +172,30 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
     return model
 
 
-def compile_decoder_layers(model, enabled: bool, device: torch.device, zero_stage: int | None) -> tuple[int, str]:
+def check_torch_compile(enabled: bool, device: torch.device, zero_stage: int | None) -> None:
+    """Refuse --torch_compile where it cannot work, before any data is read or model built.
+
+    Under ZeRO-3 its parameter-gathering hooks run inside each layer, and dynamo traces them,
+    breaks the graph at each and recompiles per layer until its limit of 8, after which the layers
+    run eager: compile time for nothing (measured with DeepSpeed 0.19.8). Inductor builds CPU
+    kernels with a C++ compiler (its default: $CXX, else clang++ on macOS and g++ elsewhere) and
+    GPU kernels with triton."""
+    if not enabled:
+        return
+    if zero_stage == 3:
+        raise UsageError("--torch_compile does not work under ZeRO-3 (its parameter hooks inside each layer make torch.compile "
+                         "recompile per layer and fall back to eager); drop --torch_compile, or use --zero_stage 2")
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(compiler) is None:
+            raise UsageError(f"--torch_compile on CPU: inductor builds its kernels with a C++ compiler and {compiler!r} is not on PATH; "
+                             f"install one (g++, or set CXX), or drop --torch_compile")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UsageError("--torch_compile on a GPU needs triton (it ships with torch's CUDA wheels); reinstall torch from the CUDA index, "
+                         "or drop --torch_compile")
+
+
+def compile_decoder_layers(model, enabled: bool) -> tuple[int, str]:
     """(layers compiled, why): with `enabled`, torch.compile each decoder layer in place
     (`module.compile()`), the regional compilation of PyTorch's recipe. All layers share one
     compiled graph (their parameters are graph inputs), so the compile time does not grow with
@@ -181,24 +205,9 @@ def compile_decoder_layers(model, enabled: bool, device: torch.device, zero_stag
     leaves, among them the head whose forward trainers/chunked_loss.py replaces, and returns a
     shallow copy of the model; here the module tree, its state dict and the head stay as they are.
     The decoder layer classes are the model's `_no_split_modules` (transformers' own list of its
-    repeated blocks), found through a PEFT wrapper too.
-
-    Refused under ZeRO-3: its parameter-gathering hooks run inside each layer, and dynamo traces
-    them, breaks the graph at each and recompiles per layer until its limit of 8, after which the
-    layers run eager: compile time for nothing (measured with DeepSpeed 0.19.8)."""
+    repeated blocks), found through a PEFT wrapper too. check_torch_compile has run first."""
     if not enabled:
         return 0, "not compiled (--torch_compile to compile the decoder layers)"
-    if zero_stage == 3:
-        raise UsageError("--torch_compile does not work under ZeRO-3 (its parameter hooks inside each layer make torch.compile "
-                         "recompile per layer and fall back to eager); drop --torch_compile, or use --zero_stage 2")
-    if device.type == "cpu":
-        compiler = os.environ.get("CXX", "g++")
-        if shutil.which(compiler) is None:
-            raise UsageError(f"--torch_compile on CPU: inductor builds its kernels with a C++ compiler and {compiler!r} is not on PATH; "
-                             f"install g++ (or set CXX), or drop --torch_compile")
-    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise UsageError("--torch_compile on a GPU needs triton (it ships with torch's CUDA wheels); reinstall torch from the CUDA index, "
-                         "or drop --torch_compile")
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in block_classes]
     if not layers:

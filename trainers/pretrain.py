@@ -21,7 +21,7 @@ from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError, check_output_dir
-from trainers.models import (build_model, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
+from trainers.models import (build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
                              tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
@@ -48,6 +48,7 @@ def train(cfg: PretrainConfig) -> dict:
                       uses_muon=cfg.optim.optimizer == "muon")
     loop.setup_logging(runtime.is_main)
     loop.check_plan_agrees(runtime, cfg)
+    check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
@@ -82,7 +83,7 @@ def train(cfg: PretrainConfig) -> dict:
         model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
     chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
     log.info("loss: %s", loss_why)
-    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile)
     log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
 

@@ -29,7 +29,7 @@ from trainers.data.collate import ResumableSampler
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora
-from trainers.models import (TORCH_DTYPES, _check_model_dir, compile_decoder_layers, count_parameters, resolve_attn_implementation,
+from trainers.models import (TORCH_DTYPES, _check_model_dir, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation,
                              tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
@@ -100,6 +100,7 @@ def train(cfg: RewardConfig) -> dict:
     runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}), uses_muon=cfg.optim.optimizer == "muon")
     loop.setup_logging(runtime.is_main)
     loop.check_plan_agrees(runtime, cfg)
+    check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
@@ -146,7 +147,7 @@ def train(cfg: RewardConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.lora_r > 0:
         model = apply_lora(model, lora, cfg.run.seed, task_type="SEQ_CLS")
-    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile)
     log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

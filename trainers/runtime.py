@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from trainers.errors import UsageError
+from trainers.extensions import refuse_stale_build_locks
 
 log = logging.getLogger("trainrig.runtime")
 
@@ -36,42 +37,6 @@ log = logging.getLogger("trainrig.runtime")
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-# torch's JIT extension builds (DeepSpeed's CPU comm op on every CPU run, its CPU Adam for offload)
-# take a `lock` file in the op's build directory and delete it when done; one left by a killed build
-# makes every later build wait on it forever, silently. The builds take ~1-2 min on 2 cores, so a lock
-# this old, with nothing built beside it, belongs to no running build.
-STALE_BUILD_LOCK_S = 600
-
-
-def extension_build_roots() -> list[Path]:
-    """Where torch builds JIT extensions: $TORCH_EXTENSIONS_DIR/<op>, else
-    ~/.cache/torch_extensions/<py-and-cuda tag>/<op>."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return [Path(os.environ["TORCH_EXTENSIONS_DIR"])]
-    return [p for p in (Path.home() / ".cache" / "torch_extensions").glob("py*") if p.is_dir()]
-
-
-def stale_build_locks(roots: list[Path], now: float, min_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
-    """Build locks older than min_age_s in op directories holding no built library (*.so)."""
-    stale = []
-    for root in roots:
-        for lock in sorted(root.glob("*/lock")):
-            try:
-                age = now - lock.stat().st_mtime
-            except OSError:  # its build just finished and removed it
-                continue
-            if age >= min_age_s and not any(lock.parent.glob("*.so")):
-                stale.append(lock)
-    return stale
-
-
-def _refuse_stale_build_locks() -> None:
-    import time
-
-    stale = stale_build_locks(extension_build_roots(), time.time())
-    if stale:
-        raise UsageError(f"{stale[0]}: left by an interrupted build of the {stale[0].parent.name} extension (nothing was built "
-                         f"beside it), and DeepSpeed would wait on it forever; delete it (rm {stale[0]}) and run again")
 
 
 class WorldSizeMismatch(RuntimeError):
@@ -285,7 +250,9 @@ class Runtime(Collectives):
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
         self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
         if self.ds_config is not None:
-            _refuse_stale_build_locks()
+            import time
+
+            refuse_stale_build_locks(time.time())
         if self.ds_config is not None and "LOCAL_RANK" not in os.environ:
             # `python launch/pretrain.py --zero_stage 2`: DeepSpeed wants a one-rank process group,
             # else it falls back to MPI discovery (ModuleNotFoundError: mpi4py)

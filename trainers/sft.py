@@ -30,7 +30,7 @@ from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
 from trainers.chunked_loss import use_chunked_loss
 from trainers.lora import apply_lora, merge_adapter
-from trainers.models import (build_model, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
+from trainers.models import (build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
                              tokenizer_for)
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
@@ -72,6 +72,7 @@ def train(cfg: SFTConfig) -> dict:
                       uses_muon=cfg.optim.optimizer == "muon")
     loop.setup_logging(runtime.is_main)
     loop.check_plan_agrees(runtime, cfg)
+    check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
 
@@ -131,7 +132,7 @@ def train(cfg: SFTConfig) -> dict:
         model = apply_lora(model, lora, cfg.run.seed, chat_tokens)
     chunked, loss_why = use_chunked_loss(model, m.chunked_loss)
     log.info("loss: %s", loss_why)
-    compiled, compile_why = compile_decoder_layers(model, m.torch_compile, runtime.device, runtime.zero_stage)
+    compiled, compile_why = compile_decoder_layers(model, m.torch_compile)
     log.info("compile: %s", compile_why)
     n_params = count_parameters(model)
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
