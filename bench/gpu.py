@@ -221,23 +221,6 @@ def device_info(on_gpu: bool) -> dict:
             "flash_attn": flash}
 
 
-def machine_info() -> dict:
-    """bench/run.py's `machine()`, which also reports deepspeed's and datasets' versions. A lent GPU
-    image may lack both (a one-GPU pretraining run imports neither), so a missing one reads "not
-    installed" instead of failing after the runs."""
-    import importlib.util
-    import types
-
-    stubs = [name for name in ("datasets", "deepspeed") if name not in sys.modules and importlib.util.find_spec(name) is None]
-    for name in stubs:
-        sys.modules[name] = types.SimpleNamespace(__version__="not installed")
-    try:
-        return machine()
-    finally:
-        for name in stubs:
-            del sys.modules[name]
-
-
 # ------------------------------------------------------------------------------------ the bench
 
 
@@ -419,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         result = bench_gpu(args.presets, args.block_size, args.steps, args.warmup, args.vocab_size, args.docs, work, on_gpu)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    save_result(results_dir, "gpu", machine_info(), result)
+    save_result(results_dir, "gpu", machine(), result)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_report(output, load_results(results_dir), results_dir)
     print("\n".join(render_gpu(json.loads((results_dir / "gpu.json").read_text()))))

@@ -128,15 +128,20 @@ def test_steady_tokens_per_s_is_tokens_over_seconds():
     assert gpu.steady_tokens_per_s(records) == (200.0, 4000)
 
 
-def test_machine_info_without_deepspeed(monkeypatch):
+def test_machine_without_deepspeed(monkeypatch):
     """The lent GPU image has no deepspeed: the machine line says so instead of the bench failing."""
-    import importlib.util
+    import importlib.metadata
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
-    info = gpu.machine_info()
-    assert info["deepspeed"] == "not installed" and info["torch"] and "deepspeed" not in sys.modules
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "deepspeed":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    info = gpu.machine()
+    assert info["deepspeed"] == "not installed" and info["torch"] and info["transformers"] == real_version("transformers")
 
 
 def test_no_cuda_skips_and_writes_nothing(tmp_path):

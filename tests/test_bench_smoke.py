@@ -31,7 +31,6 @@ def test_render_training_reports_each_loop_and_the_targets():
     row = {"preset": "tiny", "block_size": 256, "micro_batch": 16, "steps": 60, "warmup": 10, "repeats": 3, "peak_flops": 1.0e11,
            **{f"{name}_tok_s": rate for name, rate in rates.items()},
            **{f"{name}_all": [round(rate)] * 3 for name, rate in rates.items()},
-           "compiled_vs_compiled_trainer": 13200 / 11000,
            "flops_per_token": {"per_token": 7.0e6, "matmul_weights": 0.9e6, "attention": 1.6e6},
            "mfu": {name: rate * 7.0e6 / 1.0e11 for name, rate in rates.items()}}
     slow = {**row, "preset": "small", "trainrig_tok_s": 10000.0, "trainrig_compiled_tok_s": 11600.0}

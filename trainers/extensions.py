@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from trainers.errors import UsageError
@@ -50,8 +51,9 @@ def stale_build_locks(build_dir: Path, now: float, min_age_s: float = STALE_BUIL
     return stale
 
 
-def refuse_stale_build_locks(now: float) -> None:
+def refuse_stale_build_locks() -> None:
     """Exit 2 naming the lock, rather than let DeepSpeed wait on it forever."""
+    now = time.time()
     stale = stale_build_locks(extension_build_dir(), now)
     if stale:
         minutes = (now - stale[0].stat().st_mtime) / 60

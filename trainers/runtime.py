@@ -250,9 +250,7 @@ class Runtime(Collectives):
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
         self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
         if self.ds_config is not None:
-            import time
-
-            refuse_stale_build_locks(time.time())
+            refuse_stale_build_locks()
         if self.ds_config is not None and "LOCAL_RANK" not in os.environ:
             # `python launch/pretrain.py --zero_stage 2`: DeepSpeed wants a one-rank process group,
             # else it falls back to MPI discovery (ModuleNotFoundError: mpi4py)
