@@ -92,10 +92,11 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
     if output:
         with open(output, "w", encoding="utf-8") as fh:
             for r in range(len(rows)):
-                batch = collate_rows([rows[r]], pad_id=0, packed=d.packing)
-                line = {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}
+                batch = collate_rows([rows[r]], pad_id=0, layout="packed" if d.packing else "padded")
+                n = batch["num_tokens"]  # the row without the collator's alignment padding
+                line = {"input_ids": batch["input_ids"][0, :n].tolist(), "labels": batch["labels"][0, :n].tolist()}
                 if d.packing:
-                    line["position_ids"] = batch["position_ids"][0].tolist()
+                    line["position_ids"] = batch["position_ids"][0, :n].tolist()
                 fh.write(json.dumps(line) + "\n")
         print(f"wrote {len(rows)} {'rows' if d.packing else 'samples'} to {output}")
     return {**meta, "rows": len(rows)}

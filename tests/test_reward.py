@@ -48,7 +48,8 @@ def test_pair_forms(tmp_path, tokenizer_dir):
 
 def test_collate_puts_chosen_first():
     batch = collate_pairs([{"chosen": [1, 2, 3], "rejected": [4], "index": 0}, {"chosen": [5], "rejected": [6, 7], "index": 1}], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
+    assert batch["input_ids"][:, :3].tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
+    assert batch["input_ids"].shape[1] == 16 and not batch["input_ids"][:, 3:].any()  # padded to a 16-aligned length
     assert batch["attention_mask"].sum().item() == 7 and batch["pairs"] == 2
 
 
@@ -70,7 +71,8 @@ def reward_args(model_dir, data, out, **extra):
     return [part for k, v in flags.items() for part in (f"--{k}", str(v))]
 
 
-def test_pairwise_loss_is_the_hand_computed_one(sft_model_dir, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("mask_dtype", [None, torch.float32], ids=["transformers-mask", "shared-mask"])
+def test_pairwise_loss_is_the_hand_computed_one(sft_model_dir, tokenizer_dir, tmp_path, mask_dtype):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from trainers.reward import pairwise_loss, rewards
@@ -82,8 +84,8 @@ def test_pairwise_loss_is_the_hand_computed_one(sft_model_dir, tokenizer_dir, tm
     model = AutoModelForSequenceClassification.from_pretrained(sft_model_dir, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     with torch.no_grad():
-        r = rewards(model, batch, "cpu")
-        loss = pairwise_loss(model, batch, "cpu", torch.tensor(8.0))
+        r = rewards(model, batch, "cpu", mask_dtype)
+        loss = pairwise_loss(model, batch, "cpu", torch.tensor(8.0), mask_dtype)
         by_hand = []
         for i, (c, rej) in enumerate(pairs):  # each conversation alone, unpadded: its last token's score
             rc = model(input_ids=torch.tensor([c])).logits.item()

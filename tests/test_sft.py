@@ -12,7 +12,7 @@ import torch
 from conftest import read_losses, sft_args
 from launch.sft import main as sft_main
 from trainers.data.chat import ChatSettings, prepare_chat
-from trainers.data.collate import collate_rows, trained_tokens
+from trainers.data.collate import collate_rows, model_inputs, trained_tokens
 from trainers.data.packing import RowDataset, pack_rows
 
 
@@ -25,8 +25,9 @@ def load_samples(chat_dir, model_dir, max_seq_length=128):
 
 
 def loss_and_grads(model, batch):
+    """Through the trainer's own inputs: the shared fp32 attention mask SDPA and eager get."""
     model.zero_grad()
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+    inputs = model_inputs(batch, "cpu", torch.float32)
     loss = model(**inputs, num_items_in_batch=torch.tensor(trained_tokens(batch["labels"]))).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -42,8 +43,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(chat_dir, sf
     chosen = list(range(12))
     rows = RowDataset(samples, [[chosen[j] for j in row] for row in pack_rows(samples.lengths[chosen], 128, seed=0)])
     assert len(rows) < len(chosen)  # several samples share a row
-    packed = collate_rows([rows[r] for r in range(len(rows))], pad_id=tok.pad_token_id, packed=True)
-    padded = collate_rows([[samples[i]] for i in chosen], pad_id=tok.pad_token_id, packed=False)
+    packed = collate_rows([rows[r] for r in range(len(rows))], pad_id=tok.pad_token_id, layout="packed")
+    padded = collate_rows([[samples[i]] for i in chosen], pad_id=tok.pad_token_id, layout="padded")
     assert trained_tokens(packed["labels"]) == trained_tokens(padded["labels"]) > 0
     loss_a, grads_a = loss_and_grads(model, packed)
     loss_b, grads_b = loss_and_grads(model, padded)

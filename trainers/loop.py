@@ -98,9 +98,10 @@ def batch_stream(loader, sampler, state: dict, micro: int):
         state["samples_in_epoch"] = 0
 
 
-def lm_loss(model, batch: dict, device, denominator: torch.Tensor) -> torch.Tensor:
-    """Causal LM: this micro batch's summed token loss over the global trained-token count."""
-    return model(**model_inputs(batch, device), num_items_in_batch=denominator).loss
+def lm_loss(model, batch: dict, device, denominator: torch.Tensor, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Causal LM: this micro batch's summed token loss over the global trained-token count.
+    mask_dtype: the shared attention mask's (trainers/attention.py mask_dtype), None under FlashAttention."""
+    return model(**model_inputs(batch, device, mask_dtype), num_items_in_batch=denominator).loss
 
 
 def lm_counts(batch: dict) -> tuple[int, int]:
@@ -219,7 +220,7 @@ class SampleLog:
 
 
 @torch.no_grad()
-def evaluate(runtime, model, dataset, batch_size: int, collate) -> dict:
+def evaluate(runtime, model, dataset, batch_size: int, collate, mask_dtype: torch.dtype | None = None) -> dict:
     """Mean loss per trained token and perplexity over `dataset`, split across ranks. Every rank
     runs the same number of forward passes (ZeRO-3 gathers parameters collectively in each)."""
     model.eval()
@@ -232,7 +233,7 @@ def evaluate(runtime, model, dataset, batch_size: int, collate) -> dict:
         idx = mine[b * batch_size:(b + 1) * batch_size]
         weight = 1.0 if len(idx) else 0.0  # an idle rank still joins the collective forward
         batch = collate([dataset[int(i)] for i in (idx if len(idx) else [0])])
-        out = model(**model_inputs(batch, runtime.device), num_items_in_batch=1)  # reduction "sum" over the batch's tokens
+        out = model(**model_inputs(batch, runtime.device, mask_dtype), num_items_in_batch=1)  # reduction "sum" over the batch's tokens
         loss_sum += weight * out.loss.double().cpu()
         tokens += trained_tokens(batch["labels"]) if weight else 0
     model.train()

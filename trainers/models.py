@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from trainers.attention import resolve_attn_implementation
 from trainers.errors import UsageError
 
 log = logging.getLogger("trainrig.models")
@@ -30,39 +31,6 @@ def load_preset(name: str) -> dict:
     if not path.is_file():
         raise UsageError(f"--model_preset {name}: unknown preset; choose one of {', '.join(preset_names())} (shapes in {MODEL_SHAPES_DIR})")
     return json.loads(path.read_text())
-
-
-def _flash_attn_imports() -> bool:
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        importlib.import_module("flash_attn")  # a wheel built for another torch/CUDA fails here
-    except Exception:  # ImportError, or OSError/RuntimeError from a broken binary
-        return False
-    return True
-
-
-def resolve_attn_implementation(requested: str, device: torch.device, precision: str) -> tuple[str, str]:
-    """(implementation, why) per DESIGN.md: flash-attn when it imports, the GPU supports it and
-    the run is 16-bit (flash kernels take only bf16/fp16), else SDPA."""
-    gpu_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    if requested == "flash_attention_2":
-        if not gpu_ok:
-            raise UsageError(f"--attn_implementation flash_attention_2 needs an Ampere or newer GPU (device: {device}); use --attn_implementation sdpa")
-        if precision == "fp32":
-            raise UsageError("--attn_implementation flash_attention_2 needs --precision bf16 or fp16; use sdpa for fp32")
-        if not _flash_attn_imports():
-            raise UsageError("--attn_implementation flash_attention_2: flash-attn does not import; `pip install -e .[flash]` on a CUDA machine, or use --attn_implementation sdpa")
-        return requested, "requested"
-    if requested in ("sdpa", "eager"):
-        return requested, "requested"
-    if not gpu_ok:
-        return "sdpa", f"FlashAttention needs an Ampere or newer CUDA GPU (device: {device}); using PyTorch SDPA"
-    if precision == "fp32":
-        return "sdpa", "FlashAttention takes only bf16/fp16 and this run is fp32; using PyTorch SDPA"
-    if not _flash_attn_imports():
-        return "sdpa", "flash-attn is not installed or does not import (optional extra `[flash]`); using PyTorch SDPA"
-    return "flash_attention_2", "flash-attn imports, the GPU is Ampere or newer and the run is 16-bit"
 
 
 def _check_model_dir(path: str, trust_remote_code: bool, flag: str) -> None:

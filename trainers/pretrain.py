@@ -21,8 +21,8 @@ from trainers.config import PretrainConfig, save_resolved_config
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
 from trainers.errors import UsageError, check_output_dir
-from trainers.models import (build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
-                             tokenizer_for)
+from trainers.attention import resolve_attn_implementation
+from trainers.models import build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss

@@ -25,12 +25,12 @@ from trainers import checkpoint as ckpt
 from trainers import loop, stopping
 from trainers.config import RewardConfig, save_resolved_config
 from trainers.data.chat import ensure_chat_template
-from trainers.data.collate import ResumableSampler
+from trainers.attention import mask_dtype, resolve_attn_implementation
+from trainers.data.collate import ResumableSampler, model_inputs
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora
-from trainers.models import (TORCH_DTYPES, _check_model_dir, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation,
-                             tokenizer_for)
+from trainers.models import TORCH_DTYPES, _check_model_dir, check_torch_compile, compile_decoder_layers, count_parameters, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -40,14 +40,17 @@ log = logging.getLogger("trainrig.reward")
 LORA_LEARNING_RATE = 1e-4  # with LoRA unless --learning_rate is given (the score head starts from random)
 
 
-def rewards(model, batch: dict, device) -> torch.Tensor:
-    """One scalar per row: the score head at each row's last non-pad token (config.pad_token_id)."""
-    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits.squeeze(-1).float()
+def rewards(model, batch: dict, device, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One scalar per row: the score head at each row's last non-pad token (config.pad_token_id).
+    The rows are padded: FlashAttention unpads them by their 2-D mask (varlen kernel); SDPA and
+    eager get one shared (B, 1, L, L) mask in `mask_dtype` (trainers/attention.py)."""
+    inputs = model_inputs({k: batch[k] for k in ("input_ids", "attention_mask")}, device, mask_dtype)
+    return model(**inputs).logits.squeeze(-1).float()
 
 
-def pairwise_loss(model, batch: dict, device, denominator: torch.Tensor) -> torch.Tensor:
+def pairwise_loss(model, batch: dict, device, denominator: torch.Tensor, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
     """This micro batch's summed -log sigmoid(r_chosen - r_rejected) over the global pair count."""
-    r = rewards(model, batch, device)
+    r = rewards(model, batch, device, mask_dtype)
     n = batch["pairs"]
     return -F.logsigmoid(r[:n] - r[n:]).sum() / denominator
 
@@ -57,7 +60,7 @@ def pair_counts(batch: dict) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_pairs(runtime, model, dataset, batch_size: int, collate) -> dict:
+def evaluate_pairs(runtime, model, dataset, batch_size: int, collate, mask_dtype: torch.dtype | None = None) -> dict:
     """Mean pairwise loss and pair accuracy over `dataset`, split across ranks; every rank runs the
     same number of forward passes (ZeRO-3 gathers parameters collectively in each)."""
     model.eval()
@@ -67,7 +70,7 @@ def evaluate_pairs(runtime, model, dataset, batch_size: int, collate) -> dict:
     for b in range(math.ceil(max(len(p) for p in parts) / batch_size)):
         idx = mine[b * batch_size:(b + 1) * batch_size]
         batch = collate([dataset[int(i)] for i in (idx if len(idx) else [0])])
-        r = rewards(model, batch, runtime.device)
+        r = rewards(model, batch, runtime.device, mask_dtype)
         margin = r[:batch["pairs"]] - r[batch["pairs"]:]
         if len(idx):  # an idle rank still joins the collective forward
             loss_sum += float(-F.logsigmoid(margin).sum())
@@ -103,6 +106,9 @@ def train(cfg: RewardConfig) -> dict:
     check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
+    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
+    log.info("attention: %s (%s)", attn, why)
+    masks = mask_dtype(attn, runtime.precision)
 
     # -------------------------------------------------------------------------- data
     tokenizer, _ = tokenizer_for(m)
@@ -129,13 +135,11 @@ def train(cfg: RewardConfig) -> dict:
                         num_workers=cfg.batch.dataloader_num_workers, generator=loop.loader_generator(cfg.run.seed))
     steps_per_epoch, total_steps = loop.plan_steps(sampler, cfg.run, micro, accumulation, runtime.world_size, f"{len(train_set)} training pairs",
                                                    "--per_device_train_batch_size/--gradient_accumulation_steps")
-    evaluate = partial(evaluate_pairs, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate)
+    evaluate = partial(evaluate_pairs, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate, mask_dtype=masks)
 
     # ------------------------------------------------------------------------- model
     from transformers import AutoModelForSequenceClassification
 
-    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
-    log.info("attention: %s (%s)", attn, why)
     torch.manual_seed(cfg.run.seed)  # the new score head's init: the same on every rank and rerun
     with runtime.model_init_context(sharded=True):
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -193,7 +197,7 @@ def train(cfg: RewardConfig) -> dict:
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
         window = [next(batches) for _ in range(accumulation)]
         result = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm,
-                                 loss_sum=pairwise_loss, counts=pair_counts)
+                                 loss_sum=partial(pairwise_loss, mask_dtype=masks), counts=pair_counts)
         state["micro_step"] += accumulation
         state["step"] += 1
         state["pairs_seen"] += result.units

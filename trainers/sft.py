@@ -6,9 +6,10 @@ The step itself (loss normalised by the global trained-token count, so packing, 
 and world size give the same gradients) is trainers/loop.py's.
 
 Data: trainers/data/chat.py renders ChatML and computes the labels; with --packing the samples
-are packed best-fit into --max_seq_length rows (position_ids restart per sample, no attention
-across samples); without it, batches are length-grouped and padded to their longest sample.
-The micro batch counts rows.
+are packed best-fit into --max_seq_length rows; without it, batches are length-grouped and padded
+to their longest sample. The micro batch counts rows. How a micro batch reaches the model keeps
+every sample's attention to itself under each kernel (trainers/attention.py): FlashAttention gets
+all its samples flattened into one row with their boundaries, SDPA and eager one shared mask.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from torch.utils.data import DataLoader
 from trainers import checkpoint as ckpt
 from trainers import loop, stopping
 from trainers.config import SFTConfig, save_resolved_config
+from trainers.attention import mask_dtype, resolve_attn_implementation, row_layout
 from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError, check_output_dir
 from trainers.chunked_loss import use_chunked_loss
 from trainers.lora import apply_lora, merge_adapter
-from trainers.models import (build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_attn_implementation, resolve_model_config,
-                             tokenizer_for)
+from trainers.models import build_model, check_torch_compile, compile_decoder_layers, count_parameters, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -75,6 +76,9 @@ def train(cfg: SFTConfig) -> dict:
     check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
+    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
+    log.info("attention: %s (%s)", attn, why)
+    layout, masks = row_layout(attn, d.packing), mask_dtype(attn, runtime.precision)  # the batches this kernel needs
 
     # -------------------------------------------------------------------------- data
     tokenizer, tokenizer_flag = tokenizer_for(m)
@@ -101,23 +105,22 @@ def train(cfg: SFTConfig) -> dict:
                                lengths=None if d.packing else samples.lengths[train_idx],
                                group_size=LENGTH_GROUP * micro * runtime.world_size)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    collate = partial(collate_rows, pad_id=pad_id, packed=d.packing)
+    collate = partial(collate_rows, pad_id=pad_id, layout=layout)
     loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
                         generator=loop.loader_generator(cfg.run.seed))
     steps_per_epoch, total_steps = loop.plan_steps(sampler, cfg.run, micro, accumulation, runtime.world_size, f"{len(train_rows)} training rows",
                                                    "--per_device_train_batch_size/--gradient_accumulation_steps")
-    evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate)
+    evaluate = partial(loop.evaluate, batch_size=cfg.batch.per_device_eval_batch_size or micro, collate=collate, mask_dtype=masks)
     row_lengths = train_rows.row_lengths()
-    fill = batch_fill(row_lengths, list(sampler), micro)  # this rank's first epoch, as the loader will batch it
-    log.info("rows: %d training samples -> %d rows (%s, %.1f%% of %d tokens used); batches %.1f%% non-pad; %s validation rows",
+    # this rank's first epoch, as the loader will batch it; a flat batch (FlashAttention) has no padding
+    fill = 1.0 if layout == "flat" else batch_fill(row_lengths, list(sampler), micro)
+    log.info("rows: %d training samples -> %d rows (%s, %.1f%% of %d tokens used); batches %.1f%% non-pad (%s layout); %s validation rows",
              len(train_idx), len(train_rows), "packed" if d.packing else "one sample each, length-grouped",
-             100 * row_lengths.sum() / (len(train_rows) * d.max_seq_length), d.max_seq_length, 100 * fill,
+             100 * row_lengths.sum() / (len(train_rows) * d.max_seq_length), d.max_seq_length, 100 * fill, layout,
              len(eval_rows) if eval_rows is not None else "no")
 
     # ------------------------------------------------------------------------- model
-    attn, why = resolve_attn_implementation(m.attn_implementation, runtime.device, runtime.precision)
-    log.info("attention: %s (%s)", attn, why)
     with runtime.model_init_context(sharded=True):
         # a frozen LoRA base needs no fp32 master copy: load it in the training precision (7B: 15 GB, not 30)
         base_dtype = runtime.precision if lora.lora_r > 0 else "fp32"
@@ -149,7 +152,7 @@ def train(cfg: SFTConfig) -> dict:
              micro, accumulation, runtime.world_size, global_batch, d.max_seq_length, total_steps, steps_per_epoch, len(train_rows))
     if runtime.is_main:
         loop.write_plan(out, runtime, cfg, attn, why, global_batch,
-                        extra={"packing": d.packing, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
+                        extra={"packing": d.packing, "batch_layout": layout, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
                                "lora_r": lora.lora_r, "trainable_parameters": n_trainable, "chunked_loss": chunked, "loss_reason": loss_why,
                                "compiled_layers": compiled})
 
@@ -179,7 +182,8 @@ def train(cfg: SFTConfig) -> dict:
         report.step_started()
         lr = set_learning_rate(raw_optimizer, state["step"], total_steps, cfg.optim) * cfg.optim.learning_rate
         window = [next(batches) for _ in range(accumulation)]
-        result = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm)
+        result = loop.train_step(runtime, model, optimizer, window, cfg.optim.max_grad_norm,
+                                 loss_sum=partial(loop.lm_loss, mask_dtype=masks))
         state["micro_step"] += accumulation
         state["step"] += 1
         state["tokens_seen"] += result.units

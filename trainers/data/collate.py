@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
+from trainers.attention import ROW_MULTIPLE, attention_bias
 from trainers.data import IGNORE_INDEX
 
 
@@ -18,16 +19,37 @@ def collate_blocks(samples: list[dict]) -> dict:
             "sample_ids": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
 
 
-def collate_rows(rows: list[list[dict]], pad_id: int, packed: bool) -> dict:
-    """Rows of chat samples -> a batch padded on the right to the longest row.
+def collate_rows(rows: list[list[dict]], pad_id: int, layout: str) -> dict:
+    """Rows of chat samples -> a batch in one of three layouts (trainers/attention.py says which
+    the attention kernel needs). Each sample's first label is ignored, so no token is predicted
+    across a sample boundary (it is `<|im_start|>`, never trained).
 
-    packed: padding-free -- samples of a row are concatenated and `position_ids` restart at 0 for
-    each (transformers 5.x then keeps attention inside each sample; `attention_mask` stays None);
-    the padding tail is one more segment whose labels are ignored. Each sample's first label is
-    ignored so no token is predicted across a sample boundary (it is `<|im_start|>`, never trained).
-    not packed: one sample per row with an `attention_mask` -- the classic padded batch.
+    packed: the samples of a row concatenated, `position_ids` restarting at 0 for each, rows padded
+      on the right (to a multiple of ROW_MULTIPLE); the padding tail is one more segment whose
+      labels are ignored. SDPA/eager get the per-sample causal mask from attention_bias.
+    padded: one sample per row with an `attention_mask` -- the classic padded batch.
+    flat: FlashAttention's padding-free batch -- every sample of every row in one row of shape
+      [1, total tokens], with `cu_seq_lens_q/k` (each sample's start, int32) and `max_length_q/k`
+      (the longest sample, a Python int), the kwargs transformers hands to the varlen kernel.
     """
-    length = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    samples = [s for row in rows for s in row]
+    sample_ids = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    if layout == "flat":
+        lengths = [len(s["input_ids"]) for s in samples]
+        input_ids = np.concatenate([s["input_ids"] for s in samples]).astype(np.int64)[None]
+        labels = np.concatenate([s["labels"] for s in samples]).astype(np.int64)[None]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        labels[0, starts[:-1]] = IGNORE_INDEX
+        position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
+        boundaries = torch.from_numpy(starts.astype(np.int32))
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "position_ids": torch.from_numpy(position_ids), "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries,
+                "max_length_q": max(lengths), "max_length_k": max(lengths), "sample_ids": sample_ids,
+                "num_tokens": int(starts[-1])}
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"unknown row layout {layout!r}")
+    longest = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    length = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
     input_ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((len(rows), length), dtype=np.int64)
@@ -44,21 +66,28 @@ def collate_rows(rows: list[list[dict]], pad_id: int, packed: bool) -> dict:
             at += n
         position_ids[r, at:] = np.arange(length - at)
     batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-             "sample_ids": torch.tensor([s["index"] for row in rows for s in row], dtype=torch.long),
-             "num_tokens": int(attention_mask.sum())}
-    if packed:
+             "sample_ids": sample_ids, "num_tokens": int(attention_mask.sum())}
+    if layout == "packed":
         batch["position_ids"] = torch.from_numpy(position_ids)
     else:
         batch["attention_mask"] = torch.from_numpy(attention_mask)
     return batch
 
 
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def model_inputs(batch: dict, device) -> dict:
-    """The tensors of `batch` the model takes, on `device` (sample ids stay behind)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+def model_inputs(batch: dict, device, mask_dtype: torch.dtype | None = None) -> dict:
+    """What the model takes from `batch`, on `device` (sample ids stay behind). With `mask_dtype`
+    (SDPA/eager, trainers/attention.py), a packed row's position_ids or a padded row's
+    attention_mask become one (B, 1, L, L) additive mask in that dtype, shared by every layer."""
+    inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+              for k, v in batch.items() if k in MODEL_INPUTS}
+    if mask_dtype is not None and "cu_seq_lens_q" not in inputs:
+        bias = attention_bias(inputs.get("position_ids"), inputs.get("attention_mask"), mask_dtype)
+        if bias is not None:
+            inputs["attention_mask"] = bias
+    return inputs
 
 
 def num_tokens(batch: dict) -> int:
@@ -73,7 +102,7 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 def batch_fill(row_lengths: np.ndarray, order: list[int], micro: int) -> float:
     """Non-pad share of all positions of the micro batches cut from `order`, each padded to its
-    longest row (what collate_rows builds)."""
+    longest row (what collate_rows builds for the packed and padded layouts; flat has no padding)."""
     rows = np.asarray(order[:len(order) // micro * micro], dtype=np.int64).reshape(-1, micro)
     lengths = row_lengths[rows]
     return float(lengths.sum() / max(int(lengths.max(axis=1).sum()) * micro, 1))

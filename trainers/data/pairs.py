@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainers.attention import ROW_MULTIPLE
 from trainers.data.chat import SampleError, iter_records, validate_messages
 from trainers.data.sources import resolve_files
 from trainers.errors import UsageError
@@ -107,7 +108,7 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     """B pairs -> 2B rows padded on the right: the chosen answers first, then the rejected ones in
     the same order, so rewards[:B] - rewards[B:] are the pairs' margins."""
     rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    length = max(len(r) for r in rows)
+    length = -(-max(len(r) for r in rows) // ROW_MULTIPLE) * ROW_MULTIPLE  # 16-aligned: see trainers/attention.py
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
