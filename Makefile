@@ -6,14 +6,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-# torch first, chosen for the machine: a box where `nvidia-smi -L` lists a GPU gets the
-# registry's newest default CUDA wheel (CUDA 12.8+ builds, which have sm_120 kernels for the
-# RTX 5090); a machine without one gets a pinned release (2.13.0: on this project's CI machines
-# a local CPU build; elsewhere the registry's wheel, which also runs on CPU). Override with
-# `make TORCH_SPEC='torch==X.Y'`, or add an index with `make PIP_TORCH_ARGS='--index-url URL'`.
+# torch first, chosen for the machine. Where `nvidia-smi -L` lists a GPU: torch 2.11.0 from the
+# CUDA 12.8 index, the newest release built for CUDA 12.8 -- kernels for sm_75 through the RTX
+# 5090's sm_120, drivers >= 570. (2.12 and later ship CUDA 12.6 builds, without sm_120, and CUDA 13
+# builds, which need driver >= 580: on a 550/570 driver torch would see no GPU. The registry's
+# default wheel is such a CUDA 13 build.) Without a GPU: 2.13.0 (on this project's CI machines a
+# local CPU build; elsewhere the registry's wheel, which also runs on CPU). The test suite runs on
+# both releases. Override with `make TORCH_SPEC='torch==X.Y' PIP_TORCH_ARGS='--index-url URL'`.
 HAS_GPU        := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
-TORCH_SPEC     ?= $(if $(HAS_GPU),torch>=2.9,torch==2.13.0)
-PIP_TORCH_ARGS ?=
+TORCH_SPEC     ?= $(if $(HAS_GPU),torch==2.11.0,torch==2.13.0)
+PIP_TORCH_ARGS ?= $(if $(HAS_GPU),--index-url https://download.pytorch.org/whl/cu128)
 
 .PHONY: demo test test-fast bench clean-venv
 

@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())  # as the console script does: the command's status is the process's

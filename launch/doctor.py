@@ -5,7 +5,8 @@ GPUs without peer access that hang NCCL, too little RAM or disk -- each with the
 
 Every check is a small function of the facts (so tests feed fake ones); thin gatherers collect the
 facts on this machine. A missing or broken library is a result, never a crash. Exit 1 when any check
-failed, else 0 (warnings allowed).
+failed, else 0 (warnings allowed); 2 when torch cannot use the GPUs nvidia-smi lists, the check every entry
+script stops at too.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launch.hardware import host_ram_bytes, available_ram_bytes, kernel_support
+from trainers.devices import FLASH_INSTALL, GPU_TORCH_INSTALL, blind_torch_problem, driver_version, nvidia_smi_gpus
+from trainers.errors import USAGE_EXIT_CODE
 from trainers.extensions import extension_build_dir, stale_build_locks
 
 GB = 10**9
 MIN_FREE_DISK_BYTES = 20 * GB  # one 7B checkpoint with optimizer states is ~100 GB; 20 GB holds a ~1B one
 MIN_AVAILABLE_RAM_BYTES = 16 * GB  # --offload keeps ~16-18 bytes per parameter in host RAM: a 1B model ~17 GB
-CUDA_TORCH_FIX = "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu128"
+CUDA_TORCH_FIX = GPU_TORCH_INSTALL
 FLASH_FALLBACK = "trainrig falls back to PyTorch SDPA (memory-efficient kernel); expect roughly 10-20% lower throughput at long sequences"
 LIBRARIES = ("accelerate", "transformers", "peft", "datasets", "tokenizers")
 
@@ -62,16 +65,12 @@ def check_python(version: tuple[int, int, int]) -> Check:
     return Check("python", "fail", f"{text}; trainrig needs 3.10+", "python3.11 -m venv .venv && .venv/bin/pip install -e .")
 
 
-def check_torch(version: str, cuda_build: str | None, gpu_count: int, nvidia_smi: bool, gpus_hidden: bool) -> Check:
-    build = f"CUDA build {cuda_build or 'none'}"
-    # CUDA_VISIBLE_DEVICES="" hides GPUs on purpose (the test suite does): not a broken install
-    if gpu_count or not nvidia_smi or gpus_hidden:
-        seen = f"{gpu_count} CUDA GPU(s)" if gpu_count else "GPUs hidden by CUDA_VISIBLE_DEVICES" if nvidia_smi else "no GPU"
-        return Check("torch", "pass", f"{version}, {build}, {seen}")
-    if cuda_build is None:
-        return Check("torch", "fail", f"{version} is a CPU-only build, but nvidia-smi is on PATH (an NVIDIA GPU sits idle)", CUDA_TORCH_FIX)
-    return Check("torch", "fail", f"{version}, {build}, but torch sees no GPU while nvidia-smi is on PATH (driver older than CUDA {cuda_build}?)",
-                 f"run nvidia-smi; if its 'CUDA Version' is below {cuda_build}, update the driver or {CUDA_TORCH_FIX}")
+def check_torch(version: str, cuda_build: str | None, gpu_count: int, blind: tuple[str, str]) -> Check:
+    """blind: trainers.devices.blind_torch_problem's (problem, fix); ("", "") when torch sees the GPUs there are."""
+    if blind[0]:
+        return Check("torch", "fail", *blind)
+    seen = f"{gpu_count} CUDA GPU(s)" if gpu_count else "no GPU visible"
+    return Check("torch", "pass", f"{version}, CUDA build {cuda_build or 'none'}, {seen}")
 
 
 def check_cuda_arch(device_name: str, capability: tuple[int, int], arch_list: list[str], cuda_version: str | None) -> Check:
@@ -92,19 +91,19 @@ def check_precision(gpu: GPU) -> Check:
                  "train with --precision fp16")
 
 
-def check_flash_attn(gpus: list[GPU], version: str | None, import_error: str) -> Check:
-    """version None and no import_error: not installed."""
+def check_flash_attn(gpus: list[GPU], installed: bool, problem: str) -> Check:
+    """problem: trainers.attention.flash_attn_problem on the first GPU ("" when flash-attn runs there)."""
     if not gpus:
         return Check("flash-attn", "skip", "flash-attn needs a CUDA GPU; PyTorch SDPA is used")
     weakest = min(gpus, key=lambda g: g.capability)
     if weakest.capability < (8, 0) or not weakest.bf16:
         return Check("flash-attn", "skip", f"flash-attn needs an Ampere or newer GPU; {weakest.name} is not: PyTorch SDPA is used")
-    if import_error:
-        return Check("flash-attn", "warn", f"installed but does not import ({import_error}); {FLASH_FALLBACK}",
-                     "pip uninstall -y flash-attn && pip install flash-attn --no-build-isolation --no-cache-dir")
-    if version is None:
-        return Check("flash-attn", "warn", f"not installed; {FLASH_FALLBACK}", "pip install flash-attn --no-build-isolation")
-    return Check("flash-attn", "pass", f"{version}; used for bf16/fp16 runs")
+    if not installed:
+        return Check("flash-attn", "warn", f"not installed; {FLASH_FALLBACK}", FLASH_INSTALL)
+    if problem:  # imports but does not run here (a wheel without kernels for this card), or does not import
+        return Check("flash-attn", "fail", f"{problem}; {FLASH_FALLBACK}",
+                     f"pip uninstall -y flash-attn && {FLASH_INSTALL.replace('pip install flash-attn', 'pip install flash-attn --no-cache-dir', 1)}")
+    return Check("flash-attn", "pass", f"runs on {gpus[0].name} (bf16 forward and backward equal to SDPA); used for bf16/fp16 runs")
 
 
 def check_library(name: str, version: str | None, import_error: str) -> Check:
@@ -208,19 +207,20 @@ def torch_checks() -> list[Check]:
         gpus, access = _cuda_facts(torch)
     except RuntimeError as err:  # a driver/runtime mismatch surfaces here rather than at import
         return [Check("torch", "fail", f"{torch.__version__}: CUDA fails to initialise ({err})", CUDA_TORCH_FIX)]
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
-    checks = [check_torch(torch.__version__, torch.version.cuda, len(gpus), bool(shutil.which("nvidia-smi")), hidden)]
+    blind = ("", "") if gpus else blind_torch_problem(nvidia_smi_gpus(), False, torch.__version__, torch.version.cuda, driver_version(),
+                                                os.environ.get("CUDA_VISIBLE_DEVICES"))
+    checks = [check_torch(torch.__version__, torch.version.cuda, len(gpus), blind)]
     models = list({(g.name, g.capability): g for g in gpus}.values())  # one line per GPU model, not eight for 8 H100s
     if models:
         checks += [check_cuda_arch(g.name, g.capability, torch.cuda.get_arch_list(), torch.version.cuda) for g in models]
         checks += [check_precision(g) for g in models]
     else:
         checks += [Check("cuda arch", "skip", "no CUDA GPU"), Check("bf16/tf32", "skip", "no CUDA GPU")]
-    flash_version, flash_error = None, ""
-    if gpus and importlib.util.find_spec("flash_attn") is not None:
-        flash, flash_error = _import("flash_attn")
-        flash_version = getattr(flash, "__version__", "?") if flash else None
-    checks.append(check_flash_attn(gpus, flash_version, flash_error))
+    from trainers.attention import flash_attn_problem
+
+    installed = importlib.util.find_spec("flash_attn") is not None
+    problem = flash_attn_problem(torch.device("cuda", 0)) if gpus and installed else ""
+    checks.append(check_flash_attn(gpus, installed, problem))
     checks.append(check_nccl(torch.distributed.is_available() and torch.distributed.is_nccl_available(), len(gpus)))
     checks.append(check_peer_access(access, os.environ.get("NCCL_P2P_DISABLE") == "1"))
     return checks
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(c.line() for c in checks))
         counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "fail", "skip")}
         print("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if any(c.name == "torch" and c.status == "fail" for c in checks):
+        return USAGE_EXIT_CODE  # what every entry script refuses with (trainers.devices): the torch install must change first
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 

@@ -6,7 +6,7 @@ taken from a named profile, so a plan for a 4x4090 box or a 2-node H100 job can 
     --hardware rtx5090     one RTX 5090            --hardware 4x4090     four RTX 4090s, no P2P
     --hardware 8xh100x2    2 nodes of 8 H100s      --hardware cpu | 2xcpu  CPU ranks (gloo)
 
-GPU facts are from ../shared/REFERENCE.md (vendor sheets; memory as torch reports it).
+GPU facts: the vendors' sheets (dense bf16 with fp32 accumulate); memory as torch reports it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ GPUS: dict[str, GPUSpec] = {
     "a100-40g": GPUSpec("NVIDIA A100-SXM4-40GB", 42_298_834_944, (8, 0), 312.0, True, True),
     "a100-80g": GPUSpec("NVIDIA A100-SXM4-80GB", 85_097_971_712, (8, 0), 312.0, True, True),
     "h100": GPUSpec("NVIDIA H100 80GB HBM3", 85_045_231_616, (9, 0), 989.0, True, True),
+    # the PCIe card: 114 SMs at a lower clock (756 TFLOP/s, not the SXM's 989), 2.0 TB/s HBM2e, no NVLink
+    "h100-pcie": GPUSpec("NVIDIA H100 PCIe", 85_045_231_616, (9, 0), 756.0, False, True),
     "h200": GPUSpec("NVIDIA H200", 150_754_820_096, (9, 0), 989.0, True, True),
 }
 
@@ -163,6 +165,9 @@ def detect(local_only: bool = False) -> Hardware:
     would create a CUDA context, ~500 MB, on every GPU from every rank)."""
     import torch
 
+    from trainers.devices import require_torch_sees_gpus
+
+    require_torch_sees_gpus()  # a plan for the CPU of a GPU machine whose torch wheel cannot use its GPUs is wrong
     slurm = slurm_allocation()
     ram, cores = host_ram_bytes(), os.cpu_count() or 1
     if not torch.cuda.is_available():
@@ -216,6 +221,8 @@ def _known_spec(device_name: str) -> GPUSpec | None:
     for key, spec in GPUS.items():
         if spec.name.lower() == lowered:
             return spec
+    if "h100" in lowered and "pcie" in lowered:  # "NVIDIA H100 PCIe": not the SXM board "h100" would match
+        return GPUS["h100-pcie"]
     for key in ("3090", "4090", "5090", "l40s", "h200", "h100"):
         if key in lowered:
             return GPUS[key]
@@ -238,11 +245,13 @@ def kernel_support(capability: tuple[int, int], arch_list: list[str], cuda_versi
             return ""
         if kind == "compute" and code <= cc and not specific:
             return ""
-    need = "12.8" if cc >= 120 else "12.0" if cc >= 90 else "11.8"
+    from trainers.devices import GPU_TORCH_INSTALL
+
     built = ", ".join(a for a in arch_list if a.startswith("sm_")) or "none"
-    return (f"{device_name} is sm_{cc}, but this torch build (CUDA {cuda_version or '?'}) has kernels only for {built}; "
-            f"install a CUDA {need}+ build: pip install --force-reinstall torch --index-url "
-            f"https://download.pytorch.org/whl/cu{need.replace('.', '')}")
+    # the pinned CUDA 12.8 build has kernels for sm_75 through sm_120; older cards need CUDA 12.6's
+    fix = (f"install the CUDA 12.8 build trainrig pins: {GPU_TORCH_INSTALL}" if cc >= 75 else
+           "install a CUDA 12.6 build: pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126")
+    return f"{device_name} is sm_{cc}, but this torch build (CUDA {cuda_version or '?'}) has kernels only for {built}; {fix}"
 
 
 def nvidia_smi_free_bytes() -> tuple[int, ...]:

@@ -16,7 +16,7 @@ def test_rtx5090_on_a_cu124_build_fails_with_the_cu128_fix():
     check = check_cuda_arch(RTX5090.name, RTX5090.capability, CU124_ARCHS, "12.4")
     assert check.status == "fail"
     assert "sm_120" in check.detail
-    assert check.fix == "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu128"
+    assert check.fix == "pip install --force-reinstall torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
 
 
 def test_cuda_arch_passes_when_the_build_has_the_kernels():
@@ -25,11 +25,34 @@ def test_cuda_arch_passes_when_the_build_has_the_kernels():
     assert (h100.status, h100.fix) == ("pass", "")
 
 
-def test_torch_cpu_build_on_an_nvidia_machine_fails():
-    check = check_torch("2.13.0+cpu", None, gpu_count=0, nvidia_smi=True, gpus_hidden=False)
-    assert check.status == "fail" and "cu128" in check.fix
-    assert check_torch("2.13.0+cpu", None, gpu_count=0, nvidia_smi=False, gpus_hidden=False).status == "pass"
-    assert check_torch("2.13.0+cu128", "12.8", gpu_count=0, nvidia_smi=True, gpus_hidden=True).status == "pass"
+def test_torch_that_cannot_see_the_listed_gpus_fails_naming_build_driver_and_fix():
+    from trainers.devices import blind_torch_problem
+
+    smi = ["GPU 0: NVIDIA GeForce RTX 5090 (UUID: GPU-1234)"]
+    blind = blind_torch_problem(smi, False, "2.13.0+cu130", "13.0", "570.133.07", None)
+    check = check_torch("2.13.0+cu130", "13.0", 0, blind)
+    assert check.status == "fail" and "2.13.0+cu130" in check.detail and "driver 570.133.07" in check.detail
+    assert "needs driver >= 580" in check.detail
+    assert check.fix == "pip install --force-reinstall torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+    assert check_torch("2.13.0+cpu", None, 0, ("", "")).status == "pass"  # no GPU, or hidden on purpose: nothing to say
+
+
+def test_blind_torch_messages():
+    from trainers.devices import blind_torch_problem, min_driver_for
+
+    smi = ["GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1)", "GPU 1: NVIDIA GeForce RTX 4090 (UUID: GPU-2)"]
+    cpu_build, fix = blind_torch_problem(smi, False, "2.13.0+cpu", None, "550.54.15", None)
+    assert cpu_build.startswith("nvidia-smi lists 2 GPU(s) (NVIDIA GeForce RTX 4090; driver 550.54.15) but torch 2.13.0+cpu is a CPU-only build")
+    assert fix == "pip install --force-reinstall torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+    assert "needs driver >= 570" in blind_torch_problem(smi, False, "2.11.0+cu128", "12.8", "560.35.03", None)[0]
+    assert "CUDA_VISIBLE_DEVICES='7'" in blind_torch_problem(smi, False, "2.11.0+cu128", "12.8", "570.1", "7")[0]
+    assert "driver is loaded" in blind_torch_problem(smi, False, "2.11.0+cu128", "12.8", "", None)[0]
+    for quiet in (blind_torch_problem(smi, True, "2.11.0+cu128", "12.8", "570.1", None),  # torch sees them
+                  blind_torch_problem([], False, "2.13.0+cpu", None, "", None),  # no GPU
+                  blind_torch_problem(smi, False, "2.13.0+cpu", None, "550.1", ""),  # hidden on purpose
+                  blind_torch_problem(smi, False, "2.13.0+cpu", None, "550.1", "-1")):
+        assert quiet == ("", "")
+    assert (min_driver_for("13.0"), min_driver_for("12.8"), min_driver_for("12.9"), min_driver_for("13.2")) == (580, 570, 570, 580)
 
 
 def test_pre_ampere_gpu_warns_to_use_fp16():
@@ -38,16 +61,18 @@ def test_pre_ampere_gpu_warns_to_use_fp16():
     assert check_precision(RTX5090).status == "pass"
 
 
-def test_flash_attn_skips_on_cpu_and_warns_when_missing_on_a_gpu():
-    cpu = check_flash_attn([], None, "")
+def test_flash_attn_skips_on_cpu_warns_when_missing_and_fails_when_it_cannot_run():
+    cpu = check_flash_attn([], False, "")
     assert cpu.status == "skip" and "SDPA" in cpu.detail
-    missing = check_flash_attn([RTX5090], None, "")
+    missing = check_flash_attn([RTX5090], False, "")
     assert missing.status == "warn" and "SDPA" in missing.detail
-    assert missing.fix == "pip install flash-attn --no-build-isolation"
-    broken = check_flash_attn([RTX5090], None, "OSError: undefined symbol: _ZN3c10")
-    assert broken.status == "warn" and "does not import" in broken.detail
-    assert check_flash_attn([RTX5090, T4], "2.8.3", "").status == "skip"  # the T4 cannot run it
-    assert check_flash_attn([RTX5090], "2.8.3", "").status == "pass"
+    assert missing.fix.startswith("pip install flash-attn --no-build-isolation")
+    no_kernels = check_flash_attn([RTX5090], True, "flash-attn 2.8.3 fails on this GPU (RuntimeError: CUDA error: no kernel image "
+                                                   "is available for execution on the device)")
+    assert no_kernels.status == "fail" and "no kernel image" in no_kernels.detail and "falls back to PyTorch SDPA" in no_kernels.detail
+    assert no_kernels.fix.startswith("pip uninstall -y flash-attn && pip install flash-attn --no-cache-dir --no-build-isolation")
+    assert check_flash_attn([RTX5090, T4], True, "").status == "skip"  # the T4 cannot run it
+    assert check_flash_attn([RTX5090], True, "").status == "pass"
 
 
 def test_cpu_adam_needs_a_compiler_and_ninja():

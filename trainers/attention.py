@@ -31,15 +31,13 @@ import importlib.util
 
 import torch
 
+from trainers.devices import FLASH_INSTALL
 from trainers.errors import UsageError
 
 FLASH = "flash_attention_2"
 # Row lengths are padded to a multiple of 16: SDPA's memory-efficient CUDA kernel copies (pads) a
 # mask whose last dimension is not 16-aligned, in every layer; 16 is also tensor-core friendly.
 ROW_MULTIPLE = 16
-FLASH_INSTALL = ("pip install flash-attn --no-build-isolation (it compiles against the installed torch: needs nvcc and "
-                 "~10-60 min; a prebuilt wheel from the flash-attention releases page that names your torch, CUDA and "
-                 "Python versions installs in seconds)")
 FLASH_PROBE_TOLERANCE = 2e-2  # bf16 outputs of O(1): flash vs SDPA differ by rounding, ~4e-3 here
 
 

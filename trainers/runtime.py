@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from trainers.devices import enable_tf32, require_torch_sees_gpus
 from trainers.errors import UsageError
 from trainers.extensions import refuse_stale_build_locks
 
@@ -242,11 +243,11 @@ class Runtime(Collectives):
         import accelerate
         from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+        require_torch_sees_gpus()  # never train on the CPU of a GPU machine because of the torch wheel
         expected_world, rank, _ = launcher_world()
         self.precision = resolve_precision(dist_cfg.precision)
         if torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+: TF32 for fp32 matmuls (master-weight math)
-            torch.backends.cudnn.allow_tf32 = True
+            enable_tf32()  # Ampere+: TF32 for fp32 matmuls (master-weight math)
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
         self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
         if self.ds_config is not None:
@@ -507,6 +508,7 @@ class InferenceRuntime(Collectives):
     def __init__(self, precision: str, timeout_s: int = 1800):
         import accelerate
 
+        require_torch_sees_gpus()
         expected_world, rank, _ = launcher_world()
         self.precision = resolve_precision(precision)
         cpu_group = {"cpu": True, "backend": "gloo"} if not torch.cuda.is_available() and expected_world > 1 else {}
