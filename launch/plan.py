@@ -200,12 +200,12 @@ def table(result: Plan) -> str:
     size = f"{req.shape.parameters / 1e9:.2f}B" if req.shape.parameters >= 1e9 else f"{req.shape.parameters / 1e6:.1f}M"
     lines = [f"plan: {req.stage} {req.shape.name} ({size} parameters), {req.seq_len} tokens{lora}, "
              f"{s.precision}, on {req.hardware.describe()}",
-             "", f"  {'strategy':<32}{'micro':>6}{'GiB/rank':>10}  {'est. s/step':>11}  fits"]
+             "", f"  {'strategy':<32}{'micro':>6}{'GiB/rank':>10}  {'est. s/step':>11}  {'s/seq':>6}  fits"]
     for c in result.candidates:
         micro = str(c.setup.micro_batch) if c.fits else "-"
-        step = f"{c.step_seconds:.2f}" if c.fits else ""
+        step, per = (f"{c.step_seconds:.2f}", f"{c.seconds_per_sequence:.3f}") if c.fits else ("", "")
         mark = "<- chosen" if c is result.chosen and c.fits else ("yes" if c.fits else f"no: {c.why_not}")
-        lines.append(f"  {c.setup.name:<32}{micro:>6}{c.memory.total / GiB:>10.1f}  {step:>11}  {mark}")
+        lines.append(f"  {c.setup.name:<32}{micro:>6}{c.memory.total / GiB:>10.1f}  {step:>11}  {per:>6}  {mark}")
     m = result.chosen.memory
     unit, per = ("pairs", 2) if req.stage == "reward" else ("sequences", 1)
     lines += ["", f"chosen: {s.name}, micro batch {s.micro_batch} x accumulation {result.chosen.accumulation} x world {s.world} "

@@ -8,7 +8,9 @@ way to train that fits -- strategy, gradient checkpointing, micro batch, accumul
 2. For each, the largest micro batch whose memory (launch/memory.py) stays within the budget:
    the device memory less SAFETY_MARGIN (allocator fragmentation and transients the model does
    not itemise), and whose offloaded states fit the host RAM.
-3. Among those that fit, the lowest estimated time per optimizer step: compute (6 Psi per token,
+3. Among those that fit, the lowest estimated time per sequence trained (a step's time over its
+   micro x accumulation x world sequences; with --global_batch_size every candidate trains the
+   same number, so this is the fastest step): compute (6 Psi per token,
    +1/3 with checkpointing) + communication over the slowest link (ZeRO-2 reduces gradients and
    ZeRO-3 gathers parameters on every micro step, DDP and ZeRO-1 once per step) + offload traffic
    and the CPU optimizer. So GeForce boxes without P2P stay on DDP/ZeRO-1/2 while those fit, and
@@ -68,6 +70,12 @@ class Candidate:
     accumulation: int = 1
     step_seconds: float = 0.0
 
+    @property
+    def seconds_per_sequence(self) -> float:
+        """The ranking: a step's time over the sequences it trains (micro x accumulation x world),
+        so a strategy that fits micro 1 does not beat one that fits micro 12 by its shorter step."""
+        return self.step_seconds / (self.setup.micro_batch * self.accumulation * self.setup.world)
+
 
 @dataclass
 class Plan:
@@ -117,7 +125,9 @@ class Plan:
             "estimated_step_seconds": round(self.chosen.step_seconds, 4),
             "candidates": [{"strategy": c.setup.name, "micro_batch_size": c.setup.micro_batch if c.fits else 0,
                             "total_gb": round(c.memory.total / GiB, 2), "fits": c.fits, "why_not": c.why_not,
-                            "estimated_step_seconds": round(c.step_seconds, 4)} for c in self.candidates],
+                            "estimated_step_seconds": round(c.step_seconds, 4),
+                            "estimated_seconds_per_sequence": round(c.seconds_per_sequence, 4) if c.fits else None}
+                           for c in self.candidates],
             "notes": self.notes,
         }
 
@@ -274,7 +284,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
         raise UsageError(f"no strategy satisfies these flags together: {conflicting_flags(req)}; drop one of them")
     fitting = [c for c in candidates if c.fits]
     if fitting:
-        chosen = min(fitting, key=lambda c: c.step_seconds)  # min keeps the first of equals: least machinery
+        chosen = min(fitting, key=lambda c: c.seconds_per_sequence)  # min keeps the first of equals: least machinery
     else:
         chosen = min(candidates, key=lambda c: c.memory.total)
     result = Plan(req, chosen, candidates, budget)

@@ -41,6 +41,12 @@ def test_profiles():
         hardware.profile("3xv100")
 
 
+def test_h100_pcie_is_not_planned_as_the_sxm_board():
+    pcie, sxm = hardware._known_spec("NVIDIA H100 PCIe"), hardware._known_spec("NVIDIA H100 80GB HBM3")
+    assert (pcie.bf16_tflops, pcie.nvlink, sxm.bf16_tflops, sxm.nvlink) == (756.0, False, 989.0, True)
+    assert hardware.profile("4xh100-pcie").intra_node_link == "pcie" and hardware.profile("4xh100").intra_node_link == "nvlink"
+
+
 def test_kernel_support_names_the_cuda_build_to_install():
     message = hardware.kernel_support((12, 0), CU124_ARCHS, "12.4", "NVIDIA GeForce RTX 5090")
     assert "sm_120" in message and "cu128" in message
@@ -68,6 +74,17 @@ def test_7b_lora_sft_fits_one_5090(qwen7b):
     assert result.fits and result.setup.micro_batch >= 1 and result.setup.offload == "none"
     assert result.chosen.memory.total <= result.budget
     assert result.setup.micro_batch * result.chosen.accumulation == 64
+
+
+def test_without_a_global_batch_the_plan_is_the_fastest_per_sequence(qwen7b):
+    """plan.py's own example: ranked by step time, zero3+offload-all at micro 1 (2.37 s a sequence)
+    beat checkpointing at micro 12 (1.18 s a sequence)."""
+    result = plan(Request("sft", qwen7b, 2048, hardware.profile("rtx5090"), lora_rank=16))
+    fitting = [c for c in result.candidates if c.fits]
+    assert result.chosen.seconds_per_sequence == min(c.seconds_per_sequence for c in fitting)
+    assert result.setup.offload == "none" and result.setup.micro_batch >= 8
+    slow = next(c for c in fitting if c.setup.name == "zero3+offload-all")
+    assert slow.step_seconds < result.chosen.step_seconds and slow.seconds_per_sequence > 1.5 * result.chosen.seconds_per_sequence
 
 
 def test_7b_full_sft_on_4x4090_needs_offload_and_says_so(qwen7b):
