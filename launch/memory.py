@@ -126,13 +126,25 @@ class Setup:
     lora_dropout: bool = True
     gradient_checkpointing: bool = False
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
-    seq_len: int = 2048
-    micro_batch: int = 1
+    seq_len: int = 2048  # tokens per row
+    rows_per_sample: int = 1  # 2 for the reward model: a pair is two rows
+    micro_batch: int = 1  # samples (a reward model's pairs)
+    attention_mask: bool = False  # the batches carry a mask (packed or padded SFT rows, reward pairs) under SDPA/eager
     on_gpu: bool = True
     sharded_load: bool = False  # ZeRO-3 loading a checkpoint under zero.Init: no rank holds the whole model
     vocab_head: bool = True  # False: a scalar head (reward model), no vocabulary-sized logits
     chunked_loss: bool = True  # trainers/chunked_loss.py computes the head's loss a chunk of tokens at a time
 
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro batch."""
+        return self.micro_batch * self.rows_per_sample * self.seq_len
+
+    @property
+    def masked(self) -> bool:
+        """SDPA/eager with the shared (B, 1, L, L) mask trainers/attention.py builds (FlashAttention takes none)."""
+        return self.attention_mask and self.attn != "flash_attention_2"
 
     @property
     def half(self) -> bool:
@@ -262,21 +274,34 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     if s.attn == "eager":
         per_score = 6 if s.half else 4
         total += per_score * shape.heads * s.seq_len + (2 if s.half else 4) * shape.hidden - 4 * shape.heads
+    if s.masked and 1 < shape.kv_heads < shape.heads:
+        # with a mask transformers repeats the key/value heads for grouped-query attention instead of
+        # SDPA's enable_gqa: the saved keys and values have every query head's width (a copy, except
+        # for a single key/value head, whose repeat is a view)
+        total += 2 * (shape.heads - shape.kv_heads) * shape.head_dim * (2 if s.half else 4)
     return total
+
+
+def mask_bytes(s: Setup) -> int:
+    """The one (B, 1, L, L) additive mask in the compute dtype that every layer's attention saves
+    (the same tensor: trainers/attention.py attention_bias), B the micro batch's rows."""
+    if not s.masked:
+        return 0
+    return s.micro_batch * s.rows_per_sample * s.seq_len**2 * (2 if s.half else 4)
 
 
 def activation_bytes(shape: ModelShape, s: Setup) -> int:
     """All layers' saved activations for one micro batch, plus the embedding/final-norm/RoPE
-    tensors outside the layers. With checkpointing: each layer's input, plus one layer's full set
-    while it is recomputed in the backward."""
-    tokens = s.micro_batch * s.seq_len
+    tensors outside the layers and the shared attention mask. With checkpointing: each layer's input,
+    plus one layer's full set while it is recomputed in the backward."""
+    tokens = s.tokens
     layer = layer_activation_bytes(shape, s)
     outside = 16 * shape.hidden + 8 * shape.head_dim
     if s.gradient_checkpointing:
         per_token = shape.layers * CHECKPOINT_BYTES[activation_mode(s)] + layer + outside
     else:
         per_token = shape.layers * layer + outside
-    return int(per_token * tokens)
+    return int(per_token * tokens) + mask_bytes(s)
 
 
 def logits_bytes(shape: ModelShape, s: Setup) -> int:
@@ -286,7 +311,7 @@ def logits_bytes(shape: ModelShape, s: Setup) -> int:
         return 0
     if s.chunked_loss:
         return chunked_loss_bytes(shape, s)
-    return 12 * shape.vocab * s.micro_batch * s.seq_len
+    return 12 * shape.vocab * s.tokens
 
 
 def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
@@ -300,7 +325,7 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
     every large block is mmapped and returned, MALLOC_MMAP_THRESHOLD_=65536)."""
     from trainers.chunked_loss import chunk_rows
 
-    tokens = s.micro_batch * s.seq_len
+    tokens = s.tokens
     head = shape.vocab * shape.hidden
     engine_half = s.deepspeed and s.half
     hidden_grad = tokens * shape.hidden * (2 if engine_half else 4)

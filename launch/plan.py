@@ -118,7 +118,7 @@ def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, n
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
                    lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload,
-                   attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
+                   attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",
                    chunked_loss=chunked_loss_applies(cfg, shape))
 
 

@@ -212,7 +212,7 @@ def accumulation_for(global_batch: int, micro: int, world: int, fixed: int | Non
 
 def step_seconds(shape: ModelShape, s: Setup, accumulation: int, hw: Hardware) -> float:
     """Rough time of one optimizer step, for ranking strategies (not a throughput promise)."""
-    tokens = s.micro_batch * s.seq_len * accumulation
+    tokens = s.tokens * accumulation
     peak = hw.gpu.bf16_tflops * 1e12 * ASSUMED_MFU if hw.gpu is not None and hw.gpu.bf16_tflops else CPU_FLOPS
     compute = mem.training_flops_per_token(shape, s) * tokens / peak
     n = s.world
@@ -268,7 +268,8 @@ def plan(req: Request, explain: bool = True) -> Plan:
     precision = resolve_precision(req.precision, hw)
     budget = int(hw.device_memory_bytes * (1 - SAFETY_MARGIN))
     lora = req.shape.lora_parameters(req.lora_rank) if req.lora_rank else 0
-    per_sample_sequences = 2 if req.stage == "reward" else 1  # a reward pair is two sequences
+    rows = 2 if req.stage == "reward" else 1  # a reward pair is two sequences
+    masked = req.stage in ("sft", "reward")  # packed or padded rows carry a mask; pretraining's full blocks do not
     checkpointing = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
     candidates = []
     for ckpt_on in checkpointing:
@@ -276,7 +277,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
             base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
                          lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn,
-                         seq_len=req.seq_len * per_sample_sequences, on_gpu=hw.gpu is not None,
+                         seq_len=req.seq_len, rows_per_sample=rows, attention_mask=masked, on_gpu=hw.gpu is not None,
                          sharded_load=req.stage != "pretrain",  # the trainers load checkpoints under zero.Init
                          vocab_head=req.stage != "reward", chunked_loss=req.chunked_loss)
             candidates.append(evaluate_candidate(req, base, budget))

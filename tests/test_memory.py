@@ -87,8 +87,9 @@ def test_parameter_counts_of_the_shipped_qwen_shapes():
 # ------------------------------------------------------------------ activations, measured
 
 
-def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora=False, ckpt=False) -> int:
-    """Bytes autograd keeps for the backward of one forward (distinct storages, weights excluded)."""
+def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora=False, ckpt=False, packed_rows=0) -> int:
+    """Bytes autograd keeps for the backward of one forward (distinct storages, weights excluded).
+    packed_rows: that many rows of two samples each, through the trainer's own inputs (the shared mask)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
@@ -112,10 +113,16 @@ def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    ids = torch.randint(0, 512, (1, seq))
+    ids = torch.randint(0, 512, (max(packed_rows, 1), seq))
+    inputs = {"input_ids": ids, "labels": ids}
+    if packed_rows:
+        from trainers.data.collate import model_inputs
+
+        position_ids = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).expand(packed_rows, -1)
+        inputs = model_inputs({**inputs, "position_ids": position_ids}, "cpu", torch.float32 if mode == "fp32" else torch.bfloat16)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "amp" else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(input_ids=ids, labels=ids)
+        model(**inputs)
     return sum(saved.values())
 
 
@@ -141,6 +148,25 @@ def test_layer_activations_match_what_autograd_saves(mode, setup, attn, lora):
     predicted = mem.layer_activation_bytes(shape, dataclasses.replace(setup, seq_len=seq)) * seq
     tolerance = 0.06 if attn == "eager" else 0.03
     assert abs(predicted - per_layer) / per_layer < tolerance, (predicted, per_layer)
+
+
+@pytest.mark.parametrize("mode,setup", [("half", Setup(precision="bf16", deepspeed=True, zero_stage=2)), ("fp32", Setup(precision="fp32"))],
+                         ids=["half", "fp32"])
+def test_the_shared_attention_mask_is_saved_once_and_the_kv_heads_repeat(mode, setup):
+    """Packed rows under SDPA: per layer, the layer's bytes plus the repeated key/value heads (no
+    mask copy per layer, which transformers' boolean mask made: 2 B L^2 per layer in bf16); once,
+    the (B, 1, L, L) mask itself."""
+    h, inter, heads, kv, seq, rows = 384, 864, 6, 2, 192, 2  # kv 2: with one key/value head the repeat is a view
+    one, two = (_saved_bytes(h, inter, heads, kv, n, seq, mode, packed_rows=rows) for n in (1, 2))
+    shape = mem.ModelShape(name="t", hidden=h, intermediate=inter, layers=1, heads=heads, kv_heads=kv, head_dim=64, vocab=512,
+                           parameters=0, largest_module_parameters=0, matrix_parameters=0, max_positions=2048)
+    masked = dataclasses.replace(setup, seq_len=seq, micro_batch=rows, attention_mask=True)
+    predicted = mem.layer_activation_bytes(shape, masked) * seq * rows
+    assert abs(predicted - (two - one)) / (two - one) < 0.03, (predicted, two - one)
+    unmasked = _saved_bytes(h, inter, heads, kv, 1, seq, mode) * rows  # the same tokens without a mask
+    assert mem.mask_bytes(masked) == rows * seq * seq * (4 if mode == "fp32" else 2)
+    repeat = 2 * (heads - kv) * 64 * (4 if mode == "fp32" else 2) * seq * rows
+    assert abs((one - unmasked) - (mem.mask_bytes(masked) + repeat)) / mem.mask_bytes(masked) < 0.05, (one - unmasked, mem.mask_bytes(masked), repeat)
 
 
 def test_checkpointing_keeps_only_each_layers_input():
