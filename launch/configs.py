@@ -1,11 +1,10 @@
 """A plan -> the files and the command that run it: ds_config.json (DeepSpeed), accelerate.yaml,
 the NCCL environment, and the launcher command line.
 
-The DS JSON carries concrete values equal to the flags the command passes, so the run's own check
-(trainers/runtime.py fill_ds_config: a value contradicting the run config is an error) passes,
-and a user who edits one without the other is told. Bucket sizes follow the hidden size h (the
-HF/DeepSpeed convention): reduce and all-gather buckets h^2 elements, ZeRO-3 prefetch 0.9 h^2,
-parameters under 10 h elements stay whole on every rank instead of being gathered each time.
+The DS JSON is trainers/ds_config.py's, the same the run builds in-process for the same flags, with
+concrete values equal to the flags the command passes, so the run's own check (fill_ds_config: a
+value contradicting the run config is an error) passes, and a user who edits one without the
+other is told.
 """
 
 from __future__ import annotations
@@ -18,42 +17,22 @@ from pathlib import Path
 import yaml
 
 from launch.planner import Plan
+from trainers.ds_config import DeepSpeedSettings, build
 
 LAUNCH_DIR = Path(__file__).resolve().parent
 ENTRY_SCRIPTS = {"pretrain": "pretrain.py", "cpt": "pretrain.py", "sft": "sft.py", "reward": "reward.py"}
 
 
 def deepspeed_config(plan: Plan, max_grad_norm: float) -> dict | None:
-    """The DS JSON for the plan, or None when the plan runs DDP / one process."""
+    """The DS JSON for the plan (trainers/ds_config.py's build, the one the runtime makes for the
+    same flags), or None when the plan runs DDP / one process."""
     s = plan.setup
     if not s.deepspeed:
         return None
-    h = plan.request.shape.hidden
-    zero: dict = {"stage": s.zero_stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": h * h}
-    if s.zero_stage <= 2:
-        zero.update(allgather_bucket_size=h * h, reduce_scatter=True)
-    else:
-        zero.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=10 * h,
-                    stage3_max_live_parameters=10**9, stage3_max_reuse_distance=10**9,
-                    stage3_gather_16bit_weights_on_model_save=True)  # final/ is gathered from the shards
-    if s.offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if s.offload == "all":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    fp16 = {"enabled": s.precision == "fp16"}
-    if s.precision == "fp16":  # dynamic loss scaling, DeepSpeed's defaults written out
-        fp16.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
-    return {
-        "train_micro_batch_size_per_gpu": s.micro_batch,
-        "gradient_accumulation_steps": plan.chosen.accumulation,
-        "train_batch_size": plan.global_batch,
-        "gradient_clipping": float(max_grad_norm),
-        "bf16": {"enabled": s.precision == "bf16"},
-        "fp16": fp16,
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,  # trainrig logs its own steps
-        "wall_clock_breakdown": False,
-    }
+    settings = DeepSpeedSettings(micro_batch=s.micro_batch, accumulation=plan.chosen.accumulation, world_size=s.world,
+                                 max_grad_norm=max_grad_norm, precision=s.precision, zero_stage=str(s.zero_stage),
+                                 offload=s.offload, sources={}, hidden_size=plan.request.shape.hidden)
+    return build(s.zero_stage, s.offload, settings)
 
 
 def rendezvous_port(seed: str) -> int:
@@ -64,7 +43,7 @@ def rendezvous_port(seed: str) -> int:
 
 def accelerate_config(plan: Plan, ds_config_path: Path | None, main_process_ip: str = "127.0.0.1",
                       main_process_port: int = 29500, machine_rank: int = 0) -> dict:
-    """accelerate.yaml: topology only (hyperparameters live in the run config, DESIGN.md)."""
+    """accelerate.yaml: topology only (hyperparameters live in the run config)."""
     s, hw = plan.setup, plan.request.hardware
     if s.deepspeed:
         kind = "DEEPSPEED"

@@ -134,6 +134,7 @@ class Setup:
     sharded_load: bool = False  # ZeRO-3 loading a checkpoint under zero.Init: no rank holds the whole model
     vocab_head: bool = True  # False: a scalar head (reward model), no vocabulary-sized logits
     chunked_loss: bool = True  # trainers/chunked_loss.py computes the head's loss a chunk of tokens at a time
+    ds_zero: tuple = ()  # a user's DS JSON's buffer settings (trainers.ds_config.buffer_keys); () for the one trainrig builds
 
 
     @property
@@ -193,8 +194,8 @@ def ddp_model_states(shape: ModelShape, s: Setup) -> ModelStates:
 def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
     """DeepSpeed ZeRO-`stage` with 16-bit (w = 2 B) or fp32 (w = 4 B) weights over N ranks.
     16-bit: fp32 master weights (4 B) and fp32 gradients (4 B) beside the 16-bit ones; AdamW m, v
-    (8 B). ZeRO-1 shards the optimizer (master weights, fp32 grads, m, v); ZeRO-2 also the 16-bit
-    gradients; ZeRO-3 also the weights, plus a working buffer of one gathered module (2w B/param).
+    (8 B). ZeRO-1 shards the optimizer (master weights, m, v; in bf16 the fp32 gradients, in which it
+    accumulates, are whole on every rank: DeepSpeed's BF16 optimizer); ZeRO-2 also the gradients; ZeRO-3 also the weights, plus a working buffer of one gathered module (2w B/param).
     Matches DeepSpeed: ZeRO-2 2Psi + 18Psi/N, ZeRO-3 4 largest + 18Psi/N; offload moves the sharded
     states to host RAM (their host estimate, with the 1.5 buffer factor)."""
     n, nodes = s.world, s.nodes
@@ -208,8 +209,8 @@ def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
     stage = s.zero_stage
     if stage == 0:  # DeepSpeed's bf16 optimizer without sharding
         params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi, (master + 8) * psi
-    elif stage == 1:
-        params, grads, optim = w * (psi + frozen), w * psi + fp32_grads * psi / n, (master + 8) * psi / n
+    elif stage == 1:  # bf16 accumulates in fp32 (trainers/ds_config.py): DeepSpeed's BF16 optimizer keeps a full fp32 copy
+        params, grads, optim = w * (psi + frozen), (w * psi + (4 * psi if s.precision == "bf16" else fp32_grads * psi / n)), (master + 8) * psi / n
     elif stage == 2:
         params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi / n, (master + 8) * psi / n
     else:  # 16-bit weights sharded; the gradient partition is reduced into fp32
@@ -337,11 +338,16 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
 
 
 def overhead_bytes(shape: ModelShape, s: Setup) -> int:
-    """CUDA context and library workspaces (or a CPU rank's resident libraries), plus DeepSpeed's
-    communication buckets (reduce and all-gather, hidden^2 elements each, 16-bit)."""
+    """CUDA context and library workspaces (or a CPU rank's resident libraries), plus what the DS
+    JSON the run uses costs beyond the model states (trainers/ds_config.py buffer_bytes: reduction
+    buckets, ZeRO-3's parameters kept gathered for reuse)."""
+    from trainers.ds_config import buffer_bytes, trainrig_buffer_keys
+
     base = CUDA_CONTEXT_BYTES if s.on_gpu else CPU_PROCESS_BYTES
-    buckets = 2 * 2 * shape.hidden**2 if s.deepspeed and s.zero_stage > 0 else 0
-    return base + buckets
+    if not s.deepspeed:
+        return base
+    zero = dict(s.ds_zero or trainrig_buffer_keys(s.zero_stage, s.offload, shape.hidden))
+    return base + buffer_bytes(zero, 2 if s.half else 4, shape.parameters)
 
 
 # ----------------------------------------------------------------------------------- totals

@@ -76,21 +76,24 @@ def model_shape(cfg, notes: list[str]) -> memory.ModelShape:
     return memory.shape_from_config(config, preset or m.model_name_or_path, trust_remote_code=m.trust_remote_code)
 
 
-def _deepspeed_constraint(dist, plan_everything: bool) -> tuple[str, str, str]:
-    """(deepspeed, zero_stage, offload) for the request. The planner is free, within --zero_stage
-    and --offload, when it picks the strategy and no DS JSON is named; otherwise the run uses what
-    the runtime's own rule (trainers.runtime.deepspeed_json) gives, and the plan follows it."""
-    from trainers.runtime import DS_CONFIG_DIR, deepspeed_json, ds_offload, load_ds_json
+def _deepspeed_constraint(dist, plan_everything: bool, hidden: int) -> tuple[str, str, str, tuple]:
+    """(deepspeed, zero_stage, offload, the named DS JSON's buffer settings) for the request. The
+    planner is free, within --zero_stage and --offload, when it picks the strategy and no DS JSON is
+    named (or a shipped one, which is trainrig's own build); otherwise the run uses what the
+    runtime's own rule (trainers.ds_config.deepspeed_json) gives, and the plan follows it and counts
+    that file's buckets."""
+    from trainers.ds_config import DS_CONFIG_DIR, buffer_keys, deepspeed_json, ds_offload, load_ds_json
 
     path, zero_stage, offload = deepspeed_json(dist)
     if plan_everything and dist.deepspeed == "auto" and (path is None or path.parent == DS_CONFIG_DIR):
-        return "auto", zero_stage, offload
+        return "auto", zero_stage, offload, ()
     if path is None:
-        return "none", "auto", "auto"
+        return "none", "auto", "auto", ()
     ds = load_ds_json(path)
-    stage = ds.get("zero_optimization", {}).get("stage", 2)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 2)
     stage = int(zero_stage) if stage == "auto" and zero_stage != "auto" else 2 if stage == "auto" else int(stage)
-    return f"{stage}:{ds_offload(ds)}", "auto", "auto"
+    return f"{stage}:{ds_offload(ds)}", "auto", "auto", buffer_keys({**zero, "stage": stage}, hidden)
 
 
 def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
@@ -108,16 +111,16 @@ def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, n
         accumulation = None if accumulation == "auto" else accumulation
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
-    deepspeed, zero_stage, offload = _deepspeed_constraint(cfg.dist, plan_everything)
+    shape = model_shape(cfg, notes)
+    deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
     ckpt = cfg.model.gradient_checkpointing if ("gradient_checkpointing" in sources or not plan_everything) else None
     lora = getattr(cfg, "lora", None)
     seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
-    shape = model_shape(cfg, notes)
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
                    lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
-                   gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload,
+                   gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload, ds_zero=ds_zero,
                    attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",
                    chunked_loss=chunked_loss_applies(cfg, shape))
 

@@ -57,6 +57,7 @@ class Request:
     deepspeed: str = "auto"  # auto | none | a DS JSON's (stage, offload) given as "stage:offload"
     zero_stage: str = "auto"
     offload: str = "auto"
+    ds_zero: tuple = ()  # a named DS JSON's buffer settings (trainers.ds_config.buffer_keys); () for trainrig's own
     attn: str = "sdpa"
     chunked_loss: bool = True  # the run computes its LM loss with trainers/chunked_loss.py (launch/plan.py decides)
 
@@ -276,7 +277,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
         for ds, stage, offload in strategies(req):
             base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
-                         lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn,
+                         lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
                          seq_len=req.seq_len, rows_per_sample=rows, attention_mask=masked, on_gpu=hw.gpu is not None,
                          sharded_load=req.stage != "pretrain",  # the trainers load checkpoints under zero.Init
                          vocab_head=req.stage != "reward", chunked_loss=req.chunked_loss)

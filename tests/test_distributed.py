@@ -86,3 +86,23 @@ def test_zero3_accelerate_launch(single_run, corpus, tokenizer_dir, tmp_path):
                   *pretrain_args(corpus, tokenizer_dir, cpt, model_preset=None, tokenizer_name_or_path=None,
                                  model_name_or_path=out / "final", zero_stage=3, max_steps=2)])
     assert read_losses(cpt)[1] < single_run[1] - 0.1   # starts from the trained weights, not a fresh init
+
+
+@pytest.mark.parametrize("stage", [1])  # ZeRO-2/3 resume is tested above and in test_sft_distributed (fp32)
+def test_bf16_zero_accumulates_in_fp32_and_resumes_exactly(corpus, tokenizer_dir, tmp_path, stage):
+    """bf16 under ZeRO accumulates the micro batches' gradients in fp32 (ZeRO-1 through DeepSpeed's
+    BF16 optimizer, a different engine path from fp32 runs), and its checkpoint resumes bit for bit."""
+    import json
+    import sys
+
+    flags = dict(precision="bf16", zero_stage=str(stage), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                 max_steps=3, save_steps=2)
+    out = tmp_path / "run"
+    run_launcher([sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, out, **flags)])
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["zero_optimization"]["stage"] == stage
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run_launcher([sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, resumed, **{**flags, "resume": "auto"})])
+    assert read_losses(resumed) == {3: read_losses(out)[3]}

@@ -60,11 +60,15 @@ def test_zero2_and_zero3_model_states_equal_deepspeeds_estimators(parameters, la
 
 
 def test_zero1_and_ddp_follow_the_zero_paper():
-    """ZeRO-1: 16-bit weights and gradients whole (4 Psi), fp32 master/grad/moments sharded (16 Psi / N);
-    DDP with autocast: fp32 weights, grads, moments (16 Psi) + the bf16 copies of the matmul weights."""
+    """ZeRO-1 in fp16: 16-bit weights and gradients whole (4 Psi), fp32 master/grad/moments sharded
+    (16 Psi / N); in bf16 the fp32 gradients trainrig accumulates in are whole too (DeepSpeed's BF16
+    optimizer: + 4 Psi, - 4 Psi / N). DDP with autocast: fp32 weights, grads, moments (16 Psi) + the
+    bf16 copies of the matmul weights."""
     shape = _shape(1_000_000_000, 100_000_000)
-    z1 = mem.model_states(shape, Setup(world=8, deepspeed=True, zero_stage=1))
+    z1 = mem.model_states(shape, Setup(world=8, deepspeed=True, zero_stage=1, precision="fp16"))
     assert z1.parameters + z1.gradients + z1.optimizer_states == 4 * 10**9 + 16 * 10**9 // 8
+    z1 = mem.model_states(shape, Setup(world=8, deepspeed=True, zero_stage=1, precision="bf16"))
+    assert z1.parameters + z1.gradients + z1.optimizer_states == 8 * 10**9 + 12 * 10**9 // 8
     ddp = mem.model_states(shape, Setup(world=8))
     assert (ddp.parameters, ddp.gradients, ddp.optimizer_states) == (4 * 10**9 + 2 * shape.matrix_parameters, 4 * 10**9, 8 * 10**9)
     muon = mem.model_states(shape, Setup(optimizer="muon"))
@@ -254,3 +258,25 @@ def test_lora_parameter_count_equals_peft():
     model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules="all-linear"))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == shape.lora_parameters(8) and total - trainable == shape.parameters
+
+
+@pytest.mark.parametrize("stage,offload", [(1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "all")])
+def test_the_overhead_covers_the_buffers_of_the_ds_config_the_run_uses(stage, offload):
+    """The buffers DeepSpeed allocates for the JSON trainrig writes (reduction buckets, ZeRO-3's
+    reused gathered parameters) are in the overhead term, for trainrig's JSON and for a user's."""
+    from trainers.ds_config import DeepSpeedSettings, build, buffer_bytes, buffer_keys
+
+    shape = mem.load_shape("qwen2.5-7b")
+    setup = Setup(world=4, deepspeed=True, zero_stage=stage, offload=offload, precision="bf16")
+    settings = DeepSpeedSettings(micro_batch=1, accumulation=1, world_size=4, max_grad_norm=1.0, precision="bf16",
+                                 zero_stage=str(stage), offload=offload, sources={}, hidden_size=shape.hidden)
+    zero = build(stage, offload, settings)["zero_optimization"]
+    buffers = buffer_bytes(zero, 2, shape.parameters)
+    assert buffers >= (2 if stage < 3 else 1) * zero["reduce_bucket_size"] * 2 > 0
+    assert mem.overhead_bytes(shape, setup) - mem.CUDA_CONTEXT_BYTES == buffers
+    if stage == 3:  # 1e9 reused parameters in bf16 plus the prefetch: 2.1 GB the old model did not have
+        assert buffers >= 2 * 10**9
+    # a user's JSON with DeepSpeed's bigger default buckets is counted as written
+    theirs = {**zero, "reduce_bucket_size": 500_000_000}
+    user = dataclasses.replace(setup, ds_zero=buffer_keys(theirs, shape.hidden))
+    assert mem.overhead_bytes(shape, user) - mem.CUDA_CONTEXT_BYTES == buffer_bytes(theirs, 2, shape.parameters) > buffers

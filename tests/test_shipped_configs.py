@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO
 from trainers.config import PretrainConfig, SFTConfig, parse_config
 from trainers.errors import UsageError
-from trainers.runtime import DeepSpeedSettings, fill_ds_config, load_ds_json
+from trainers.ds_config import TEMPLATES, DeepSpeedSettings, build, fill_ds_config, load_ds_json, template, template_name
 
 DS_FILES = sorted((REPO / "ds_configs").glob("*.json"))
 ACCELERATE_FILES = sorted((REPO / "accelerate_configs").glob("*.yaml"))
@@ -16,13 +16,32 @@ MODEL_SHAPES = sorted((REPO / "configs" / "models").glob("*.json"))
 
 def settings(**kw):
     base = dict(micro_batch=4, accumulation=2, world_size=1, max_grad_norm=1.0, precision="bf16",
-                zero_stage="auto", offload="auto", sources={})
+                zero_stage="auto", offload="auto", sources={}, hidden_size=896)
     return DeepSpeedSettings(**{**base, **kw})
 
 
 def test_every_kind_is_shipped():
-    assert {p.name for p in DS_FILES} >= {"zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"}
+    assert {p.name for p in DS_FILES} == {template_name(stage, offload) for stage, offload in TEMPLATES}
     assert {p.stem for p in ACCELERATE_FILES} >= {"single_gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "multi_node"}
+
+
+@pytest.mark.parametrize("stage,offload", TEMPLATES)
+def test_shipped_ds_configs_are_the_templates_trainrig_builds_from(stage, offload):
+    """The files a user passes with --deepspeed ds_configs/... and the JSON trainrig launch writes or
+    the runtime builds for --zero_stage/--offload come from one template; filled, they are equal."""
+    path = REPO / "ds_configs" / template_name(stage, offload)
+    assert load_ds_json(path) == template(stage, offload)
+    filled = fill_ds_config(load_ds_json(path), settings(), str(path))
+    assert filled == build(stage, offload, settings(zero_stage=str(stage), offload=offload))
+    zero = filled["zero_optimization"]
+    if stage:
+        assert zero["reduce_bucket_size"] == 896 * 896
+        assert filled["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 accumulates in fp32 under ZeRO, as DDP does
+    else:
+        assert "data_types" not in filled  # DeepSpeed 0.19 has no fp32 accumulation without ZeRO
+    if stage == 3:
+        assert (zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (int(0.9 * 896 * 896), 8960)
+    assert "data_types" not in fill_ds_config(template(stage, offload), settings(precision="fp32"), "x")
 
 
 @pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
@@ -35,6 +54,7 @@ def test_ds_config_loads_in_deepspeed(path):
     assert ds.train_micro_batch_size_per_gpu == 4 and ds.gradient_accumulation_steps == 2
     assert ds.gradient_clipping == 1.0 and ds.bfloat16_config.enabled
     assert ds.zero_optimization_stage == int(path.stem[4])
+    assert ds.grad_accum_dtype == ("fp32" if int(path.stem[4]) else None)
 
 
 @pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)

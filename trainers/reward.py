@@ -30,7 +30,7 @@ from trainers.data.collate import ResumableSampler, model_inputs
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.errors import UsageError, check_output_dir
 from trainers.lora import apply_lora
-from trainers.models import TORCH_DTYPES, _check_model_dir, check_torch_compile, compile_decoder_layers, count_parameters, tokenizer_for
+from trainers.models import TORCH_DTYPES, check_torch_compile, compile_decoder_layers, count_parameters, resolve_model_config, tokenizer_for
 from trainers.optim import build_optimizer, set_learning_rate
 from trainers.runtime import Runtime, launcher_world
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -94,13 +94,14 @@ def train(cfg: RewardConfig) -> dict:
                          "(PeftModel.from_pretrained on AutoModelForSequenceClassification loads it)")
     if lora.lora_r > 0 and "learning_rate" not in getattr(cfg, "_sources", {}):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
-    _check_model_dir(m.model_name_or_path, m.trust_remote_code, "--model_name_or_path")
+    model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
     loop.check_run_settings(cfg, out)
     check_output_dir(out)
     loop.seed_everything(cfg.run.seed)
 
     # ----------------------------------------------------------------------- runtime
-    runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}), uses_muon=cfg.optim.optimizer == "muon")
+    runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}), uses_muon=cfg.optim.optimizer == "muon",
+                      hidden_size=model_config.hidden_size)
     loop.setup_logging(runtime.is_main)
     loop.check_plan_agrees(runtime, cfg)
     check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)

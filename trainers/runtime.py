@@ -1,7 +1,7 @@
 """The distributed runtime: the ONLY module that imports accelerate, deepspeed or torch.distributed.
 
 One engine, Accelerate. DeepSpeed ZeRO comes in through Accelerate's DeepSpeed plugin from a DS
-JSON whose "auto" fields are filled here from the run config; DDP otherwise. The loops call
+JSON built and filled by trainers/ds_config.py from the run config; DDP otherwise. The loops call
 `runtime.backward`, `runtime.clip_grad_norm`, `runtime.all_reduce_sum`, ... and never see which
 engine runs underneath.
 
@@ -14,20 +14,18 @@ that does not match WORLD_SIZE stops the run: N silent one-rank runs are the wor
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from trainers.devices import enable_tf32, require_torch_sees_gpus
+from trainers.ds_config import DeepSpeedSettings, deepspeed_json, ds_offload, fill_ds_config, load_ds_json
 from trainers.errors import UsageError
 from trainers.extensions import refuse_stale_build_locks
 
@@ -37,128 +35,8 @@ log = logging.getLogger("trainrig.runtime")
 # warns each time from a wrapper, which floods the log of every rank with the same two lines.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-
-
 class WorldSizeMismatch(RuntimeError):
     """The launcher promised WORLD_SIZE ranks but the process group has another size."""
-
-
-# ------------------------------------------------------------------- DeepSpeed config (pure)
-
-
-@dataclass
-class DeepSpeedSettings:
-    """The run-config values a DS JSON must agree with (or get for its "auto" fields)."""
-
-    micro_batch: int
-    accumulation: int
-    world_size: int
-    max_grad_norm: float
-    precision: str  # bf16 | fp16 | fp32
-    zero_stage: str  # auto | 0..3 (auto: keep the JSON's)
-    offload: str  # auto | none | optimizer | all
-    sources: dict  # flag -> where it was set, for messages
-
-
-def template_for(zero_stage: str, offload: str) -> Path:
-    """The shipped ds_configs/ file for a stage/offload choice (`--deepspeed auto`)."""
-    stage = 2 if zero_stage == "auto" else int(zero_stage)
-    if offload == "all":
-        if stage != 3:
-            raise UsageError(f"--offload all (parameters too) needs --zero_stage 3, got {stage}")
-        return DS_CONFIG_DIR / "zero3_offload.json"
-    if offload == "optimizer":
-        if stage < 2:
-            raise UsageError(f"--offload optimizer needs --zero_stage 2 or 3, got {stage}")
-        return DS_CONFIG_DIR / f"zero{stage}_offload.json"
-    return DS_CONFIG_DIR / f"zero{stage}.json"
-
-
-def deepspeed_json(dist_cfg) -> tuple[Path | None, str, str]:
-    """(the DS JSON this run uses, or None for DDP / one process; --zero_stage; --offload), the
-    flags completed from `accelerate launch --use_deepspeed [--zero_stage N | --deepspeed_config_file
-    F]`, which counts as asking for DeepSpeed. The planner (launch/plan.py) reads the same answer."""
-    by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    zero_stage, offload = dist_cfg.zero_stage, dist_cfg.offload
-    if dist_cfg.deepspeed == "none":
-        if by_launcher:
-            raise UsageError("`accelerate launch --use_deepspeed` contradicts --deepspeed none; drop one of them")
-        if zero_stage not in ("auto", "0") or offload not in ("auto", "none"):
-            raise UsageError("--deepspeed none contradicts --zero_stage/--offload; drop one of them")
-        return None, zero_stage, offload
-    if dist_cfg.deepspeed != "auto":
-        return Path(dist_cfg.deepspeed), zero_stage, offload
-    if by_launcher and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        return Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]), zero_stage, offload
-    if by_launcher:
-        if zero_stage == "auto":
-            zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "auto")
-        if offload == "auto":
-            on_cpu = ("cpu", "nvme")
-            offload = ("all" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") in on_cpu else
-                       "optimizer" if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") in on_cpu else "none")
-    elif zero_stage == "auto" and offload in ("auto", "none"):
-        return None, zero_stage, offload  # nothing asks for ZeRO: DDP
-    return template_for(zero_stage, offload), zero_stage, offload
-
-
-def load_ds_json(path: Path, flag: str = "--deepspeed") -> dict:
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file; pass a DeepSpeed JSON (see ds_configs/) or --deepspeed auto|none")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the DeepSpeed config") from None
-
-
-def fill_ds_config(ds: dict, s: DeepSpeedSettings, name: str) -> dict:
-    """Copy of `ds` with every "auto" filled from the run config. A concrete value that
-    contradicts the run config is an error naming both (no hyperparameters live in infra files)."""
-    ds = copy.deepcopy(ds)
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise UsageError(f"{name}: remove the \"{section}\" section; trainrig builds the {section} from "
-                             f"--optimizer/--learning_rate/--lr_scheduler_type so one config drives every engine")
-
-    def settle(container: dict, key: str, value, flag: str, label: str):
-        current = container.get(key, "auto")
-        if current == "auto":
-            container[key] = value
-        elif current != value:
-            raise UsageError(f"{name}: {label}={current!r} contradicts {flag}={value!r} (from {s.sources.get(flag.lstrip('-'), 'default')}); "
-                             f"set it to \"auto\" in the JSON or change the flag")
-
-    settle(ds, "train_micro_batch_size_per_gpu", s.micro_batch, "--per_device_train_batch_size", "train_micro_batch_size_per_gpu")
-    settle(ds, "gradient_accumulation_steps", s.accumulation, "--gradient_accumulation_steps", "gradient_accumulation_steps")
-    settle(ds, "train_batch_size", s.micro_batch * s.accumulation * s.world_size, "--global_batch_size",
-           "train_batch_size (= micro batch x accumulation x world)")
-    settle(ds, "gradient_clipping", float(s.max_grad_norm), "--max_grad_norm", "gradient_clipping")
-    for kind in ("bf16", "fp16"):
-        section = ds.setdefault(kind, {})
-        settle(section, "enabled", s.precision == kind, "--precision", f"{kind}.enabled")
-
-    zero = ds.setdefault("zero_optimization", {})
-    if s.zero_stage != "auto":
-        settle(zero, "stage", int(s.zero_stage), "--zero_stage", "zero_optimization.stage")
-    stage = zero.get("stage", 0)
-    if stage == "auto":
-        zero["stage"] = stage = 2
-    json_offload = ds_offload(ds)
-    if s.offload not in ("auto", json_offload):
-        raise UsageError(f"{name}: offloads {json_offload} but --offload is {s.offload}; pick the matching ds_configs/ file or drop the flag")
-    for key in [k for k, v in zero.items() if v == "auto"]:
-        raise UsageError(f"{name}: zero_optimization.{key} is \"auto\", which trainrig does not size; give a number (see ds_configs/zero3.json)")
-    if stage == 3:  # final/ is gathered from the shards; DeepSpeed refuses unless this is on
-        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-    ds.setdefault("steps_per_print", 10**9)  # trainrig logs; keep DeepSpeed's step lines out of the way
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def ds_offload(ds: dict) -> str:
-    zero = ds.get("zero_optimization", {})
-    return "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else "none"
 
 
 # ------------------------------------------------------------------------------- runtime
@@ -239,7 +117,8 @@ class Collectives:
 class Runtime(Collectives):
     """What the loops need from the distributed engine."""
 
-    def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool):
+    def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool, hidden_size: int):
+        """hidden_size: the model's, which sizes DeepSpeed's communication buckets (trainers/ds_config.py)."""
         import accelerate
         from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -249,7 +128,7 @@ class Runtime(Collectives):
         if torch.cuda.is_available():
             enable_tf32()  # Ampere+: TF32 for fp32 matmuls (master-weight math)
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
-        self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world)
+        self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world, hidden_size)
         if self.ds_config is not None:
             refuse_stale_build_locks()
         if self.ds_config is not None and "LOCAL_RANK" not in os.environ:
@@ -297,7 +176,7 @@ class Runtime(Collectives):
             self.watchdog = _start_hang_watchdog(dist_cfg.hang_timeout, self.rank, self.world_size)
 
     @staticmethod
-    def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world) -> dict | None:
+    def _deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, world, hidden_size) -> dict | None:
         """The filled DS config, or None for DDP/single."""
         path, zero_stage, offload = deepspeed_json(dist_cfg)
         if path is None:
@@ -305,7 +184,7 @@ class Runtime(Collectives):
         settings = DeepSpeedSettings(
             micro_batch=batch_cfg.per_device_train_batch_size, accumulation=batch_cfg.gradient_accumulation_steps,
             world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=resolve_precision(dist_cfg.precision),
-            zero_stage=zero_stage, offload=offload, sources=sources)
+            zero_stage=zero_stage, offload=offload, sources=sources, hidden_size=hidden_size)
         return fill_ds_config(load_ds_json(path), settings, str(path))
 
     # ---------------------------------------------------------------------------- facts

@@ -70,7 +70,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # ----------------------------------------------------------------------- runtime
     runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, getattr(cfg, "_sources", {}),
-                      uses_muon=cfg.optim.optimizer == "muon")
+                      uses_muon=cfg.optim.optimizer == "muon", hidden_size=model_config.hidden_size)
     loop.setup_logging(runtime.is_main)
     loop.check_plan_agrees(runtime, cfg)
     check_torch_compile(m.torch_compile, runtime.device, runtime.zero_stage)
