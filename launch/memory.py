@@ -319,8 +319,10 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
     """trainers/chunked_loss.py at the end of its forward: the hidden states' gradient (16-bit under
     a DeepSpeed 16-bit engine, whose hidden states are 16-bit; else fp32), the head's gradient
     accumulated in fp32 (plus its 16-bit copy under such an engine; none for a frozen LoRA head),
-    the head cast to autocast's 16-bit dtype (Accelerate's bf16/fp16 over fp32 weights), and one
-    chunk's logits: fp32, plus the matmul's 16-bit output and the 16-bit gradient in a 16-bit run.
+    the head and the hidden states cast to autocast's 16-bit dtype (Accelerate's bf16/fp16 over fp32
+    weights), and one
+    chunk's logits: fp32 (4 B per entry), plus, in a 16-bit run, first the matmul's 16-bit output,
+    then the 16-bit copy of the gradient (2 B): 6 B at the peak.
     Live bytes, as a GPU's caching allocator reuses them; on CPU glibc's heap can keep freed chunk
     buffers besides (peak RSS 93 MiB for these 48 MiB, 32k vocab, 32k tokens, d 128; 48 MiB when
     every large block is mmapped and returned, MALLOC_MMAP_THRESHOLD_=65536)."""
@@ -332,9 +334,10 @@ def chunked_loss_bytes(shape: ModelShape, s: Setup) -> int:
     hidden_grad = tokens * shape.hidden * (2 if engine_half else 4)
     head_grad = 0 if s.lora_parameters else 4 * head + (2 * head if engine_half else 0)
     head_cast = 2 * head if s.half and not engine_half and not s.lora_parameters else 0
+    hidden_cast = 2 * tokens * shape.hidden if s.half and not engine_half else 0  # autocast's fp32 hidden states, cast once
     rows = min(tokens, chunk_rows(shape.vocab, "cuda" if s.on_gpu else "cpu"))
-    chunk = rows * shape.vocab * (8 if s.half else 4)
-    return hidden_grad + head_grad + head_cast + chunk
+    chunk = rows * shape.vocab * (6 if s.half else 4)
+    return hidden_grad + head_grad + head_cast + hidden_cast + chunk
 
 
 def overhead_bytes(shape: ModelShape, s: Setup) -> int:
