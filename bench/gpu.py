@@ -1,25 +1,35 @@
-"""(e) GPU: bf16 pretraining of the 125m and 0.5b Qwen2 shapes at the micro batch the planner picks.
+"""(e) GPU: bf16 pretraining of the 125m and 0.5b Qwen2 shapes at the micro batch the planner picks,
+and packed SFT under FlashAttention against SDPA.
 
     python bench/gpu.py [--output bench/RESULTS.md] [--presets 125m,0.5b] [--steps 60] [--warmup 10] [--block_size 2048]
 
 For each preset, `launch/pretrain.py` runs as a user runs it (its own process, `--precision bf16`,
 `--per_device_train_batch_size auto`, everything else the trainer's defaults: the planner also decides
 strategy and checkpointing) on a corpus and tokenizer made here, since a lent GPU machine reaches no
-hub. Measured: tokens/s (the run's metrics.jsonl, warmup window excluded); MFU, model FLOPs/token
-(bench/run.py's `flops_per_token`) x tokens/s over a bf16 matmul peak measured on the same GPU;
-the run's peak memory (`torch.cuda.max_memory_allocated`) against the planner's estimate in its
-plan.json, less the CUDA context, which the allocator does not count. Targets: MFU >= 40% for 0.5b
-on an H100, the memory estimate within +-10%.
+hub. Measured:
+- tokens/s (the run's metrics.jsonl, warmup window excluded); MFU, model FLOPs/token (bench/run.py's
+  `flops_per_token`) x tokens/s, over a bf16 matmul peak measured on the same GPU and over the
+  sheet's (target >= 40% of the measured peak for 0.5b on an H100);
+- memory: the planner's whole estimate in plan.json against the device memory in use at the run's
+  peak (the CUDA context included, so the assumed 1 GiB overhead term is measured, not subtracted),
+  and the other terms against `torch.cuda.max_memory_allocated` (target within +-10%);
+- the planned micro batch against the largest that runs: 2-step runs of the same setup at micro
+  batches 10% apart above it, up to --search_limit x the plan, until one runs out of memory (target
+  planned >= 90% of the largest);
+- FlashAttention (where flash-attn passes trainers/attention.py's probe): packed SFT rows through
+  flash-attn in trainrig's flat layout, each sample's logits against the sample alone through SDPA,
+  at micro 1, 2 and 8, with the first preset's trained model.
 
 The figures go to results/gpu.json beside --output (bench/run.py's format), and --output is
 re-rendered from every JSON there with bench/run.py's `write_report`. Without a CUDA GPU the script
 says so in one line and exits 0, writing nothing.
 
     python bench/gpu.py --device cpu --presets tiny --steps 3 --warmup 1 --block_size 16 \\
-        --vocab_size 1024 --docs 200 --output /tmp/gpu-smoke/RESULTS.md
+        --vocab_size 1024 --docs 200 --search_limit 1.1 --output /tmp/gpu-smoke/RESULTS.md
 
 is a smoke run of the same pipeline on CPU (fp32; memory compared as bench/run.py does on CPU: the
-whole estimate against the peak RSS); its figures are not GPU figures, so it needs its own --output.
+whole estimate against the peak RSS; the FlashAttention check skipped); its figures are not GPU
+figures, so it needs its own --output.
 """
 
 from __future__ import annotations
@@ -111,16 +121,148 @@ def make_tokenizer(corpus: Path, vocab_size: int, out: Path) -> dict:
 # ------------------------------------------------------------------------------- one training run
 
 
+def pretrain_command(preset: str, corpus: Path, tokenizer_dir: Path, work: Path, block_size: int, steps: int, logging: int,
+                     precision: str, out: Path, batch: list[str], save_final: bool = False) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--train_files", str(corpus),
+            "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset, "--block_size", str(block_size),
+            *batch, "--precision", precision, "--max_steps", str(steps), "--logging_steps", str(logging),
+            "--output_dir", str(out), "--resume", "never", "--save_final" if save_final else "--no-save_final", "--save_steps", "0",
+            "--validation_split_ratio", "0", "--data_cache_dir", str(work / "blocks")]
+
+
 def run_pretrain(preset: str, corpus: Path, tokenizer_dir: Path, work: Path, block_size: int, steps: int, warmup: int,
-                 precision: str) -> Path:
-    """`python launch/pretrain.py` with the planner's micro batch, logging every `warmup` steps; its output dir."""
+                 precision: str, save_final: bool = False) -> Path:
+    """`python launch/pretrain.py` with the planner's micro batch, logging every `warmup` steps; its output dir
+    (with final/ when `save_final`: the model the FlashAttention check loads)."""
     out = work / f"run_{preset}"
-    run_quietly([sys.executable, str(REPO / "launch" / "pretrain.py"), "--train_files", str(corpus),
-                 "--tokenizer_name_or_path", str(tokenizer_dir), "--model_preset", preset, "--block_size", str(block_size),
-                 "--per_device_train_batch_size", "auto", "--precision", precision, "--max_steps", str(steps),
-                 "--logging_steps", str(warmup), "--output_dir", str(out), "--resume", "never", "--no-save_final",
-                 "--validation_split_ratio", "0", "--data_cache_dir", str(work / "blocks")])
+    run_quietly(pretrain_command(preset, corpus, tokenizer_dir, work, block_size, steps, warmup, precision, out,
+                                 ["--per_device_train_batch_size", "auto"], save_final))
     return out
+
+
+# ------------------------------------------------------- the planner's micro batch against the largest
+
+
+SEARCH_STEP = 0.10  # micro batches tried above the plan: +10% each (at least +1), so "largest" is within 10%
+SEARCH_LIMIT = 2.0  # ... up to twice the planned one
+PLANNED_SHARE_TARGET = 0.90  # the planned micro batch >= 90% of the largest that runs
+
+
+def largest_running_micro(planned: int, runs, limit: float = SEARCH_LIMIT) -> tuple[int, list[str]]:
+    """(the largest micro batch >= `planned` for which `runs(micro)` -> (ok, out_of_memory, tail)
+    succeeded, what was tried), stepping up 10% at a time from `planned` until one runs out of memory
+    or `limit` x planned. A failure other than out-of-memory stops the search with its error."""
+    largest, tried, micro = planned, [], planned
+    while micro <= limit * planned:
+        ok, out_of_memory, tail = runs(micro)
+        tried.append(f"{micro}: {'ran' if ok else 'out of memory' if out_of_memory else 'failed'}")
+        if not ok:
+            if not out_of_memory:
+                raise RuntimeError(f"micro batch {micro} failed for another reason than memory: {tail}")
+            break
+        largest = micro
+        micro += max(1, int(micro * SEARCH_STEP))
+    return largest, tried
+
+
+def search_micro(preset: str, run: dict, corpus: Path, tokenizer_dir: Path, work: Path, block_size: int, precision: str,
+                 limit: float) -> dict:
+    """Real 2-step runs of the planned setup (strategy, checkpointing) at larger micro batches."""
+    from launch.plan import OOM_MARKERS
+
+    strategy = ["--deepspeed", "none"] if not run["strategy"].startswith("deepspeed") else ["--zero_stage", run["strategy"][14]]
+    ckpt = "--gradient_checkpointing" if run["gradient_checkpointing"] else "--no-gradient_checkpointing"
+
+    def runs(micro: int) -> tuple[bool, bool, str]:
+        out = work / f"search_{preset}_{micro}"
+        batch = ["--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", "1", ckpt, *strategy]
+        proc = subprocess.run(pretrain_command(preset, corpus, tokenizer_dir, work, block_size, 2, 1, precision, out, batch),
+                              capture_output=True, text=True)
+        text = proc.stdout + proc.stderr
+        tail = next((line for line in reversed(text.splitlines()) if line.strip()), "no output").strip()[:300]
+        return proc.returncode == 0, any(marker in text for marker in OOM_MARKERS), tail
+
+    largest, tried = largest_running_micro(run["micro_batch"], runs, limit)
+    return {"largest_micro": largest, "tried": tried, "planned_share": round(run["micro_batch"] / largest, 3)}
+
+
+# ------------------------------------------------- packed SFT under FlashAttention against SDPA
+
+
+def per_sample_logit_error(flash_model, sdpa_model, rows: list[list[dict]], layout: str, device) -> float:
+    """The largest |logit difference|, over every token of every sample, between the samples run as
+    one micro batch of `rows` in `layout` under `flash_model` and each sample run alone under
+    `sdpa_model`, relative to the largest |logit|. The flat layout must give rounding only; the
+    packed [B, L] layout (what trainrig did before) lets a row's samples attend to each other."""
+    import torch
+
+    from trainers.data.collate import collate_rows, model_inputs
+
+    batch = collate_rows(rows, pad_id=0, layout=layout)
+    with torch.no_grad():
+        if layout == "flat":
+            logits = flash_model(**model_inputs(batch, device)).logits[0]
+            starts, at = [], 0
+            for sample in (s for row in rows for s in row):
+                starts.append((at, sample))
+                at += len(sample["input_ids"])
+            pieces = [(logits[a:a + len(s["input_ids"])], s) for a, s in starts]
+        else:
+            logits = flash_model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits
+            pieces = []
+            for r, row in enumerate(rows):
+                at = 0
+                for s in row:
+                    pieces.append((logits[r, at:at + len(s["input_ids"])], s))
+                    at += len(s["input_ids"])
+        worst, scale = 0.0, 0.0
+        for got, sample in pieces:
+            alone = sdpa_model(input_ids=torch.tensor([sample["input_ids"]], device=device)).logits[0]
+            worst = max(worst, float((got.float() - alone.float()).abs().max()))
+            scale = max(scale, float(alone.float().abs().max()))
+    return worst / max(scale, 1e-12)
+
+
+FLASH_TOLERANCE = 0.02  # relative logit error of bf16 kernels that agree (~1e-3 expected); leaking shows ~0.1-1
+FLASH_MICROS = (1, 2, 8)
+
+
+def flash_check(model_dir: Path, tokenizer_dir: Path, work: Path, on_gpu: bool) -> dict:
+    """Packed SFT rows of the demo's chat data, at micro 1, 2 and 8, through FlashAttention in the
+    flat layout trainrig builds, against each sample alone through SDPA (bf16, the model of the
+    first run); and the old [B, L] layout for contrast. Skipped, with the reason, where flash-attn
+    does not run (trainers/attention.py's probe)."""
+    import torch
+
+    from launch.demo import make_chat
+    from trainers.attention import flash_attn_problem
+    from trainers.data.chat import ChatSettings, prepare_chat
+    from trainers.data.packing import RowDataset, pack_rows
+    from trainers.models import load_tokenizer
+
+    if not on_gpu:
+        return {"skipped": "needs a CUDA GPU (the CPU tests check the flat layout with fake kernels)"}
+    device = torch.device("cuda", 0)
+    problem = flash_attn_problem(device)
+    if problem:
+        return {"skipped": problem}
+    from transformers import AutoModelForCausalLM
+
+    make_chat(work / "chat", seed=7, n_train=400)
+    tokenizer = load_tokenizer(str(tokenizer_dir), False, "--tokenizer_name_or_path")
+    samples = prepare_chat([str(work / "chat" / "sft.jsonl")], "--train_files", tokenizer, ChatSettings(512), "auto", False,
+                           str(work / "chat_cache"), build=True)
+    packed = [row for row in pack_rows(samples.lengths, 512, seed=0) if len(row) >= 2]
+    table = RowDataset(samples, [[int(i) for i in row] for row in packed])
+    models = {attn: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn).to(device).eval()
+              for attn in ("flash_attention_2", "sdpa")}
+    result = {"rows": len(table), "samples_per_row": round(sum(map(len, packed)) / max(len(packed), 1), 2), "errors": {}}
+    for micro in FLASH_MICROS:
+        rows = [table[r] for r in range(micro)]
+        result["errors"][str(micro)] = {layout: per_sample_logit_error(models["flash_attention_2"], models["sdpa"], rows, layout, device)
+                                       for layout in ("flat", "packed")}
+    result["flat_ok"] = all(e["flat"] <= FLASH_TOLERANCE for e in result["errors"].values())
+    return result
 
 
 def steady_tokens_per_s(records: list[dict]) -> tuple[float, int]:
@@ -134,14 +276,26 @@ def steady_tokens_per_s(records: list[dict]) -> tuple[float, int]:
 
 
 def memory_vs_plan(plan: dict, records: list[dict]) -> dict:
-    """The planner's estimate against the run's peak, as bench/run.py's `measure_memory` compares them:
-    on a GPU the estimate less its overhead term (the CUDA context, which max_memory_allocated does not
-    count), on CPU the whole estimate against the peak RSS (which holds the libraries)."""
+    """The planner's whole estimate against what the run held at its peak. On a GPU: the device
+    memory in use as the driver counts it (metrics.jsonl `device_used_gb`: the CUDA context, library
+    workspaces and all the caching allocator reserved), so the overhead term, an assumed 1 GiB, is
+    compared and not subtracted; the overhead measured is that less `max_memory_allocated`, and the
+    other terms are compared with `max_memory_allocated` beside. On CPU the peak RSS, as bench/run.py's
+    `measure_memory` does."""
     terms = plan["memory_gb"]
-    predicted = terms["total"] - terms["overhead"] if plan["hardware"]["device"] != "cpu" else terms["total"]
-    measured = max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r)
-    return {"terms": terms, "predicted_gb": round(predicted, 3), "measured_gb": round(measured, 3),
-            "ratio": round(predicted / measured, 3)}
+    allocated = max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r)
+    out = {"terms": terms, "predicted_gb": round(terms["total"], 3)}
+    used = [r["device_used_gb"] for r in records if "device_used_gb" in r]
+    if plan["hardware"]["device"] != "cpu" and used:
+        measured = max(used)
+        out.update(measured_gb=round(measured, 3), allocated_gb=round(allocated, 3),
+                   overhead_measured_gb=round(measured - allocated, 3),
+                   allocated_ratio=round((terms["total"] - terms["overhead"]) / allocated, 3))
+    else:
+        measured = allocated
+        out["measured_gb"] = round(measured, 3)
+    out["ratio"] = round(terms["total"] / measured, 3)
+    return out
 
 
 def measure_run(preset: str, out: Path, tokenizer_dir: Path, block_size: int) -> dict:
@@ -225,28 +379,45 @@ def device_info(on_gpu: bool) -> dict:
 
 
 def bench_gpu(presets: list[str], block_size: int, steps: int, warmup: int, vocab_size: int, documents: int, work: Path,
-              on_gpu: bool) -> dict:
-    """Corpus, tokenizer, one run per preset, then the peak and the device (measured last: this
-    process holds no CUDA context while the runs plan for the GPU's memory). A run that fails (out of
-    memory: the plan promised too much) is recorded with its error, and the others still run."""
+              on_gpu: bool, search_limit: float = SEARCH_LIMIT) -> dict:
+    """Corpus, tokenizer, one run per preset and the search above its micro batch, then, in this
+    process (which held no CUDA context while the runs planned for the GPU's memory), the
+    FlashAttention check, the peak and the device. A run that fails (out of memory: the plan promised
+    too much) is recorded with its error, and the others still run."""
     corpus = work / "corpus.jsonl"
     corpus_stats = make_corpus(corpus, documents)
     tokenizer = make_tokenizer(corpus, vocab_size, work / "tokenizer")
+    precision = "bf16" if on_gpu else "fp32"
     runs = []
-    for preset in presets:
+    for i, preset in enumerate(presets):
         try:
-            out = run_pretrain(preset, corpus, work / "tokenizer", work, block_size, steps, warmup, "bf16" if on_gpu else "fp32")
-            runs.append(measure_run(preset, out, work / "tokenizer", block_size))
+            out = run_pretrain(preset, corpus, work / "tokenizer", work, block_size, steps, warmup, precision, save_final=i == 0)
+            run = measure_run(preset, out, work / "tokenizer", block_size)
+            run["search"] = search_micro(preset, run, corpus, work / "tokenizer", work, block_size, precision, search_limit)
+            runs.append(run)
         except RuntimeError as err:
             print(f"(e) {preset}: {err}", file=sys.stderr, flush=True)
             last = next((line for line in reversed(str(err).splitlines()) if line.strip()), str(err))
             runs.append({"preset": preset, "block_size": block_size, "error": last.strip()[:300]})
+    first = work / f"run_{presets[0]}" / "final"
+    flash = flash_check(first, work / "tokenizer", work, on_gpu) if first.is_dir() else {"skipped": f"the {presets[0]} run failed"}
     peak = measure_peak(on_gpu)
+    device = device_info(on_gpu)
+    spec = spec_flops(device["name"]) if on_gpu else None
     for r in runs:
         if "error" not in r:
             r["mfu"] = r["model_flops"] / peak["flops"]
-    return {"device": device_info(on_gpu), "peak": peak, "corpus": corpus_stats, "tokenizer": tokenizer, "steps": steps,
-            "warmup": warmup, "block_size": block_size, "runs": runs}
+            r["mfu_spec"] = r["model_flops"] / spec if spec else None
+    return {"device": device, "peak": {**peak, "spec_flops": spec}, "corpus": corpus_stats, "tokenizer": tokenizer, "steps": steps,
+            "warmup": warmup, "block_size": block_size, "runs": runs, "flash": flash}
+
+
+def spec_flops(device_name: str) -> float | None:
+    """The sheet's dense bf16 rate for the GPU (launch/hardware.py's table), None for one it does not know."""
+    from launch.hardware import _known_spec
+
+    known = _known_spec(device_name)
+    return known.bf16_tflops * 1e12 if known and known.bf16_tflops else None
 
 
 # ---------------------------------------------------------------------------------- the report
@@ -267,6 +438,25 @@ def memory_verdict(run: dict) -> str:
     return "**met**" if "ratio" in run and low <= run["ratio"] <= high else "**NOT met**"
 
 
+def share_verdict(run: dict) -> str:
+    search = run.get("search")
+    return "**met**" if search and search["planned_share"] >= PLANNED_SHARE_TARGET else "**NOT met**"
+
+
+def flash_lines(flash: dict | None) -> list[str]:
+    """The FlashAttention check's paragraph."""
+    if not flash:
+        return []
+    if "skipped" in flash:
+        return [f"FlashAttention check (packed SFT rows through flash-attn vs each sample alone through SDPA): skipped: {flash['skipped']}."]
+    cells = "; ".join(f"micro {m}: flat {e['flat']:.2e}, old [B, L] rows {e['packed']:.2e}" for m, e in flash["errors"].items())
+    verdict = "**met**" if flash["flat_ok"] else "**NOT met**"
+    return [f"FlashAttention check: packed SFT rows of the demo's chat data ({flash['samples_per_row']} samples per row) through "
+            f"flash-attn in the flat layout trainrig builds, each sample's logits against the sample alone through SDPA, bf16, "
+            f"largest |difference| over the largest |logit|: {cells}. Target flat <= {FLASH_TOLERANCE}: {verdict}. (The old "
+            f"layout at micro >= 2 is shown for contrast: there a row's samples see each other.)"]
+
+
 def render_gpu(result: dict) -> list[str]:
     """Markdown for RESULTS.md's section (e), from results/gpu.json (`save_result`'s payload)."""
     dev, peak = result["device"], result["peak"]
@@ -276,21 +466,29 @@ def render_gpu(result: dict) -> list[str]:
     lines = [f"## (e) GPU: {precision} pretraining, {' and '.join(preset_label(r['preset']) for r in runs)}", ""]
     if not on_gpu:
         lines += ["Smoke run on CPU (`bench/gpu.py --device cpu`): it exercises the pipeline; these are not GPU figures.", ""]
+    spec = "MFU vs spec peak | " if on_gpu else ""
     lines += [f"| device | model | micro x block (accumulation) | strategy | attention | tokens/s | model TFLOP/s | "
-              f"MFU vs measured peak (target >= {MFU_TARGET:.0%} for 0.5B on H100) | predicted (GiB) | measured (GiB) | "
+              f"MFU vs measured peak (target >= {MFU_TARGET:.0%} for 0.5B on H100) | {spec}planned / largest micro that runs "
+              f"(target >= {PLANNED_SHARE_TARGET:.0%}) | predicted (GiB) | measured (GiB) | "
               f"predicted / measured (target {MEMORY_BAND[0]:.2f}-{MEMORY_BAND[1]:.2f}) |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---|---|---|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|---:|---:|---:|"]
     for r in runs:
         name = preset_label(r["preset"])
         if "error" in r:
-            lines.append(f"| {dev['name']} | {name} | failed: {r['error'].replace('|', '/')} | | | | | | | | **NOT met** |")
+            lines.append(f"| {dev['name']} | {name} | failed: {r['error'].replace('|', '/')} | | | | | |{' |' if on_gpu else ''} | | | **NOT met** |")
             continue
         ckpt = " + checkpointing" if r["gradient_checkpointing"] else ""
         mfu = f"{r['mfu']:.1%} {mfu_verdict(r, dev['name'])}".strip()
+        spec_cell = (f"{r['mfu_spec']:.1%} | " if r.get("mfu_spec") else "sheet unknown | ") if on_gpu else ""
+        search = r.get("search")
+        share = (f"{r['micro_batch']} / {search['largest_micro']} = {search['planned_share']:.0%} {share_verdict(r)}" if search else "not searched")
         lines.append(f"| {r['device']} | {name} | {r['micro_batch']} x {r['block_size']} ({r['accumulation']}) | {r['strategy']}{ckpt} "
-                     f"| {r['attn_implementation']} | {r['tok_s']:,.0f} | {r['model_flops'] / 1e12:,.1f} | {mfu} "
+                     f"| {r['attn_implementation']} | {r['tok_s']:,.0f} | {r['model_flops'] / 1e12:,.1f} | {mfu} | {spec_cell}{share} "
                      f"| {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | {r['ratio']:.3f} {memory_verdict(r)} |")
     lines += ["", *_target_lines(result), "", *_method_lines(result, on_gpu, precision)]
+    flash = flash_lines(result.get("flash"))
+    if flash:
+        lines += ["", *flash]
     return lines
 
 
@@ -309,9 +507,20 @@ def _target_lines(result: dict) -> list[str]:
                        + (f" ({r['ratio']:.3f})" if "ratio" in r else " (failed)") for r in runs)
     terms = "; ".join(f"{preset_label(r['preset'])} " + " / ".join(f"{r['terms'][k]:.2f}" for k in MEMORY_TERMS)
                       for r in runs if "terms" in r)
-    return [f"Target MFU >= {MFU_TARGET:.0%} for 0.5B on H100: {mfu} "
-            f"Target memory prediction within +-{MEMORY_BAND[1] - 1:.0%}: {memory}.",
-            "", f"The estimates term by term, GiB ({' / '.join(MEMORY_TERMS)}): {terms or 'no run finished'}."]
+    share = "; ".join(f"{preset_label(r['preset'])} {share_verdict(r)} (tried {', '.join(r['search']['tried'])})"
+                      for r in runs if r.get("search"))
+    overhead = "; ".join(f"{preset_label(r['preset'])} {r['overhead_measured_gb']:.2f} GiB measured for {r['terms']['overhead']:.2f} "
+                         f"assumed (the other terms {r['terms']['total'] - r['terms']['overhead']:.2f} GiB predicted for "
+                         f"{r['allocated_gb']:.2f} allocated, {r['allocated_ratio']:.3f})"
+                         for r in runs if "overhead_measured_gb" in r)
+    lines = [f"Target MFU >= {MFU_TARGET:.0%} for 0.5B on H100: {mfu} "
+             f"Target memory prediction within +-{MEMORY_BAND[1] - 1:.0%}: {memory}.",
+             f"Target planned micro batch >= {PLANNED_SHARE_TARGET:.0%} of the largest that runs: {share or 'not searched'}.",
+             "", f"The estimates term by term, GiB ({' / '.join(MEMORY_TERMS)}): {terms or 'no run finished'}."]
+    if overhead:
+        lines.append(f"Overhead (device memory in use less `max_memory_allocated`: CUDA context, workspaces, the allocator's "
+                     f"reserve): {overhead}.")
+    return lines
 
 
 def _method_lines(result: dict, on_gpu: bool, precision: str) -> list[str]:
@@ -328,9 +537,12 @@ def _method_lines(result: dict, on_gpu: bool, precision: str) -> list[str]:
     if on_gpu:
         software = (f"Driver {dev['driver']}, CUDA {dev['cuda']} (torch's build), torch {dev['torch']}, flash-attn "
                     f"{dev['flash_attn'] or 'not installed'}.")
-        memory = ("Predicted is the plan.json estimate less its overhead term (the CUDA context, which "
-                  "`torch.cuda.max_memory_allocated` does not count); measured is the run's `peak_memory_gb` "
-                  "(`max_memory_allocated` over the whole run).")
+        memory = ("Predicted is the whole plan.json estimate, its assumed overhead term included; measured is the "
+                  "largest device memory in use during the run as the driver counts it (metrics.jsonl `device_used_gb`, "
+                  "`torch.cuda.mem_get_info`: context, workspaces and the caching allocator's reserve included). MFU vs "
+                  f"spec peak uses the sheet's dense bf16 rate, {peak['spec_flops'] / 1e12:,.0f} TFLOP/s." if peak.get("spec_flops") else
+                  "Predicted is the whole plan.json estimate, its assumed overhead term included; measured is the "
+                  "largest device memory in use during the run as the driver counts it (metrics.jsonl `device_used_gb`).")
     else:
         software = f"torch {dev['torch']}."
         memory = ("Predicted is the whole plan.json estimate; measured is the run's `peak_memory_gb`, the process's "
@@ -367,6 +579,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--docs", type=int, default=10000, help="documents in the synthetic corpus")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
                         help="auto: the CUDA GPU, or skip without one; cpu: a smoke run of the pipeline (needs its own --output)")
+    parser.add_argument("--search_limit", type=float, default=SEARCH_LIMIT,
+                        help="micro batches are tried above the planned one up to this multiple of it")
     parser.add_argument("--workdir", default="", help="keep corpus, tokenizer and runs here (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -400,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        result = bench_gpu(args.presets, args.block_size, args.steps, args.warmup, args.vocab_size, args.docs, work, on_gpu)
+        result = bench_gpu(args.presets, args.block_size, args.steps, args.warmup, args.vocab_size, args.docs, work, on_gpu,
+                           args.search_limit)
     result["seconds"] = round(time.perf_counter() - started, 1)
     save_result(results_dir, "gpu", machine(), result)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["preset"] for r in result["runs"] if "error" in r]
     if failed:
         print(f"bench/gpu.py: the run of {', '.join(failed)} failed (its error is in the table above)", file=sys.stderr)
+    if result["flash"].get("flat_ok") is False:
+        print("bench/gpu.py: packed SFT under FlashAttention differs from SDPA per sample (see the FlashAttention check)", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

@@ -25,7 +25,8 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     gpu.json checked against the run's own files, and the rendered section shows those figures."""
     work, output = tmp_path / "work", tmp_path / "report" / "RESULTS.md"
     proc = run_gpu_script("--device", "cpu", "--presets", "tiny", "--steps", "3", "--warmup", "1", "--block_size", "16",
-                          "--vocab_size", "1024", "--docs", "200", "--output", str(output), "--workdir", str(work))
+                          "--vocab_size", "1024", "--docs", "200", "--search_limit", "1.1", "--output", str(output),
+                          "--workdir", str(work))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((output.parent / "results" / "gpu.json").read_text())
     assert output.is_file() and result["machine"]["date"] and result["device"]["name"] == "cpu"
@@ -53,6 +54,13 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     assert r["measured_gb"] == max(x["peak_memory_gb"] for x in records) > 0
     assert r["ratio"] == pytest.approx(r["predicted_gb"] / r["measured_gb"], abs=1e-3)
 
+    # the search above the planned micro batch: real 2-step runs at the plan and 10% (at least 1) above it
+    search = r["search"]
+    assert search["tried"] == [f"{r['micro_batch']}: ran", f"{r['micro_batch'] + max(1, r['micro_batch'] // 10)}: ran"]
+    assert search["largest_micro"] == r["micro_batch"] + max(1, r["micro_batch"] // 10)
+    assert search["planned_share"] == round(r["micro_batch"] / search["largest_micro"], 3)
+    assert result["flash"] == {"skipped": "needs a CUDA GPU (the CPU tests check the flat layout with fake kernels)"}
+
     text = "\n".join(gpu.render_gpu(result))
     row = next(line for line in text.splitlines() if line.startswith("| cpu | tiny |"))
     for figure in (f"{r['micro_batch']} x 16", f"{r['tok_s']:,.0f}", f"{r['mfu']:.1%}", f"{r['predicted_gb']:.2f}",
@@ -66,7 +74,7 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
 def hand_made(device: str, runs: list[dict]) -> dict:
     return {"machine": {"date": "today"}, "device": {"name": device, "driver": "550.54", "cuda": "12.8", "torch": "2.9.1",
                                                      "flash_attn": None},
-            "peak": {"flops": 750e12, "dtype": "bf16", "n": 8192, "timings": 20, "per_timing": 10},
+            "peak": {"flops": 750e12, "dtype": "bf16", "n": 8192, "timings": 20, "per_timing": 10, "spec_flops": 989e12},
             "corpus": {"documents": 10000, "words": 3_600_000, "lexicon": 400_000, "bytes": 40_000_000},
             "tokenizer": {"requested": 151936, "tokens": 151936, "rows": 151936, "seconds": 20.0},
             "steps": 60, "warmup": 10, "block_size": 2048, "runs": runs}
@@ -81,7 +89,8 @@ def a_run(preset: str, mfu: float, ratio: float, device: str = "NVIDIA H100 80GB
             "model_flops": mfu * 750e12, "mfu": mfu,
             "terms": {"parameters": 2.51, "gradients": 1.84, "optimizer_states": 3.68, "activations": 27.59, "logits": 31.3,
                       "overhead": 1.0, "total": 67.92}, "predicted_gb": 60.0, "measured_gb": 60.0 / ratio,
-            "ratio": ratio}
+            "ratio": ratio, "mfu_spec": mfu * 750 / 989, "search": {"largest_micro": 10, "tried": ["9: ran", "10: ran", "11: out of memory"],
+                                                                     "planned_share": 0.9}}
 
 
 @pytest.mark.parametrize("mfu, verdict", [(0.40, "**met**"), (0.399, "**NOT met**"), (0.55, "**met**")])
@@ -156,3 +165,55 @@ def test_cpu_smoke_refuses_the_real_results():
     """--device cpu with the default --output would put CPU figures in bench/results/gpu.json."""
     proc = run_gpu_script("--device", "cpu")
     assert proc.returncode == 2 and "--device cpu is a smoke run" in proc.stderr and "pass --output" in proc.stderr
+
+
+def test_largest_running_micro_steps_up_10_percent_until_out_of_memory():
+    fits_up_to = 23
+    tried = []
+
+    def runs(micro):
+        tried.append(micro)
+        return micro <= fits_up_to, micro > fits_up_to, "torch.OutOfMemoryError" if micro > fits_up_to else ""
+
+    assert gpu.largest_running_micro(16, runs) == (22, ["16: ran", "17: ran", "18: ran", "19: ran", "20: ran", "22: ran",
+                                                        "24: out of memory"])
+    assert gpu.largest_running_micro(4, lambda m: (True, False, ""), limit=2.0)[0] == 8  # stops at the limit
+    with pytest.raises(RuntimeError, match="another reason than memory: ImportError"):
+        gpu.largest_running_micro(4, lambda m: (False, False, "ImportError: x"))
+
+
+def test_the_flash_check_tells_the_flat_layout_from_the_leaky_one(chat_dir, sft_model_dir, monkeypatch):
+    """per_sample_logit_error with fake flash kernels in transformers' flash path (tests/fake_flash.py):
+    rounding in the flat layout, a leak in the old [B, L] rows at micro 2."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fake_flash import fake_flash_attention
+    from test_flash_attention import _rows
+    from test_sft import load_samples
+
+    _, samples = load_samples(chat_dir, sft_model_dir)
+    rows = _rows(samples, 2)
+    sdpa = AutoModelForCausalLM.from_pretrained(sft_model_dir, attn_implementation="sdpa").eval()
+    with fake_flash_attention(monkeypatch):
+        flash = AutoModelForCausalLM.from_pretrained(sft_model_dir, attn_implementation="flash_attention_2").eval()
+        flat = gpu.per_sample_logit_error(flash, sdpa, rows, "flat", torch.device("cpu"))
+        leaky = gpu.per_sample_logit_error(flash, sdpa, rows, "packed", torch.device("cpu"))
+    assert flat < 1e-5 < gpu.FLASH_TOLERANCE < leaky
+
+
+def test_render_the_search_the_spec_mfu_the_overhead_and_the_flash_check():
+    run = {**a_run("0.5b", 0.45, 1.0), "allocated_gb": 58.2, "overhead_measured_gb": 1.8, "allocated_ratio": 1.013}
+    result = {**hand_made("NVIDIA H100 80GB HBM3", [run]),
+              "flash": {"rows": 100, "samples_per_row": 3.1, "flat_ok": True,
+                        "errors": {"1": {"flat": 1e-3, "packed": 1e-3}, "2": {"flat": 2e-3, "packed": 0.4}}}}
+    lines = gpu.render_gpu(result)
+    text = "\n".join(lines)
+    row = next(line for line in lines if line.startswith("| NVIDIA H100 80GB HBM3 | 0.5B |"))
+    header = next(line for line in lines if line.startswith("| device |"))
+    assert row.count("|") == header.count("|") and "| 34.1% |" in row and "9 / 10 = 90% **met**" in row
+    assert "1.80 GiB measured for 1.00 assumed" in text and "989 TFLOP/s" in text
+    assert "Target planned micro batch >= 90% of the largest that runs: 0.5B **met** (tried 9: ran, 10: ran, 11: out of memory)." in text
+    assert "micro 2: flat 2.00e-03, old [B, L] rows 4.00e-01" in text and "Target flat <= 0.02: **met**" in text
+    skipped = gpu.render_gpu({**result, "flash": {"skipped": "flash-attn is not installed"}})
+    assert "skipped: flash-attn is not installed." in "\n".join(skipped)

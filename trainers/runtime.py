@@ -295,6 +295,16 @@ class Runtime(Collectives):
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
+    def device_memory_used_gb(self) -> float | None:
+        """Memory in use on this rank's GPU as the driver counts it (total less free: the CUDA
+        context, library workspaces, everything the caching allocator reserved, and any other
+        process's), None on CPU. Beside peak_memory_gb, it measures what the memory model's
+        overhead term only assumes."""
+        if self.device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (total - free) / 2**30
+
     # ----------------------------------------------------------------------- checkpoints
 
     def save_training_state(self, model, optimizer, directory: Path) -> None:

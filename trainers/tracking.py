@@ -169,6 +169,9 @@ class StepLog:
                      "epoch": round(epoch, 4), "peak_memory_gb": round(self.runtime.peak_memory_gb(), 3),
                      "skipped_steps": skipped_steps}
         self._counts, self._losses, self._window_seconds = dict(counts), [], 0.0
+        used = self.runtime.device_memory_used_gb()
+        if used is not None:
+            self.last["device_used_gb"] = round(used, 3)
         self.tracker.log(self.last)
         headline = next(iter(rates.values()))
         shown = "skipped" if loss is None else f"{loss:.4f}"
