@@ -11,8 +11,8 @@ PIP    := $(PY) -m pip
 # 5090's sm_120, drivers >= 570. (2.12 and later ship CUDA 12.6 builds, without sm_120, and CUDA 13
 # builds, which need driver >= 580: on a 550/570 driver torch would see no GPU. The registry's
 # default wheel is such a CUDA 13 build.) Without a GPU: 2.13.0 (on this project's CI machines a
-# local CPU build; elsewhere the registry's wheel, which also runs on CPU). The test suite runs on
-# both releases. Override with `make TORCH_SPEC='torch==X.Y' PIP_TORCH_ARGS='--index-url URL'`.
+# local CPU build; elsewhere the registry's wheel, which also runs on CPU). CI runs the suite on
+# 2.13.0 only. Override with `make TORCH_SPEC='torch==X.Y' PIP_TORCH_ARGS='--index-url URL'`.
 HAS_GPU        := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
 TORCH_SPEC     ?= $(if $(HAS_GPU),torch==2.11.0,torch==2.13.0)
 PIP_TORCH_ARGS ?= $(if $(HAS_GPU),--index-url https://download.pytorch.org/whl/cu128)

@@ -18,9 +18,7 @@ import yaml
 
 from launch.planner import Plan
 from trainers.ds_config import DeepSpeedSettings, build
-
-LAUNCH_DIR = Path(__file__).resolve().parent
-ENTRY_SCRIPTS = {"pretrain": "pretrain.py", "cpt": "pretrain.py", "sft": "sft.py", "reward": "reward.py"}
+from trainers.stages import REPO, plan_names
 
 
 def deepspeed_config(plan: Plan, max_grad_norm: float) -> dict | None:
@@ -110,7 +108,7 @@ def launch_command(plan: Plan, stage: str, user_args: list[str], ds_config_path:
     """The command for one node: python (one rank), torchrun (several ranks on this node), or,
     for several nodes, the torchrun line every node runs with its own $NODE_RANK and the head
     node's address in $MASTER_ADDR (slurm/*.sbatch fill both from the allocation)."""
-    script = str(LAUNCH_DIR / ENTRY_SCRIPTS[stage])
+    script = str(REPO / plan_names()[stage].entry_script)
     pinned = run_arguments(plan, ds_config_path)
     args = [*without_flags(user_args, {a for a in pinned if a.startswith("--")}), *pinned]
     hw = plan.request.hardware

@@ -1,4 +1,4 @@
-"""`trainrig inspect {pretrain,sft,reward} --config F [--num_samples N] [--output F.jsonl] [flags]`:
+"""`trainrig inspect <stage> --config F [--num_samples N] [--output F.jsonl] [flags]`:
 what the model will be trained on, before any GPU time is spent.
 
 Takes the same config and flags as the stage's entry script, prepares the data exactly as
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trainers.config import Run, parse_run
 from trainers.data import IGNORE_INDEX
 from trainers.errors import UsageError
+from trainers.stages import STAGES
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -41,26 +43,25 @@ def marked_text(tokenizer, input_ids: np.ndarray, labels: np.ndarray, color: boo
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="trainrig inspect", add_help=False, allow_abbrev=False)
-    parser.add_argument("stage", choices=("pretrain", "sft", "reward"))
+    parser.add_argument("stage", choices=tuple(STAGES))
     parser.add_argument("--num_samples", type=int, default=3)
     parser.add_argument("--output", default="")
 
     def error(message):  # one line naming the problem, exit 2 (argparse would print its usage too)
-        raise UsageError(f"trainrig inspect: {message}; usage: trainrig inspect {{pretrain,sft,reward}} --config F "
+        raise UsageError(f"trainrig inspect: {message}; usage: trainrig inspect {{{','.join(STAGES)}}} --config F "
                          f"[--num_samples N] [--output F.jsonl] [stage flags]")
 
     parser.error = error
     return parser.parse_known_args(argv)
 
 
-def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
-    from trainers.config import SFTConfig, parse_config
+def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
     from trainers.data.chat import ChatSettings, ensure_chat_template, prepare_chat, summary_lines
     from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
     from trainers.models import tokenizer_for
     from trainers.sft import LENGTH_GROUP, make_rows
 
-    cfg = parse_config(SFTConfig, rest, prog="trainrig inspect sft")
+    cfg = run.cfg
     m, d = cfg.model, cfg.data
     if not m.model_name_or_path and not m.tokenizer_name_or_path:
         raise UsageError("--model_name_or_path (or --tokenizer_name_or_path) is required: the tokenizer decides the tokens")
@@ -102,13 +103,12 @@ def inspect_sft(rest: list[str], num_samples: int, output: str, color: bool) -> 
     return {**meta, "rows": len(rows)}
 
 
-def inspect_reward(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
-    from trainers.config import RewardConfig, parse_config
+def inspect_reward(run: Run, num_samples: int, output: str, color: bool) -> dict:
     from trainers.data.chat import ensure_chat_template
     from trainers.data.pairs import encode_pairs
     from trainers.models import tokenizer_for
 
-    cfg = parse_config(RewardConfig, rest, prog="trainrig inspect reward")
+    cfg = run.cfg
     tokenizer, _ = tokenizer_for(cfg.model)
     ensure_chat_template(tokenizer)
     pairs, stats = encode_pairs(cfg.data.train_files, "--train_files", tokenizer, cfg.data.max_seq_length)
@@ -129,12 +129,11 @@ def inspect_reward(rest: list[str], num_samples: int, output: str, color: bool) 
     return {"read": stats.read, "kept": stats.kept, "too_long": stats.too_long, "identical": stats.identical}
 
 
-def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool) -> dict:
-    from trainers.config import PretrainConfig, parse_config
+def inspect_pretrain(run: Run, num_samples: int, output: str, color: bool) -> dict:
     from trainers.data.packing import prepare_blocks
     from trainers.models import tokenizer_for
 
-    cfg = parse_config(PretrainConfig, rest, prog="trainrig inspect pretrain")
+    cfg = run.cfg
     d = cfg.data
     tokenizer, _ = tokenizer_for(cfg.model)
     blocks = prepare_blocks(d.train_files, "--train_files", tokenizer, d.block_size, d.text_field, d.data_cache_dir,
@@ -159,5 +158,5 @@ def inspect_pretrain(rest: list[str], num_samples: int, output: str, color: bool
 def main(argv: list[str]) -> dict:
     args, rest = _parse(argv)
     color = sys.stdout.isatty()
-    run = {"sft": inspect_sft, "reward": inspect_reward, "pretrain": inspect_pretrain}[args.stage]
-    return run(rest, args.num_samples, args.output, color)
+    stage = STAGES[args.stage]
+    return stage.inspect(parse_run(stage.config, rest, prog=f"trainrig inspect {stage.name}"), args.num_samples, args.output, color)

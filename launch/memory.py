@@ -388,7 +388,7 @@ def estimate(shape: ModelShape, s: Setup) -> Memory:
 def training_flops_per_token(shape: ModelShape, s: Setup) -> float:
     """6 Psi for a full backward (2 forward + 4 backward), 4 Psi with frozen weights (no weight
     gradients: LoRA), +2 Psi with checkpointing (a second forward); attention adds 12 L h s
-    (REFERENCE.md)."""
+    (the PaLM/Megatron accounting of model FLOPs per token)."""
     per_param = 4 if s.lora_parameters else 6
     if s.gradient_checkpointing:
         per_param += 2

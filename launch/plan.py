@@ -25,11 +25,11 @@ from pathlib import Path
 from launch import configs, hardware, memory
 from launch.memory import GiB
 from launch.planner import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
-from trainers.config import PretrainConfig, RewardConfig, SFTConfig, parse_config, redact
+from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
+from trainers.stages import REPO, plan_names, stage_named
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
-STAGE_CONFIGS = {"pretrain": PretrainConfig, "cpt": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig}
 
 
 # ------------------------------------------------------------------------- config -> request
@@ -96,16 +96,16 @@ def _deepspeed_constraint(dist, plan_everything: bool, hidden: int) -> tuple[str
     return f"{stage}:{ds_offload(ds)}", "auto", "auto", buffer_keys({**zero, "stage": stage}, hidden)
 
 
-def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
-    """The planning request for a parsed run config. plan_everything: the planner picks what the
-    user left at its default (trainrig plan/launch, or an `auto` batch flag)."""
-    sources = getattr(cfg, "_sources", {})
+def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
+    """The planning request for a parsed run. plan_everything: the planner picks what the user
+    left at its default (trainrig plan/launch, or an `auto` batch flag)."""
+    cfg = run.cfg
     batch = cfg.batch
     micro = batch.per_device_train_batch_size
     accumulation = batch.gradient_accumulation_steps
     if plan_everything:
-        micro = None if micro == "auto" or "per_device_train_batch_size" not in sources else micro
-        accumulation = None if accumulation == "auto" or "gradient_accumulation_steps" not in sources else accumulation
+        micro = None if micro == "auto" or not run.given("per_device_train_batch_size") else micro
+        accumulation = None if accumulation == "auto" or not run.given("gradient_accumulation_steps") else accumulation
     else:
         micro = None if micro == "auto" else micro
         accumulation = None if accumulation == "auto" else accumulation
@@ -113,7 +113,7 @@ def request_for(cfg, stage: str, hw: hardware.Hardware, plan_everything: bool, n
         accumulation = 1
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
-    ckpt = cfg.model.gradient_checkpointing if ("gradient_checkpointing" in sources or not plan_everything) else None
+    ckpt = cfg.model.gradient_checkpointing if (run.given("gradient_checkpointing") or not plan_everything) else None
     lora = getattr(cfg, "lora", None)
     seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
@@ -136,10 +136,10 @@ def chunked_loss_applies(cfg, shape: memory.ModelShape) -> bool:
     return getattr(cfg.model, "chunked_loss", False) and shape.model_type in SUPPORTED_MODEL_TYPES and not wrapped_head
 
 
-def make_plan(cfg, stage: str, local_only: bool, plan_everything: bool) -> Plan:
-    hw = hardware.resolve(cfg.dist.hardware, local_only=local_only)
+def make_plan(run: Run, stage: str, local_only: bool, plan_everything: bool) -> Plan:
+    hw = hardware.resolve(run.cfg.dist.hardware, local_only=local_only)
     notes: list[str] = []
-    result = plan(request_for(cfg, stage, hw, plan_everything, notes))
+    result = plan(request_for(run, stage, hw, plan_everything, notes))
     result.notes[:0] = notes
     return result
 
@@ -154,46 +154,60 @@ def _no_fit_message(result: Plan, flag: str) -> str:
 # ---------------------------------------------------------------------- in the entry scripts
 
 
-def plan_in_process(cfg, stage: str) -> None:
-    """Fill the config's `auto` fields from a plan for the hardware this rank sees, and attach
-    the plan (cfg._plan) for plan.json. A plan that does not fit is an error when the planner was
+def plan_in_process(run: Run, stage: str) -> Run:
+    """Fill the config's `auto` fields from a plan for the hardware this rank sees, and keep the
+    plan (run.plan) for plan.json. A plan that does not fit is an error when the planner was
     asked to size the batch, and a warning in plan.json when the user sized it."""
+    cfg = run.cfg
     opted_in = _opted_in(cfg)
-    result = make_plan(cfg, stage, local_only=True, plan_everything=opted_in)
+    result = make_plan(run, stage, local_only=True, plan_everything=opted_in)
     if opted_in and not result.fits:
         raise UsageError(_no_fit_message(result, "--per_device_train_batch_size auto"))
     if opted_in:
         s = result.setup
-        sources = getattr(cfg, "_sources", {})
         cfg.batch.per_device_train_batch_size = s.micro_batch
         cfg.batch.gradient_accumulation_steps = result.chosen.accumulation
         cfg.batch.global_batch_size = result.global_batch
-        if "gradient_checkpointing" not in sources:
+        if not run.given("gradient_checkpointing"):
             cfg.model.gradient_checkpointing = s.gradient_checkpointing
         if cfg.dist.deepspeed == "auto" and cfg.dist.zero_stage == "auto" and s.deepspeed:
             cfg.dist.zero_stage, cfg.dist.offload = str(s.zero_stage), s.offload
     for key, value in result.env.items():  # NCCL_P2P_DISABLE=1 where GPUs lack peer access; set before NCCL starts
         os.environ.setdefault(key, value)
-    cfg._plan = result.to_json()
+    run.plan = result.to_json()
+    return run
+
+
+def stage_main(name: str):
+    """The `main(argv)` of a stage's entry script: parse its flags, plan for the hardware this rank
+    sees (filling `auto` batch flags; the estimate goes to plan.json), train."""
+    stage = stage_named(name, "entry script")
+
+    @exit_on_usage_error
+    def main(argv: list[str] | None = None) -> dict:
+        run = parse_run(stage.config, argv, prog=stage.entry_script)
+        plan_in_process(run, stage.plan_name(run.cfg))
+        return stage.train(run)
+
+    return main
 
 
 # -------------------------------------------------------------------------------- the CLI
 
 
-def _parse(argv: list[str], stage: str | None, prog: str):
+def _parse(argv: list[str], stage: str | None, prog: str) -> tuple[str, list[str], Run]:
     argv = list(argv)
     if stage is None and ("-h" in argv or "--help" in argv) and "--stage" not in argv:
         print(__doc__.strip() + f"\n\nStage flags: {prog} --stage <stage> --help")
         sys.exit(0)
     if stage is None:
         if "--stage" not in argv or argv.index("--stage") + 1 >= len(argv):
-            raise UsageError(f"{prog}: --stage {{pretrain,cpt,sft,reward}} is required")
+            raise UsageError(f"{prog}: --stage {{{','.join(plan_names())}}} is required")
         i = argv.index("--stage")
         stage = argv[i + 1]
         del argv[i:i + 2]
-    if stage not in STAGE_CONFIGS:
-        raise UsageError(f"{prog}: unknown stage {stage!r}; one of {', '.join(STAGE_CONFIGS)}")
-    return stage, argv, parse_config(STAGE_CONFIGS[stage], argv, prog=f"{prog} {stage}")
+    config = stage_named(stage, prog, plan_names()).config
+    return stage, argv, parse_run(config, argv, prog=f"{prog} {stage}")
 
 
 def table(result: Plan) -> str:
@@ -210,7 +224,8 @@ def table(result: Plan) -> str:
         mark = "<- chosen" if c is result.chosen and c.fits else ("yes" if c.fits else f"no: {c.why_not}")
         lines.append(f"  {c.setup.name:<32}{micro:>6}{c.memory.total / GiB:>10.1f}  {step:>11}  {per:>6}  {mark}")
     m = result.chosen.memory
-    unit, per = ("pairs", 2) if req.stage == "reward" else ("sequences", 1)
+    stage = plan_names()[req.stage]
+    unit, per = stage.samples, stage.sequences_per_sample
     lines += ["", f"chosen: {s.name}, micro batch {s.micro_batch} x accumulation {result.chosen.accumulation} x world {s.world} "
                   f"= global {result.global_batch} {unit} ({result.global_batch * req.seq_len * per:,} tokens)" if result.fits else
               f"chosen: nothing fits; closest: {s.name} at micro batch {s.micro_batch} ({result.chosen.why_not})",
@@ -225,7 +240,8 @@ def table(result: Plan) -> str:
     return "\n".join(lines)
 
 
-def write_plan_files(cfg, result: Plan, stage: str, user_args: list[str]) -> tuple[list[str], str]:
+def write_plan_files(run: Run, result: Plan, stage: str, user_args: list[str]) -> tuple[list[str], str]:
+    cfg = run.cfg
     out = Path(cfg.run.output_dir)
     ds_path, acc_path = configs.write_files(result, out, cfg.optim.max_grad_norm)
     command = configs.launch_command(result, stage, user_args, ds_path, rdzv_seed=str(out.resolve()))
@@ -238,20 +254,18 @@ def write_plan_files(cfg, result: Plan, stage: str, user_args: list[str]) -> tup
 
 @exit_on_usage_error
 def main_plan(argv: list[str] | None = None) -> int:
-    stage, rest, cfg = _parse(sys.argv[1:] if argv is None else argv, None, "trainrig plan")
-    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    stage, rest, run = _parse(sys.argv[1:] if argv is None else argv, None, "trainrig plan")
+    cfg = run.cfg
+    result = make_plan(run, stage, local_only=False, plan_everything=True)
     print(table(result))
     out = Path(cfg.run.output_dir)
     if not result.fits:
         out.mkdir(parents=True, exist_ok=True)
         (out / "plan.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         raise UsageError(_no_fit_message(result, "trainrig plan"))
-    _, line = write_plan_files(cfg, result, stage, rest)
-    script = configs.LAUNCH_DIR / configs.ENTRY_SCRIPTS[stage]
+    _, line = write_plan_files(run, result, stage, rest)
+    script = REPO / plan_names()[stage].entry_script
     print(f"\nwrote {out / 'plan.json'}" + (f", {out / 'ds_config.json'}" if result.setup.deepspeed else "") + f", {out / 'accelerate.yaml'}")
-    if not script.is_file():
-        print(f"launch: {script.name} is not part of this version; the plan above is what it will need")
-        return 0
     print(f"launch: {line}")
     if result.request.hardware.gpu is not None:  # accelerate's CPU multi-process mode is not torchrun's
         per_node = " --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR" if result.request.hardware.nodes > 1 else ""
@@ -336,14 +350,12 @@ def check_profile_is_here(planned: hardware.Hardware) -> None:
 def main_launch(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        raise UsageError("trainrig launch: name the stage first: trainrig launch {pretrain,cpt,sft,reward} [--probe] [flags]")
+        raise UsageError(f"trainrig launch: name the stage first: trainrig launch {{{','.join(plan_names())}}} [--probe] [flags]")
     probe = "--probe" in argv
     argv = [a for a in argv if a != "--probe"]
-    stage, rest, cfg = _parse(argv[1:], argv[0], "trainrig launch")
-    if not (configs.LAUNCH_DIR / configs.ENTRY_SCRIPTS[stage]).is_file():
-        raise UsageError(f"trainrig launch {stage}: launch/{configs.ENTRY_SCRIPTS[stage]} is not part of this version; "
-                         f"plan it with trainrig plan --stage {stage}")
-    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    stage, rest, run = _parse(argv[1:], argv[0], "trainrig launch")
+    cfg = run.cfg
+    result = make_plan(run, stage, local_only=False, plan_everything=True)
     check_profile_is_here(result.request.hardware)
     print(table(result), flush=True)
     if not result.fits:
@@ -357,11 +369,10 @@ def main_launch(argv: list[str] | None = None) -> int:
             result = with_micro_batch(result, micro, accumulation)
         result.notes.append("probe: " + "; ".join(tried))
         print(f"probe: {'; '.join(tried)} -> micro batch {micro} x accumulation {result.chosen.accumulation}", flush=True)
-    command, line = write_plan_files(cfg, result, stage, rest)
+    command, line = write_plan_files(run, result, stage, rest)
     if result.request.hardware.nodes > 1:
-        sbatch = {"pretrain": "pretrain", "cpt": "pretrain", "sft": "sft", "reward": "reward"}[stage]
         raise UsageError(f"a {result.request.hardware.nodes}-node plan runs one command per node: "
-                         f"submit slurm/{sbatch}.sbatch, or run on every node: {line}")
+                         f"submit {plan_names()[stage].sbatch}, or run on every node: {line}")
     print(f"launch: {line}", flush=True)
     os.execve(command[0], command, {**os.environ, **result.env})
     return 0  # not reached

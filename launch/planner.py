@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from launch import memory as mem
 from launch.hardware import HOST_LINK_GBPS, LINK_GBPS, Hardware
 from launch.memory import GiB, ModelShape, Setup
+from trainers.devices import resolve_precision
 from trainers.errors import UsageError
+from trainers.stages import plan_names
 
 SAFETY_MARGIN = 0.10  # of the device memory left unplanned
 MAX_MICRO_BATCH = 64  # a micro batch beyond this buys no speed and starves the accumulation
-ASSUMED_MFU = 0.40  # compute time estimate: the bf16 sheet rate x 0.4 (REFERENCE.md anchors: 40-60%)
+ASSUMED_MFU = 0.40  # compute time estimate: the bf16 sheet rate x 0.4 (measured MFU: 57-58% torchtitan Llama 3 8B, ~60% llm.c GPT-2 on A100; 0.4 leaves room for smaller runs)
 CPU_ADAM_PARAMS_PER_CORE_S = 5e7  # DeepSpeedCPUAdam, ~1e9 parameters/s on a 20-core host
 CPU_FLOPS = 1e11  # CPU ranks: only the ordering of strategies matters there
-STAGES = ("pretrain", "cpt", "sft", "reward")
 
 
 @dataclass(frozen=True)
@@ -134,14 +135,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------ candidates
-
-
-def resolve_precision(requested: str, hardware: Hardware) -> str:
-    if requested != "auto":
-        return requested
-    if hardware.gpu is None:
-        return "fp32"
-    return "bf16" if hardware.gpu.bf16 else "fp16"
 
 
 def strategies(req: Request) -> list[tuple[bool, int, str]]:
@@ -266,21 +259,21 @@ def evaluate_candidate(req: Request, base: Setup, budget: int) -> Candidate:
 def plan(req: Request, explain: bool = True) -> Plan:
     """The plan; `explain` adds what would fit when nothing does (off for the trials doing that)."""
     hw = req.hardware
-    precision = resolve_precision(req.precision, hw)
+    precision = resolve_precision(req.precision, hw.gpu is not None, hw.gpu is not None and hw.gpu.bf16)
     budget = int(hw.device_memory_bytes * (1 - SAFETY_MARGIN))
     lora = req.shape.lora_parameters(req.lora_rank) if req.lora_rank else 0
-    rows = 2 if req.stage == "reward" else 1  # a reward pair is two sequences
-    masked = req.stage in ("sft", "reward")  # packed or padded rows carry a mask; pretraining's full blocks do not
+    stage = plan_names()[req.stage]
     checkpointing = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
     candidates = []
     for ckpt_on in checkpointing:
-        for ds, stage, offload in strategies(req):
-            base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=stage, offload=offload,
+        for ds, zero_stage, offload in strategies(req):
+            base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=zero_stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
                          lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
-                         seq_len=req.seq_len, rows_per_sample=rows, attention_mask=masked, on_gpu=hw.gpu is not None,
-                         sharded_load=req.stage != "pretrain",  # the trainers load checkpoints under zero.Init
-                         vocab_head=req.stage != "reward", chunked_loss=req.chunked_loss)
+                         seq_len=req.seq_len, rows_per_sample=stage.sequences_per_sample,
+                         attention_mask=stage.masked_rows, on_gpu=hw.gpu is not None,
+                         sharded_load=stage.loads_weights(req.stage),  # the trainers load checkpoints under zero.Init
+                         vocab_head=stage.vocab_head, chunked_loss=req.chunked_loss)
             candidates.append(evaluate_candidate(req, base, budget))
     if not candidates:
         raise UsageError(f"no strategy satisfies these flags together: {conflicting_flags(req)}; drop one of them")
@@ -297,8 +290,8 @@ def plan(req: Request, explain: bool = True) -> Plan:
                             f"memory; the plan assumes the whole GPU (free it, or pick others with CUDA_VISIBLE_DEVICES)")
     if hw.kernels:
         result.notes.append(hw.kernels)
-    if req.stage == "reward":
-        result.notes.append("reward: a micro batch of N pairs runs 2N sequences")
+    if stage.sequences_per_sample > 1:
+        result.notes.append(f"{stage.name}: a micro batch of N {stage.samples} runs {stage.sequences_per_sample}N sequences")
     if fitting and req.global_batch and result.global_batch != req.global_batch:
         result.notes.append(f"--global_batch_size {req.global_batch} is not a multiple of micro {chosen.setup.micro_batch} x world "
                             f"{chosen.setup.world}; the effective global batch is {result.global_batch}")
@@ -323,7 +316,7 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
         if p:
             tips.append(f"a smaller micro batch: {p.setup.micro_batch} fits with {p.setup.name} "
                         f"(--per_device_train_batch_size auto sizes it)")
-    if not req.lora_rank and req.stage in ("sft", "reward"):  # launch/pretrain.py (pretrain, cpt) takes no --lora_r
+    if not req.lora_rank and plan_names()[req.stage].takes_lora:
         p = fits(lora_rank=16)
         if p:
             tips.append(f"LoRA (--lora_r 16): {p.setup.name}, micro batch {p.setup.micro_batch}, "

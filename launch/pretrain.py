@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from trainers.config import PretrainConfig, parse_config
-from trainers.errors import exit_on_usage_error
+from launch.plan import stage_main
 
-
-@exit_on_usage_error
-def main(argv: list[str] | None = None) -> dict:
-    from launch.plan import plan_in_process
-    from trainers.pretrain import train
-
-    cfg = parse_config(PretrainConfig, argv, prog="launch/pretrain.py")
-    plan_in_process(cfg, "cpt" if cfg.model.model_name_or_path else "pretrain")  # fills `auto` batch flags; memory goes to plan.json
-    return train(cfg)
-
+main = stage_main("pretrain")  # trainers/pretrain.py's train, after the flags are parsed and the batch planned
 
 if __name__ == "__main__":
     from trainers.stopping import run_as_process

@@ -10,19 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from trainers.config import RewardConfig, parse_config
-from trainers.errors import exit_on_usage_error
+from launch.plan import stage_main
 
-
-@exit_on_usage_error
-def main(argv: list[str] | None = None) -> dict:
-    from launch.plan import plan_in_process
-    from trainers.reward import train
-
-    cfg = parse_config(RewardConfig, argv, prog="launch/reward.py")
-    plan_in_process(cfg, "reward")  # fills `auto` batch flags; the memory estimate goes to plan.json
-    return train(cfg)
-
+main = stage_main("reward")  # trainers/reward.py's train, after the flags are parsed and the batch planned
 
 if __name__ == "__main__":
     from trainers.stopping import run_as_process

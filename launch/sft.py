@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from trainers.config import SFTConfig, parse_config
-from trainers.errors import exit_on_usage_error
+from launch.plan import stage_main
 
-
-@exit_on_usage_error
-def main(argv: list[str] | None = None) -> dict:
-    from launch.plan import plan_in_process
-    from trainers.sft import train
-
-    cfg = parse_config(SFTConfig, argv, prog="launch/sft.py")
-    plan_in_process(cfg, "sft")  # fills `auto` batch flags; the memory estimate goes to plan.json
-    return train(cfg)
-
+main = stage_main("sft")  # trainers/sft.py's train, after the flags are parsed and the batch planned
 
 if __name__ == "__main__":
     from trainers.stopping import run_as_process

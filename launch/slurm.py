@@ -31,9 +31,9 @@ from pathlib import Path
 
 from launch.configs import rendezvous_port
 from trainers.errors import UsageError, exit_on_usage_error
+from trainers.stages import stage_of_script
 from trainers.stopping import STOPPED_EXIT_STATUS
 
-ENTRY_STAGES = {"launch/pretrain.py": "pretrain", "launch/sft.py": "sft", "launch/reward.py": "reward"}
 NPROC_ENV = "TRAINRIG_NPROC_PER_NODE"  # ranks per node where the allocation has no GPUs (CPU nodes, CI)
 
 
@@ -113,8 +113,7 @@ def node_command(job: Job, head: str, script: str, args: list[str], python: str 
 
 
 def _check_script(script: str) -> str:
-    if script not in ENTRY_STAGES:
-        raise UsageError(f"entry script {script!r}: slurm/common.sh runs one of {', '.join(ENTRY_STAGES)}")
+    stage_of_script(script)  # slurm/common.sh runs a registered stage's entry script, nothing else
     return script
 
 
@@ -125,18 +124,18 @@ def header(script: str, args: list[str]) -> int:
     """What a person reading the job's log needs first: the job, where it runs, the plan, and
     where it resumes. The config is parsed exactly as the ranks will parse it."""
     from launch import hardware
-    from launch.plan import STAGE_CONFIGS, _opted_in, request_for, table
+    from launch.plan import _opted_in, request_for, table
     from launch.planner import plan
     from trainers.checkpoint import resolve_resume, step_of
-    from trainers.config import parse_config
+    from trainers.config import parse_run
 
     job = job_from_env()
     hosts = allocation_hosts(job.nodelist)
     head = hosts[0]
-    stage = ENTRY_STAGES[_check_script(script)]
-    cfg = parse_config(STAGE_CONFIGS[stage], args, prog=script)
-    if stage == "pretrain" and cfg.model.model_name_or_path:
-        stage = "cpt"
+    registered = stage_of_script(script)
+    run = parse_run(registered.config, args, prog=script)
+    cfg = run.cfg
+    stage = registered.plan_name(cfg)
     print(f"trainrig {stage}: Slurm job {job.job_id} ({job.name}), attempt {job.attempt + 1}"
           f"{' (requeued ' + str(job.attempt) + ' time(s))' if job.attempt else ''}")
     print(f"nodes: {job.nodes} ({', '.join(hosts)}); {job.ranks_per_node} rank(s) per node "
@@ -146,7 +145,7 @@ def header(script: str, args: list[str]) -> int:
     if cfg.dist.hardware == "auto":  # the batch node sees its own devices; the world is the allocation's
         hw = dataclasses.replace(hw, devices_per_node=job.ranks_per_node, nodes=job.nodes)
     notes: list[str] = []
-    result = plan(request_for(cfg, stage, hw, _opted_in(cfg), notes))
+    result = plan(request_for(run, stage, hw, _opted_in(cfg), notes))
     result.notes[:0] = notes
     print(table(result))
     out = Path(cfg.run.output_dir)

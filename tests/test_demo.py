@@ -1,5 +1,5 @@
 """The embedded demo end to end at a reduced size: every stage runs and the report holds what
-CONTRACT.md names (the full-size figures are measured by `make demo` and recorded in the README)."""
+the demo promises (the full-size figures are measured by `make demo` and recorded in the README)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from launch.demo import DemoArgs, make_chat, make_preference_pairs, make_world, run_demo
+from launch.demo import DemoArgs, run_demo
+from trainers.data.synthetic import make_chat, make_preference_pairs, make_world
 
 pytestmark = pytest.mark.slow
 

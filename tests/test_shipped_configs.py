@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import REPO
-from trainers.config import PretrainConfig, SFTConfig, parse_config
+from trainers.config import PretrainConfig, SFTConfig, parse_config, parse_run
 from trainers.errors import UsageError
 from trainers.ds_config import TEMPLATES, DeepSpeedSettings, build, fill_ds_config, load_ds_json, template, template_name
 
@@ -121,7 +121,8 @@ def test_recipes_plan_and_fit_the_target_machines(path, profile):
     argv = ["--config", str(path), "--hardware", profile]
     if "qwen2.5-0.5b" in path.name:
         argv += ["--model_name_or_path", "qwen2.5-0.5b"]
-    cfg = parse_config(SFTConfig if stage == "sft" else PretrainConfig, argv, prog="t")
-    result = make_plan(cfg, stage, local_only=False, plan_everything=True)
+    run = parse_run(SFTConfig if stage == "sft" else PretrainConfig, argv, prog="t")
+    cfg = run.cfg
+    result = make_plan(run, stage, local_only=False, plan_everything=True)
     assert result.fits, result.notes
     assert result.global_batch == cfg.batch.global_batch_size

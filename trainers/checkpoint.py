@@ -232,6 +232,50 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
     return state
 
 
+def save_model_state(model, optimizer, directory: Path, trainable_only: bool) -> None:
+    """model.safetensors (every weight, or with frozen ones only the trainable: a LoRA adapter) and
+    optimizer.pt, for a run without DeepSpeed (rank 0 only: DDP's replicas are identical)."""
+    from safetensors.torch import save_file
+
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}
+    save_file(_untie(state), str(directory / "model.safetensors"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def load_model_state(model, optimizer, directory: Path, trainable_only: bool) -> None:
+    """save_model_state's files back into the model and optimizer; a file that does not match the
+    model (another model, a missing weight) is refused with what differs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(directory / "model.safetensors"))  # safetensors: data only, nothing to execute
+    except SafetensorError as err:
+        raise UsageError(f"{directory / 'model.safetensors'}: not a readable safetensors file ({err}); delete this checkpoint "
+                         f"and resume from an earlier one") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in missing if k not in tied and (not trainable_only or k in trainable)]
+    if unexpected or missing:
+        raise RuntimeError(f"{directory}/model.safetensors does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    optimizer.load_state_dict(load_plain(directory / "optimizer.pt"))
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embedding/head): keep one copy."""
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = key
+        out[key] = tensor
+    return out
+
+
 def load_plain(path: Path, mmap: bool = False, allowed: list | None = None):
     """torch.load of a checkpoint file that may hold only tensors and plain data (weights_only):
     a pickle that would construct anything else (a payload's __reduce__) is refused before any of

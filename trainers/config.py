@@ -421,8 +421,26 @@ def build_arg_parser(cfg_cls, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass
+class Run:
+    """A training run as resolved before it starts, handed to the stage's train(run)."""
+
+    cfg: Any  # the stage's config (PretrainConfig, SFTConfig, ...); the planner fills its `auto` batch fields
+    sources: dict[str, str]  # where each value not left at its default came from: "--flag" or "file.yaml:line"
+    plan: dict | None = None  # the planner's plan for this rank's hardware (its memory estimate goes to plan.json)
+
+    def given(self, name: str) -> bool:
+        """Whether the user set `name` (a flag or YAML key) rather than leaving its default."""
+        return name in self.sources
+
+
 def parse_config(cfg_cls, argv: list[str] | None, prog: str):
     """defaults < YAML (--config) < CLI; every value type-checked; unknown names are errors."""
+    return parse_run(cfg_cls, argv, prog).cfg
+
+
+def parse_run(cfg_cls, argv: list[str] | None, prog: str) -> Run:
+    """parse_config's config, with where each value came from."""
     leaves = _leaf_fields(cfg_cls)
     parser = build_arg_parser(cfg_cls, prog)
     ns, unknown = parser.parse_known_args(argv)
@@ -457,8 +475,7 @@ def parse_config(cfg_cls, argv: list[str] | None, prog: str):
         sections[leaves[key].section][key] = value
     defaults = cfg_cls()  # a section's defaults may differ per stage (SFT's learning rate)
     cfg = cfg_cls(**{name: dataclasses.replace(getattr(defaults, name), **values) for name, values in sections.items()})
-    cfg._sources = sources  # where each non-default value came from, for messages
-    return cfg
+    return Run(cfg, sources)
 
 
 # ------------------------------------------------------------------------------ secrets

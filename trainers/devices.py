@@ -107,3 +107,18 @@ def enable_tf32() -> None:
 
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def resolve_precision(requested: str, gpu: bool, bf16: bool) -> str:
+    """The training precision for `requested` (auto, fp32, bf16, fp16) on a device: a GPU (`gpu`)
+    with or without bf16 (pre-Ampere), or a CPU. The runtime passes what torch sees; the planner
+    the hardware profile it plans for, so both decide alike."""
+    if requested == "fp16" and not gpu:
+        raise UsageError("--precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use --precision fp32 or bf16")
+    if requested == "bf16" and gpu and not bf16:
+        raise UsageError("--precision bf16: this GPU has no bf16 (pre-Ampere); use --precision fp16")
+    if requested != "auto":
+        return requested
+    if gpu:
+        return "bf16" if bf16 else "fp16"
+    return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs and changes results

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from trainers import loop
+from trainers.setup import setup_logging
+from trainers.step import evaluate_lm
 from trainers.config import EvaluateConfig
 from trainers.data.chat import IM_END
 from trainers.data.collate import collate_blocks
@@ -115,7 +116,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     # ----------------------------------------------------------------------- runtime
     runtime = InferenceRuntime(cfg.run.precision, cfg.run.ddp_timeout)
-    loop.setup_logging(runtime.is_main)
+    setup_logging(runtime.is_main)
 
     # -------------------------------------------------------------------------- data
     question_sets = {f: read_questions(f, d.chat_format, d.max_samples) for f, k in zip(files, kinds) if k == "questions"}
@@ -147,8 +148,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         else:
             blocks = runtime.main_first(lambda: prepare_blocks([str(path)], "--eval_files", tokenizer, d.block_size, d.text_field,
                                                                d.data_cache_dir, 1000, build=runtime.is_main))
-            result = {"kind": "text", "file": str(path), **loop.evaluate(runtime, model, blocks, d.batch_size, collate_blocks)}
-            model.eval()  # loop.evaluate leaves the model in training mode, for the training loops
+            result = {"kind": "text", "file": str(path), **evaluate_lm(runtime, model, blocks, d.batch_size, collate_blocks)}
+            model.eval()  # evaluate_lm leaves the model in training mode, for the training loop
             result["seconds"] = round(time.perf_counter() - start, 2)
             log.info("%s: loss %.4f perplexity %.2f over %d tokens", name, result["eval_loss"], result["eval_ppl"], result["eval_tokens"])
         report["datasets"][name] = result

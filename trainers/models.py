@@ -130,14 +130,20 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
         if len(tokenizer) > rows:
             raise UsageError(f"--tokenizer_name_or_path: {len(tokenizer)} tokens but the model embeds only {rows}; "
                              f"use the model's own tokenizer")
-    if model_cfg.gradient_checkpointing:
+    enable_checkpointing(model, model_cfg.gradient_checkpointing)
+    return model
+
+
+def enable_checkpointing(model, enabled: bool) -> None:
+    """Gradient checkpointing of the decoder layers when `enabled`, and no KV cache: training
+    never reuses one, and with checkpointing it must be off."""
+    if enabled:
         # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3; transformers 5.x renamed the method
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # training never reuses a KV cache; with checkpointing it must be off
-    return model
+    model.config.use_cache = False
 
 
 def check_torch_compile(enabled: bool, device: torch.device, zero_stage: int | None) -> None:

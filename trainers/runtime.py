@@ -7,7 +7,8 @@ engine runs underneath.
 
 Works the same under `python`, `torchrun`, `accelerate launch [--use_deepspeed]` and `deepspeed`:
 all of them export WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. On CPU the process group is gloo, created before the Accelerator, because
-accelerate 1.15 + deepspeed 0.19 otherwise give every rank a world of 1 (see DESIGN.md). A world
+accelerate 1.15 + deepspeed 0.19 otherwise give every rank a world of 1 (accelerate picks no CPU
+backend for DeepSpeed, and DeepSpeed then initialises its own one-rank group). A world
 that does not match WORLD_SIZE stops the run: N silent one-rank runs are the worst failure.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from trainers.devices import enable_tf32, require_torch_sees_gpus
+from trainers.checkpoint import load_model_state, load_plain, save_model_state
+from trainers.devices import enable_tf32, require_torch_sees_gpus, resolve_precision
 from trainers.ds_config import DeepSpeedSettings, deepspeed_json, ds_offload, fill_ds_config, load_ds_json
 from trainers.errors import UsageError
 from trainers.extensions import refuse_stale_build_locks
@@ -53,16 +55,10 @@ def launcher_world() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_precision(requested: str) -> str:
-    if requested == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use --precision fp32 or bf16")
-    if requested != "auto":
-        if requested == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise UsageError("--precision bf16: this GPU has no bf16 (pre-Ampere); use --precision fp16")
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs and changes results
+def torch_precision(requested: str) -> str:
+    """resolve_precision for the device torch sees here."""
+    gpu = torch.cuda.is_available()
+    return resolve_precision(requested, gpu, gpu and torch.cuda.is_bf16_supported())
 
 
 class Collectives:
@@ -124,7 +120,7 @@ class Runtime(Collectives):
 
         require_torch_sees_gpus()  # never train on the CPU of a GPU machine because of the torch wheel
         expected_world, rank, _ = launcher_world()
-        self.precision = resolve_precision(dist_cfg.precision)
+        self.precision = torch_precision(dist_cfg.precision)
         if torch.cuda.is_available():
             enable_tf32()  # Ampere+: TF32 for fp32 matmuls (master-weight math)
         timeout = timedelta(seconds=dist_cfg.ddp_timeout)
@@ -137,7 +133,7 @@ class Runtime(Collectives):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
         if not torch.cuda.is_available() and (expected_world > 1 or self.ds_config is not None):
-            # gloo first, or accelerate+deepspeed on CPU build one-rank worlds (DESIGN.md, Runtime);
+            # gloo first, or accelerate+deepspeed on CPU build one-rank worlds (accelerate 1.15 picks no backend for CPU DeepSpeed);
             # cpu=True too, else accelerate 1.15 joins the group but never wraps the model in DDP
             accelerate.PartialState(cpu=True, backend="gloo", timeout=timeout)
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
@@ -183,7 +179,7 @@ class Runtime(Collectives):
             return None
         settings = DeepSpeedSettings(
             micro_batch=batch_cfg.per_device_train_batch_size, accumulation=batch_cfg.gradient_accumulation_steps,
-            world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=resolve_precision(dist_cfg.precision),
+            world_size=world, max_grad_norm=optim_cfg.max_grad_norm, precision=torch_precision(dist_cfg.precision),
             zero_stage=zero_stage, offload=offload, sources=sources, hidden_size=hidden_size)
         return fill_ds_config(load_ds_json(path), settings, str(path))
 
@@ -311,20 +307,14 @@ class Runtime(Collectives):
         """Model and optimizer state into `directory` (every rank calls this). Only trainable
         weights are saved (a LoRA checkpoint holds the adapter; the frozen base is reloaded from
         --model_name_or_path). DeepSpeed: its own sharded files; else rank 0 writes
-        model.safetensors + optimizer.pt."""
+        model.safetensors + optimizer.pt (trainers/checkpoint.py)."""
         frozen = _has_frozen_parameters(self.unwrap(model))
         if self.uses_deepspeed:
             model.save_checkpoint(str(directory), tag="deepspeed", client_state={}, save_latest=False,
                                   exclude_frozen_parameters=frozen)
             return
         if self.is_main:
-            from safetensors.torch import save_file
-
-            unwrapped = self.unwrap(model)
-            keep = {n for n, p in unwrapped.named_parameters() if p.requires_grad} if frozen else None
-            state = {k: v.detach().contiguous().cpu() for k, v in unwrapped.state_dict().items() if keep is None or k in keep}
-            save_file(_untie(state), str(directory / "model.safetensors"))
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+            save_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
 
     def load_training_state(self, model, optimizer, directory: Path) -> None:
         frozen = _has_frozen_parameters(self.unwrap(model))
@@ -335,24 +325,7 @@ class Runtime(Collectives):
             if path is None:
                 raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
             return
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from trainers.checkpoint import load_plain
-
-        unwrapped = self.unwrap(model)
-        try:
-            state = load_file(str(directory / "model.safetensors"))  # safetensors: data only, nothing to execute
-        except SafetensorError as err:
-            raise UsageError(f"{directory / 'model.safetensors'}: not a readable safetensors file ({err}); delete this checkpoint "
-                             f"and resume from an earlier one") from None
-        missing, unexpected = unwrapped.load_state_dict(state, strict=False)
-        tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
-        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-        missing = [k for k in missing if k not in tied and (not frozen or k in trainable)]
-        if unexpected or missing:
-            raise RuntimeError(f"{directory}/model.safetensors does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(load_plain(directory / "optimizer.pt"))
+        load_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
 
     def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
         """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere; with
@@ -399,7 +372,7 @@ class InferenceRuntime(Collectives):
 
         require_torch_sees_gpus()
         expected_world, rank, _ = launcher_world()
-        self.precision = resolve_precision(precision)
+        self.precision = torch_precision(precision)
         cpu_group = {"cpu": True, "backend": "gloo"} if not torch.cuda.is_available() and expected_world > 1 else {}
         self.state = accelerate.PartialState(timeout=timedelta(seconds=timeout_s), **cpu_group)
         if self.state.num_processes != expected_world:
@@ -501,25 +474,10 @@ def _has_frozen_parameters(model) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
 
-def _untie(state: dict) -> dict:
-    """safetensors refuses tensors that share memory (tied embedding/head): keep one copy."""
-    seen: dict[int, str] = {}
-    out = {}
-    for key, tensor in state.items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = key
-        out[key] = tensor
-    return out
-
-
 def check_deepspeed_files_safe(directory: Path) -> None:
     """DeepSpeed unpickles its checkpoint files without restriction (arbitrary code on load).
     Open each with the restricted unpickler first, allowing only the plain types DeepSpeed
     writes, so a file with a pickle payload is refused before any of its code runs."""
-    from trainers.checkpoint import load_plain
-
     files = sorted(directory.glob("*.pt"))
     if not files:
         raise UsageError(f"{directory}: no DeepSpeed state files; delete this checkpoint and resume from an earlier one")

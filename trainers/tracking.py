@@ -143,7 +143,7 @@ class StepLog:
         self._since = time.perf_counter()
 
     def step_finished(self, loss: float, applied: bool = True) -> None:
-        """A skipped update's loss (NaN/Inf) stays out of the window mean; loop.account_step
+        """A skipped update's loss (NaN/Inf) stays out of the window mean; fit.account_step
         writes its own record."""
         spent = time.perf_counter() - self._since
         self.train_seconds += spent
