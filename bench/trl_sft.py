@@ -53,7 +53,7 @@ the mean over that step's trained tokens, as in the other loops).
 
 Equal-token runs (`token_budget`, `save_dir`): the run goes on after its timed steps until its
 trained tokens since step 0 (counted as above) reach the budget, stops at that step (a
-TrainerCallback), and `trainer.save_model` writes the model to save_dir for bench/run.py's held-out
+TrainerCallback), and `trainer.save_model` writes the model to save_dir for bench_sft.py's held-out
 evaluator; the timed figures are those of the first `steps` steps all the same.
 """
 

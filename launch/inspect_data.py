@@ -57,9 +57,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
     from trainers.data.chat import ChatSettings, ensure_chat_template, prepare_chat, summary_lines
-    from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
+    from trainers.data.collate import batch_fill, collate_rows
     from trainers.models import tokenizer_for
-    from trainers.sft import LENGTH_GROUP, make_rows
+    from trainers.sft import make_rows, row_sampler
 
     cfg = run.cfg
     m, d = cfg.model, cfg.data
@@ -77,8 +77,7 @@ def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
         print(marked_text(tokenizer, s["input_ids"], s["labels"], color))
     rows = make_rows(samples, np.arange(len(samples)), d.max_seq_length, d.packing, cfg.run.seed)
     micro, row_lengths = cfg.batch.per_device_train_batch_size, rows.row_lengths()
-    sampler = ResumableSampler(rows, 1, 0, seed=cfg.run.seed, lengths=None if d.packing else samples.lengths,
-                               group_size=LENGTH_GROUP * micro)  # one rank's first epoch, as training batches it
+    sampler = row_sampler(rows, samples.lengths, d.packing, micro, 1, 0, cfg.run.seed)  # one rank's first epoch, as training batches it
     fill = batch_fill(row_lengths, list(sampler), micro)
     if d.packing:
         layout = (f"{len(rows)} packed rows of {d.max_seq_length} ({row_lengths.sum() / (len(rows) * d.max_seq_length):.1%} used); "

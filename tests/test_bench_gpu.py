@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-import gpu  # noqa: E402
-import run as bench  # noqa: E402
+from bench_common import flops_per_token, machine  # noqa: E402
+from bench_gpu import FLASH_TOLERANCE, largest_running_micro, per_sample_logit_error, render_gpu, steady_tokens_per_s  # noqa: E402
 
 
 def run_gpu_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     rates = [x["tokens_per_sec"] for x in records[1:]]
     assert r["tok_s"] > 0 and min(rates) <= r["tok_s"] <= max(rates)
     # MFU = model FLOPs/token x tokens/s / the measured peak, FLOPs by bench/run.py's convention
-    flops = bench.flops_per_token("tiny", work / "tokenizer", 16)
+    flops = flops_per_token("tiny", work / "tokenizer", 16)
     assert r["flops_per_token"] == flops and result["peak"]["flops"] > 0
     assert r["model_flops"] == pytest.approx(flops["per_token"] * r["tok_s"])
     assert r["mfu"] == pytest.approx(flops["per_token"] * r["tok_s"] / result["peak"]["flops"])
@@ -61,7 +61,7 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     assert search["planned_share"] == round(r["micro_batch"] / search["largest_micro"], 3)
     assert result["flash"] == {"skipped": "needs a CUDA GPU (the CPU tests check the flat layout with fake kernels)"}
 
-    text = "\n".join(gpu.render_gpu(result))
+    text = "\n".join(render_gpu(result))
     row = next(line for line in text.splitlines() if line.startswith("| cpu | tiny |"))
     for figure in (f"{r['micro_batch']} x 16", f"{r['tok_s']:,.0f}", f"{r['mfu']:.1%}", f"{r['predicted_gb']:.2f}",
                    f"{r['measured_gb']:.2f}", f"{r['ratio']:.3f}"):
@@ -95,7 +95,7 @@ def a_run(preset: str, mfu: float, ratio: float, device: str = "NVIDIA H100 80GB
 
 @pytest.mark.parametrize("mfu, verdict", [(0.40, "**met**"), (0.399, "**NOT met**"), (0.55, "**met**")])
 def test_render_mfu_target_around_40_percent(mfu, verdict):
-    lines = gpu.render_gpu(hand_made("NVIDIA H100 80GB HBM3", [a_run("125m", 0.2, 1.0), a_run("0.5b", mfu, 1.0)]))
+    lines = render_gpu(hand_made("NVIDIA H100 80GB HBM3", [a_run("125m", 0.2, 1.0), a_run("0.5b", mfu, 1.0)]))
     text = "\n".join(lines)
     assert lines[0] == "## (e) GPU: bf16 pretraining, 125M and 0.5B"
     assert f"Target MFU >= 40% for 0.5B on H100: {verdict} ({mfu:.1%})." in text
@@ -110,7 +110,7 @@ def test_render_mfu_target_around_40_percent(mfu, verdict):
 @pytest.mark.parametrize("ratio, verdict", [(0.90, "**met**"), (1.10, "**met**"), (1.0, "**met**"),
                                             (0.899, "**NOT met**"), (1.101, "**NOT met**")])
 def test_render_memory_target_within_10_percent(ratio, verdict):
-    lines = gpu.render_gpu(hand_made("NVIDIA H100 80GB HBM3", [a_run("0.5b", 0.45, ratio)]))
+    lines = render_gpu(hand_made("NVIDIA H100 80GB HBM3", [a_run("0.5b", 0.45, ratio)]))
     row = next(line for line in lines if line.startswith("| NVIDIA H100 80GB HBM3 | 0.5B |"))
     assert row.endswith(f"| {ratio:.3f} {verdict} |") and f"| {60.0 / ratio:.2f} |" in row
     assert f"Target memory prediction within +-10%: 0.5B {verdict} ({ratio:.3f})." in "\n".join(lines)
@@ -118,9 +118,9 @@ def test_render_memory_target_within_10_percent(ratio, verdict):
 
 def test_render_other_gpus_and_failed_runs():
     """The MFU target is not judged off an H100; a failed run is a row saying why, and fails the memory target."""
-    a100 = gpu.render_gpu(hand_made("NVIDIA A100-SXM4-80GB", [a_run("0.5b", 0.5, 1.0, "NVIDIA A100-SXM4-80GB")]))
+    a100 = render_gpu(hand_made("NVIDIA A100-SXM4-80GB", [a_run("0.5b", 0.5, 1.0, "NVIDIA A100-SXM4-80GB")]))
     assert "not evaluated (the target is for an H100; this is NVIDIA A100-SXM4-80GB)." in "\n".join(a100)
-    failed = gpu.render_gpu(hand_made("NVIDIA H100 80GB HBM3", [
+    failed = render_gpu(hand_made("NVIDIA H100 80GB HBM3", [
         a_run("125m", 0.3, 1.0), {"preset": "0.5b", "block_size": 2048, "error": "torch.OutOfMemoryError: CUDA out of memory"}]))
     row = next(line for line in failed if "| 0.5B |" in line)
     header = next(line for line in failed if line.startswith("| device |"))
@@ -134,7 +134,7 @@ def test_steady_tokens_per_s_is_tokens_over_seconds():
     """Windows after the first: 1000 tokens at 100/s (10 s) and 3000 at 300/s (10 s) are 4000 in 20 s."""
     records = [{"step": 10, "tokens": 500, "tokens_per_sec": 5.0}, {"step": 20, "tokens": 1500, "tokens_per_sec": 100.0},
                {"step": 20, "skipped_update": True}, {"step": 30, "tokens": 4500, "tokens_per_sec": 300.0}]
-    assert gpu.steady_tokens_per_s(records) == (200.0, 4000)
+    assert steady_tokens_per_s(records) == (200.0, 4000)
 
 
 def test_machine_without_deepspeed(monkeypatch):
@@ -149,7 +149,7 @@ def test_machine_without_deepspeed(monkeypatch):
         return real_version(name)
 
     monkeypatch.setattr(importlib.metadata, "version", version)
-    info = gpu.machine()
+    info = machine()
     assert info["deepspeed"] == "not installed" and info["torch"] and info["transformers"] == real_version("transformers")
 
 
@@ -175,11 +175,11 @@ def test_largest_running_micro_steps_up_10_percent_until_out_of_memory():
         tried.append(micro)
         return micro <= fits_up_to, micro > fits_up_to, "torch.OutOfMemoryError" if micro > fits_up_to else ""
 
-    assert gpu.largest_running_micro(16, runs) == (22, ["16: ran", "17: ran", "18: ran", "19: ran", "20: ran", "22: ran",
-                                                        "24: out of memory"])
-    assert gpu.largest_running_micro(4, lambda m: (True, False, ""), limit=2.0)[0] == 8  # stops at the limit
+    assert largest_running_micro(16, runs) == (22, ["16: ran", "17: ran", "18: ran", "19: ran", "20: ran", "22: ran",
+                                                    "24: out of memory"])
+    assert largest_running_micro(4, lambda m: (True, False, ""), limit=2.0)[0] == 8  # stops at the limit
     with pytest.raises(RuntimeError, match="another reason than memory: ImportError"):
-        gpu.largest_running_micro(4, lambda m: (False, False, "ImportError: x"))
+        largest_running_micro(4, lambda m: (False, False, "ImportError: x"))
 
 
 def test_the_flash_check_tells_the_flat_layout_from_the_leaky_one(chat_dir, sft_model_dir, monkeypatch):
@@ -197,9 +197,9 @@ def test_the_flash_check_tells_the_flat_layout_from_the_leaky_one(chat_dir, sft_
     sdpa = AutoModelForCausalLM.from_pretrained(sft_model_dir, attn_implementation="sdpa").eval()
     with fake_flash_attention(monkeypatch):
         flash = AutoModelForCausalLM.from_pretrained(sft_model_dir, attn_implementation="flash_attention_2").eval()
-        flat = gpu.per_sample_logit_error(flash, sdpa, rows, "flat", torch.device("cpu"))
-        leaky = gpu.per_sample_logit_error(flash, sdpa, rows, "packed", torch.device("cpu"))
-    assert flat < 1e-5 < gpu.FLASH_TOLERANCE < leaky
+        flat = per_sample_logit_error(flash, sdpa, rows, "flat", torch.device("cpu"))
+        leaky = per_sample_logit_error(flash, sdpa, rows, "packed", torch.device("cpu"))
+    assert flat < 1e-5 < FLASH_TOLERANCE < leaky
 
 
 def test_render_the_search_the_spec_mfu_the_overhead_and_the_flash_check():
@@ -207,7 +207,7 @@ def test_render_the_search_the_spec_mfu_the_overhead_and_the_flash_check():
     result = {**hand_made("NVIDIA H100 80GB HBM3", [run]),
               "flash": {"rows": 100, "samples_per_row": 3.1, "flat_ok": True,
                         "errors": {"1": {"flat": 1e-3, "packed": 1e-3}, "2": {"flat": 2e-3, "packed": 0.4}}}}
-    lines = gpu.render_gpu(result)
+    lines = render_gpu(result)
     text = "\n".join(lines)
     row = next(line for line in lines if line.startswith("| NVIDIA H100 80GB HBM3 | 0.5B |"))
     header = next(line for line in lines if line.startswith("| device |"))
@@ -215,5 +215,5 @@ def test_render_the_search_the_spec_mfu_the_overhead_and_the_flash_check():
     assert "1.80 GiB measured for 1.00 assumed" in text and "989 TFLOP/s" in text
     assert "Target planned micro batch >= 90% of the largest that runs: 0.5B **met** (tried 9: ran, 10: ran, 11: out of memory)." in text
     assert "micro 2: flat 2.00e-03, old [B, L] rows 4.00e-01" in text and "Target flat <= 0.02: **met**" in text
-    skipped = gpu.render_gpu({**result, "flash": {"skipped": "flash-attn is not installed"}})
+    skipped = render_gpu({**result, "flash": {"skipped": "flash-attn is not installed"}})
     assert "skipped: flash-attn is not installed." in "\n".join(skipped)

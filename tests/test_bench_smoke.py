@@ -6,19 +6,38 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-import run as bench  # noqa: E402
+from bench_common import flops_per_token, load_results, make_chat_set, make_sft_model, save_result  # noqa: E402
+from bench_data import bench_chat_masking  # noqa: E402
+from bench_memory import measure_memory, render_memory  # noqa: E402
+from bench_pretrain import (  # noqa: E402
+    bare_tokens_per_s_in_process,
+    hf_trainer_compiled_tokens_per_s_in_process,
+    hf_trainer_tokens_per_s_in_process,
+    render_training,
+    trainrig_tokens_per_s,
+)
+from bench_report import write_report  # noqa: E402
+from bench_sft import (  # noqa: E402
+    SFT_HELDOUT_SEED,
+    bench_sft,
+    chat_samples,
+    heldout_examples,
+    heldout_loss,
+    render_sft,
+    sft_data_stats,
+)
 
 
 def test_bench_loops_run(corpus, tokenizer_dir, tmp_path):
-    bare = bench.bare_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
-    trainer = bench.hf_trainer_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
-    ours = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "run")
-    own = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "own",
-                                      chunked_loss=False)
-    compiled = bench.trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "comp",
-                                           torch_compile=True)
-    trainer_compiled = bench.hf_trainer_compiled_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1,
-                                                                         0, 1e-3)
+    bare = bare_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
+    trainer = hf_trainer_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3)
+    ours = trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "run")
+    own = trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "own",
+                                chunked_loss=False)
+    compiled = trainrig_tokens_per_s(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1, 0, 1e-3, tmp_path / "comp",
+                                     torch_compile=True)
+    trainer_compiled = hf_trainer_compiled_tokens_per_s_in_process(corpus, tokenizer_dir, tmp_path / "cache", "tiny", 32, 4, 4, 1,
+                                                                   0, 1e-3)
     assert bare > 0 and trainer > 0 and ours > 0 and own > 0 and compiled > 0 and trainer_compiled > 0
     assert '"compiled_layers": 4' in (tmp_path / "comp" / "plan.json").read_text()
     assert '"chunked_loss": true' in (tmp_path / "run" / "plan.json").read_text()
@@ -34,7 +53,7 @@ def test_render_training_reports_each_loop_and_the_targets():
            "flops_per_token": {"per_token": 7.0e6, "matmul_weights": 0.9e6, "attention": 1.6e6},
            "mfu": {name: rate * 7.0e6 / 1.0e11 for name, rate in rates.items()}}
     slow = {**row, "preset": "small", "trainrig_tok_s": 10000.0, "trainrig_compiled_tok_s": 11600.0}
-    text = "\n".join(bench.render_training([row, slow]))
+    text = "\n".join(render_training([row, slow]))
     assert "| tiny (256 x 16, 60 (10)) | trainrig (default: chunked loss) | 12,100 | 1.152x | 1.142x | 84.7% | [12100, 12100, 12100] |" in text
     assert "| tiny (256 x 16, 60 (10)) | HF `Trainer` `torch_compile=True` | 11,000 | 1.048x | 1.038x | 77.0% |" in text
     assert ("- tiny: default 1.152x the Trainer (met), 1.142x bare (met); `--torch_compile` 1.257x the Trainer (met), 1.245x bare "
@@ -54,7 +73,7 @@ def test_flops_per_token_counts_matmul_weights_and_attention(tokenizer_dir):
     shape = json.loads((REPO / "configs" / "models" / "tiny.json").read_text())
     vocab = padded_vocab_size(AutoTokenizer.from_pretrained(tokenizer_dir))  # the model's rows: the tokenizer's, padded
     hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
-    flops = bench.flops_per_token("tiny", tokenizer_dir, 64)
+    flops = flops_per_token("tiny", tokenizer_dir, 64)
     head_dim = hidden // shape["num_attention_heads"]
     kv = shape["num_key_value_heads"] * head_dim
     per_layer = hidden * (hidden + 2 * kv) + (hidden + 2 * kv) + hidden * hidden + 3 * hidden * shape["intermediate_size"] + 2 * hidden
@@ -75,8 +94,8 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
 
     # 100 samples of <= 128 tokens (2.5 to a packed row): a third of their trained tokens takes every
     # loop past the 4 timed steps (packed 8, pad-to-max 16)
-    result = bench.bench_sft(corpus, tokenizer_dir, tmp_path, max_len=128, micro=2, steps=4, warmup=2, loss_steps=2,
-                             samples=100, repeats=1, trl_variants=(), heldout=20)
+    result = bench_sft(corpus, tokenizer_dir, tmp_path, max_len=128, micro=2, steps=4, warmup=2, loss_steps=2,
+                       samples=100, repeats=1, trl_variants=(), heldout=20)
     chat = result["chat"]
     assert chat["samples"] == result["kept"] == 100 and result["truncated"] == 0
     assert 16 <= chat["min_tokens"] and chat["max_tokens"] <= 128 and chat["multi_turn"]
@@ -103,23 +122,23 @@ def test_bench_sft_runs(corpus, tokenizer_dir, tmp_path):
     # the held-out labels are trainrig's own, token for token
     tokenizer = load_tokenizer(str(tmp_path / "sft_base_tiny" / "final"), False, "--model_name_or_path")
     heldout = tmp_path / "sft_heldout.jsonl"
-    examples = bench.heldout_examples(heldout, tmp_path / "sft_chat.jsonl", tokenizer, 128)
+    examples = heldout_examples(heldout, tmp_path / "sft_chat.jsonl", tokenizer, 128)
     packed_model = tmp_path / "sft_packed_0" / "final"
-    assert bench.heldout_loss(packed_model, examples) == bench.heldout_loss(packed_model, examples) == loops["packed"]["heldout_loss"]
+    assert heldout_loss(packed_model, examples) == heldout_loss(packed_model, examples) == loops["packed"]["heldout_loss"]
     assert len({run["heldout_loss"] for run in loops.values()} | {equal["base_loss"]}) == 4
-    samples = bench.chat_samples(heldout, tokenizer, tmp_path / "sft_cache", 128)
+    samples = chat_samples(heldout, tokenizer, tmp_path / "sft_cache", 128)
     assert [(s["input_ids"].tolist(), s["labels"].tolist()) for s in (samples[i] for i in range(len(samples)))] == \
         [(ids.tolist(), labels.tolist()) for ids, labels in examples]
     assert equal["heldout_conversations"] == 20 and equal["heldout_trained_tokens"] == samples.meta["trained_tokens"]
     with pytest.raises(ValueError, match="also in the training set"):
-        bench.heldout_examples(tmp_path / "sft_chat.jsonl", tmp_path / "sft_chat.jsonl", tokenizer, 128)
+        heldout_examples(tmp_path / "sft_chat.jsonl", tmp_path / "sft_chat.jsonl", tokenizer, 128)
 
-    bench.save_result(tmp_path / "results", "sft", {**dict.fromkeys(
+    save_result(tmp_path / "results", "sft", {**dict.fromkeys(
         ("cpu", "gpu", "python", "torch", "transformers", "accelerate", "deepspeed", "datasets", "tokenizers"), "-"),
         "date": "today", "cores": 2}, result)
     report = tmp_path / "RESULTS.md"
     report.write_text("# old\n\n## (a) Tokenize + pack, measured by hand-run script\n\n| a | table |\n")
-    bench.write_report(report, bench.load_results(tmp_path / "results"))
+    write_report(report, load_results(tmp_path / "results"))
     text = report.read_text()
     assert "## (c) SFT" in text and "Target non-pad >= 95% with packing: **" in text and "Measured today" in text
     assert "Carried over from the previous RESULTS.md" in text and "| a | table |" in text  # (a) had no JSON
@@ -137,11 +156,11 @@ def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
     import trl_sft
     from trainers.models import load_tokenizer
 
-    model_dir = bench.make_sft_model(corpus, tokenizer_dir, tmp_path / "base", "tiny", tmp_path / "cache")
+    model_dir = make_sft_model(corpus, tokenizer_dir, tmp_path / "base", "tiny", tmp_path / "cache")
     tokenizer = load_tokenizer(str(model_dir), False, "--model_name_or_path")
     chat = tmp_path / "chat.jsonl"
-    bench.make_chat_set(chat, corpus, tokenizer, 24, 64, seed=5)
-    trainrig_labels = bench.sft_data_stats(chat, tokenizer, tmp_path / "cache", 64, 0)["dataset_trained_tokens"]
+    make_chat_set(chat, corpus, tokenizer, 24, 64, seed=5)
+    trainrig_labels = sft_data_stats(chat, tokenizer, tmp_path / "cache", 64, 0)["dataset_trained_tokens"]
     budget = trainrig_labels // 2  # past the 3 timed steps for both (20-30 tokens a step)
     runs = {v: trl_sft.trl_sft_in_process(chat, model_dir, 64, 2, 3, 1, 2, 1e-3, 0, v, budget, tmp_path / f"trl_{v}")
             for v in ("defaults", "packing")}
@@ -157,10 +176,10 @@ def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
 
     # the saved models load in the held-out evaluator, and both trained
     heldout = tmp_path / "heldout.jsonl"
-    bench.make_chat_set(heldout, corpus, tokenizer, 10, 64, seed=bench.SFT_HELDOUT_SEED)
-    examples = bench.heldout_examples(heldout, chat, tokenizer, 64)
-    base_loss = bench.heldout_loss(model_dir, examples)
-    heldout_losses = {v: bench.heldout_loss(run["model"], examples) for v, run in runs.items()}
+    make_chat_set(heldout, corpus, tokenizer, 10, 64, seed=SFT_HELDOUT_SEED)
+    examples = heldout_examples(heldout, chat, tokenizer, 64)
+    base_loss = heldout_loss(model_dir, examples)
+    heldout_losses = {v: heldout_loss(run["model"], examples) for v, run in runs.items()}
     assert all(0 < loss < base_loss for loss in heldout_losses.values()) and len(set(heldout_losses.values())) == 2
 
     # the rows in section (c), on a result with made-up figures for the other loops
@@ -187,7 +206,7 @@ def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
         "loops": {**dict.fromkeys(("packed", "grouped", "pad_to_max"), made_up),
                   **{f"trl_{v}": {"steps_taken": run["steps_taken"], "tokens_reached": run["tokens_reached"],
                                   "heldout_loss": heldout_losses[v]} for v, run in runs.items()}}}
-    text = "\n".join(bench.render_sft(result))
+    text = "\n".join(render_sft(result))
     assert "| TRL `SFTTrainer`, its defaults" in text and "| TRL `SFTTrainer`, `packing=True`" in text
     assert "Target >= 1.5x TRL `SFTTrainer` (defaults)'s trained tokens/s: **met** (1.60x; vs SFTTrainer packing: 1.10x)" in text
     assert "loss column is at equal steps, not equal data" in text and "for all five" in text
@@ -199,11 +218,11 @@ def test_trl_sft_runs(corpus, tokenizer_dir, tmp_path):
 
 def test_bench_memory_case_runs_and_renders(corpus, tokenizer_dir, tmp_path):
     """Section (d) on one tiny case: the run's plan estimate and its measured peak, then the report."""
-    case = bench.measure_memory(("pretrain", "tiny", 64, 4, False, 0), corpus, tokenizer_dir, None, None,
-                                tmp_path / "cache", tmp_path / "m")
+    case = measure_memory(("pretrain", "tiny", 64, 4, False, 0), corpus, tokenizer_dir, None, None,
+                          tmp_path / "cache", tmp_path / "m")
     assert case["device"] == "cpu" and case["measured_gb"] > 0.3 and 0.3 < case["ratio"] < 3
     assert case["predicted_gb"] == case["terms"]["total"]  # on CPU the estimate includes the process's libraries
-    text = "\n".join(bench.render_memory([case]))
+    text = "\n".join(render_memory([case]))
     assert "## (d) Memory model vs. measured peak, cpu, fp32" in text and f"**{case['ratio']:.2f}**" in text
 
 
@@ -214,7 +233,7 @@ def test_chat_masking_pipelines_train_the_same_tokens(corpus, tokenizer_dir, tmp
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     chat = tmp_path / "chat.jsonl"
-    bench.make_chat_set(chat, corpus, tokenizer, 60, 128, seed=3)
-    result = bench.bench_chat_masking(chat, tokenizer, 128, repeats=1, chunk=16)
+    make_chat_set(chat, corpus, tokenizer, 60, 128, seed=3)
+    result = bench_chat_masking(chat, tokenizer, 128, repeats=1, chunk=16)
     assert result["same_labels"] and result["trainrig"]["trained_tokens"] > 0
     assert result["trainrig"]["samples_s"] > 0 and result["hf_apply_chat_template"]["samples_s"] > 0

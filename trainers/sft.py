@@ -47,6 +47,14 @@ def make_rows(samples, indices: np.ndarray, max_seq_length: int, packed: bool, s
     return RowDataset(samples, [[int(indices[j]) for j in row] for row in rows])
 
 
+def row_sampler(rows: RowDataset, sample_lengths: np.ndarray, packed: bool, micro: int, world_size: int, rank: int,
+                seed: int) -> ResumableSampler:
+    """This rank's order over `rows`: shuffled; without packing, length-grouped within chunks of
+    LENGTH_GROUP global micro batches so that a batch pads little (`sample_lengths`: one per row)."""
+    return ResumableSampler(rows, world_size, rank, seed=seed, lengths=None if packed else sample_lengths,
+                            group_size=LENGTH_GROUP * micro * world_size)
+
+
 def train(run: Run) -> dict:
     # ------------------------------------------------------------------------ config
     cfg = run.cfg
@@ -83,9 +91,7 @@ def train(run: Run) -> dict:
     train_rows = make_rows(samples, train_idx, d.max_seq_length, d.packing, cfg.run.seed)
     eval_rows = make_rows(eval_samples, eval_idx, d.max_seq_length, d.packing, cfg.run.seed) if eval_idx is not None else None
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
-    sampler = ResumableSampler(train_rows, runtime.world_size, runtime.rank, seed=cfg.run.seed,
-                               lengths=None if d.packing else samples.lengths[train_idx],
-                               group_size=LENGTH_GROUP * micro * runtime.world_size)
+    sampler = row_sampler(train_rows, samples.lengths[train_idx], d.packing, micro, runtime.world_size, runtime.rank, cfg.run.seed)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_rows, pad_id=pad_id, layout=layout)
     loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
