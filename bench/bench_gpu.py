@@ -26,7 +26,7 @@ CPU_MATMUL = (1024, 10)  # (n, timings) for the smoke run's fp32 peak: under a s
 
 def make_tokenizer(corpus: Path, vocab_size: int, out: Path) -> dict:
     """tokenizer/train.py's byte-level BPE on the corpus; its size as trained and as the model's rows."""
-    from tokenizer.train import main as train_tokenizer
+    from trainers.tokenizer import main as train_tokenizer
     from trainers.models import load_tokenizer, padded_vocab_size
 
     stats = train_tokenizer(["--train_files", str(corpus), "--vocab_size", str(vocab_size), "--output_dir", str(out)])
@@ -331,8 +331,8 @@ def bench_gpu(presets: list[str], block_size: int, steps: int, warmup: int, voca
 
 
 def spec_flops(device_name: str) -> float | None:
-    """The sheet's dense bf16 rate for the GPU (launch/hardware.py's table), None for one it does not know."""
-    from launch.hardware import _known_spec
+    """The sheet's dense bf16 rate for the GPU (launch/planner/hardware.py's table), None for one it does not know."""
+    from launch.planner.hardware import _known_spec
 
     known = _known_spec(device_name)
     return known.bf16_tflops * 1e12 if known and known.bf16_tflops else None

@@ -66,7 +66,7 @@ def render_memory(cases: list[dict]) -> list[str]:
         lines.append(f"| {name} | {c['micro_batch']} x {c['length']} | {t['parameters']:.2f} / {t['gradients']:.2f} / {t['optimizer_states']:.2f} / "
                      f"{t['activations']:.2f} / {t['logits']:.2f} / {t['overhead']:.2f} | {c['predicted_gb']:.2f} | {c['measured_gb']:.2f} | "
                      f"**{c['ratio']:.2f}** |")
-    lines += ["", f"Predicted is {predicted} (launch/memory.py, as written to the run's plan.json); measured is the run's "
+    lines += ["", f"Predicted is {predicted} (launch/planner/memory.py, as written to the run's plan.json); measured is the run's "
               f"`peak_memory_gb` ({measured}) over 3 steps. On CPU the peak RSS also holds what glibc's allocator keeps "
               "after frees and the data pipeline's pages, which the model does not itemise; the planner keeps a 10% margin. "
               "The GPU figures (the planner's real target) need a GPU run of this section."]

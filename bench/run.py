@@ -101,7 +101,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from trainers.data.synthetic import make_corpus
-    from tokenizer.train import main as train_tokenizer
+    from trainers.tokenizer import main as train_tokenizer
     from trainers.models import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="trainrig-bench-") as tmp:

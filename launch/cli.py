@@ -53,7 +53,7 @@ _planned = "{" + ",".join(plan_names()) + "}"
 COMMANDS: dict[str, Command] = {
     "demo": Command("demo [--output_dir D] [--max_steps N]", "the embedded end-to-end demo (make demo)", _demo),
     "tokenizer": Command("tokenizer ...", "= python tokenizer/train.py ...: a byte-level BPE tokenizer from text",
-                         _call("tokenizer.train:main")),
+                         _call("trainers.tokenizer:main")),
     **{name: Command(f"{name} ...", f"= python {s.entry_script} ... (single process): {s.help}", _stage(name))
        for name, s in STAGES.items()},
     "inspect": Command(f"inspect {_stages} [--num_samples N] [--output F.jsonl] [stage flags]",

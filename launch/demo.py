@@ -96,7 +96,7 @@ def run_demo(args: DemoArgs) -> dict:
     from launch import pretrain as pretrain_entry
     from launch import reward as reward_entry
     from launch import sft as sft_entry
-    from tokenizer import train as tokenizer_entry
+    from trainers import tokenizer as tokenizer_entry
 
     out = Path(args.output_dir)
     data, cache = out / "data", out / "cache"

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launch.hardware import host_ram_bytes, available_ram_bytes, kernel_support
+from launch.planner.hardware import host_ram_bytes, available_ram_bytes, kernel_support
 from trainers.devices import FLASH_INSTALL, GPU_TORCH_INSTALL, blind_torch_problem, driver_version, nvidia_smi_gpus
 from trainers.errors import USAGE_EXIT_CODE
 from trainers.extensions import extension_build_dir, stale_build_locks

@@ -22,9 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch import configs, hardware, memory
-from launch.memory import GiB
-from launch.planner import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
+from launch.planner import files, hardware, memory
+from launch.planner.memory import GiB
+from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
 from trainers.stages import REPO, plan_names, stage_named
@@ -243,9 +243,9 @@ def table(result: Plan) -> str:
 def write_plan_files(run: Run, result: Plan, stage: str, user_args: list[str]) -> tuple[list[str], str]:
     cfg = run.cfg
     out = Path(cfg.run.output_dir)
-    ds_path, acc_path = configs.write_files(result, out, cfg.optim.max_grad_norm)
-    command = configs.launch_command(result, stage, user_args, ds_path, rdzv_seed=str(out.resolve()))
-    line = configs.shell_line(result.env, redact(command))  # printed and kept in plan.json: no token from the environment
+    ds_path, acc_path = files.write_files(result, out, cfg.optim.max_grad_norm)
+    command = files.launch_command(result, stage, user_args, ds_path, rdzv_seed=str(out.resolve()))
+    line = files.shell_line(result.env, redact(command))  # printed and kept in plan.json: no token from the environment
     record = {**result.to_json(), "command": line,
               "files": [str(p) for p in (out / "plan.json", ds_path, acc_path) if p is not None]}
     (out / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -270,7 +270,7 @@ def main_plan(argv: list[str] | None = None) -> int:
     if result.request.hardware.gpu is not None:  # accelerate's CPU multi-process mode is not torchrun's
         per_node = " --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR" if result.request.hardware.nodes > 1 else ""
         print(f"    or: accelerate launch --config_file {out.resolve() / 'accelerate.yaml'}{per_node} {script} [your flags] "
-              + " ".join(configs.run_arguments(result, out.resolve() / "ds_config.json" if result.setup.deepspeed else None)))
+              + " ".join(files.run_arguments(result, out.resolve() / "ds_config.json" if result.setup.deepspeed else None)))
     if Path(cfg.model.model_name_or_path).name.lower() in memory.shipped_shape_names() and not Path(cfg.model.model_name_or_path).exists():
         print(f"note: {cfg.model.model_name_or_path} is a shipped shape for planning; give the run your model directory")
     return 0
@@ -319,10 +319,10 @@ def trial_runner(result: Plan, stage: str, user_args: list[str], out: Path, max_
     def attempt(micro: int) -> tuple[bool, bool, str]:
         trial = with_micro_batch(result, micro, 1)
         shutil.rmtree(trial_dir, ignore_errors=True)
-        ds_path, _ = configs.write_files(trial, trial_dir, max_grad_norm)
+        ds_path, _ = files.write_files(trial, trial_dir, max_grad_norm)
         overrides = ["--output_dir", str(trial_dir), "--max_steps", str(PROBE_STEPS), "--save_steps", "0", "--eval_steps", "0",
                      "--resume", "never", "--report_to", "none", "--no-save_final", "--logging_steps", "1"]
-        command = configs.launch_command(trial, stage, [*user_args, *overrides], ds_path, rdzv_seed=str(trial_dir))
+        command = files.launch_command(trial, stage, [*user_args, *overrides], ds_path, rdzv_seed=str(trial_dir))
         print(f"probe: micro batch {micro} ...", flush=True)
         proc = subprocess.run(command, env={**os.environ, **result.env}, capture_output=True, text=True)
         output = proc.stdout + proc.stderr

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.configs import rendezvous_port
+from launch.planner.files import rendezvous_port
 from trainers.errors import UsageError, exit_on_usage_error
 from trainers.stages import stage_of_script
 from trainers.stopping import STOPPED_EXIT_STATUS
@@ -62,7 +62,7 @@ class Job:
 def job_from_env(env: dict | None = None) -> Job:
     """The job this process runs in; a UsageError outside Slurm or with an allocation that
     cannot place ranks."""
-    from launch.hardware import slurm_allocation
+    from launch.planner.hardware import slurm_allocation
 
     env = os.environ if env is None else env
     slurm = slurm_allocation(env)
@@ -123,9 +123,9 @@ def _check_script(script: str) -> str:
 def header(script: str, args: list[str]) -> int:
     """What a person reading the job's log needs first: the job, where it runs, the plan, and
     where it resumes. The config is parsed exactly as the ranks will parse it."""
-    from launch import hardware
+    from launch.planner import hardware
     from launch.plan import _opted_in, request_for, table
-    from launch.planner import plan
+    from launch.planner.search import plan
     from trainers.checkpoint import resolve_resume, step_of
     from trainers.config import parse_run
 

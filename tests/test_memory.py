@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import memory as mem
-from launch.memory import Setup
+from launch.planner import memory as mem
+from launch.planner.memory import Setup
 
 DS_SHAPES = [  # (parameters, largest module, gpus per node, nodes)
     (494_032_768, 136_134_656, 1, 1), (494_032_768, 136_134_656, 4, 1),

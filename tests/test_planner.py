@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from launch import configs, hardware, memory
-from launch.planner import Request, accumulation_for, largest_micro_batch, plan
+from launch.planner import files, hardware, memory
+from launch.planner.search import Request, accumulation_for, largest_micro_batch, plan
 from trainers.errors import UsageError
 from trainers.ds_config import DeepSpeedSettings, fill_ds_config
 
@@ -175,7 +175,7 @@ def test_ds_config_passes_deepspeeds_loader_and_the_runs_own_check(qwen15b, stag
     hw = dataclasses.replace(hardware.profile("8xh100"), cpu_ram_bytes=4 * 10**12)
     result = plan(Request("sft", qwen15b, 2048, hw, global_batch=64, zero_stage=str(stage), offload=offload))
     assert result.fits
-    ds = configs.deepspeed_config(result, max_grad_norm=1.0)
+    ds = files.deepspeed_config(result, max_grad_norm=1.0)
     loaded = DeepSpeedConfig(ds, mpu=_DataParallel(8))
     assert (loaded.zero_optimization_stage, loaded.train_batch_size, loaded.bfloat16_config.enabled) == (stage, 64, True)
     assert loaded.zero_config.reduce_bucket_size == qwen15b.hidden ** 2
@@ -193,7 +193,7 @@ def test_accelerate_yaml_loads_with_accelerates_loader(qwen05b, tmp_path):
     for profile, kind in (("4x4090", "DEEPSPEED"), ("4090", "NO"), ("8xh100x2", None)):
         result = plan(Request("pretrain", qwen05b, 2048, hardware.profile(profile), global_batch=256))
         out = tmp_path / profile
-        ds_path, acc_path = configs.write_files(result, out, 1.0)
+        ds_path, acc_path = files.write_files(result, out, 1.0)
         loaded = load_config_from_file(str(acc_path))
         assert loaded.num_processes == result.setup.world and loaded.num_machines == result.request.hardware.nodes
         if kind:
@@ -205,12 +205,12 @@ def test_accelerate_yaml_loads_with_accelerates_loader(qwen05b, tmp_path):
 
 def test_multi_node_launch_command(qwen7b):
     result = plan(Request("sft", qwen7b, 2048, hardware.profile("8xa100-80gx2"), global_batch=128))
-    command = configs.launch_command(result, "sft", ["--config", "x.yaml"], None, rdzv_seed="job-42")
+    command = files.launch_command(result, "sft", ["--config", "x.yaml"], None, rdzv_seed="job-42")
     line = " ".join(command)
     assert "--nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8" in line
-    assert f"--rdzv_endpoint $MASTER_ADDR:{configs.rendezvous_port('job-42')}" in line
+    assert f"--rdzv_endpoint $MASTER_ADDR:{files.rendezvous_port('job-42')}" in line
     assert line.endswith("--precision bf16") and "--config x.yaml" in line
-    assert 20000 <= configs.rendezvous_port("job-42") < 30000
+    assert 20000 <= files.rendezvous_port("job-42") < 30000
 
 
 def test_a_busy_gpu_is_named_in_the_notes(qwen05b):
@@ -230,5 +230,5 @@ def test_launcher_topology_inside_a_rank():
 def test_the_command_states_each_pinned_flag_once():
     argv = ["--config", "x.yaml", "--per_device_train_batch_size", "auto", "--gradient_checkpointing", "--bf16",
             "--global_batch_size=64", "--train_files", "a.jsonl", "b.jsonl", "--lora_r", "16"]
-    kept = configs.without_flags(argv, {"--per_device_train_batch_size", "--global_batch_size", "--no-gradient_checkpointing", "--precision"})
+    kept = files.without_flags(argv, {"--per_device_train_batch_size", "--global_batch_size", "--no-gradient_checkpointing", "--precision"})
     assert kept == ["--config", "x.yaml", "--train_files", "a.jsonl", "b.jsonl", "--lora_r", "16"]

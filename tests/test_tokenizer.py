@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from tokenizer.train import IM_END, IM_START, SPECIAL_TOKENS, main
+from trainers.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, main
 
 
 def test_round_trip_and_special_tokens(tokenizer_dir):

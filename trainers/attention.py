@@ -14,7 +14,7 @@ Three kernels, three batch layouts (trainers/data/collate.py builds them):
   every layer (attention_bias). Left to transformers, the mask is boolean and SDPA converts it to
   the compute dtype in every layer, saving each copy for the backward: 2 B L^2 bytes per layer
   in bf16 (Qwen2.5-0.5B, micro 8 x 2048: 1.5 GiB). A mask also makes transformers repeat the
-  key/value heads for grouped-query attention (launch/memory.py counts both).
+  key/value heads for grouped-query attention (launch/planner/memory.py counts both).
 - Blocks of pretraining need neither: a full causal block runs SDPA's `is_causal` path, no mask.
 
 FlashAttention is chosen only after a probe: a tiny `flash_attn_func` forward and backward on

@@ -3,7 +3,7 @@ the forward: the (tokens x vocab) logits are never whole in memory.
 
 The model's own path (transformers' ForCausalLMLoss) holds, at the start of the backward, the
 fp32 log-softmax, the NLL's fp32 gradient and the one log-softmax's backward makes: 12 bytes per
-vocabulary entry per token (launch/memory.py), 30 GB for 8 x 2048 tokens of Qwen2.5's 151,936
+vocabulary entry per token (launch/planner/memory.py), 30 GB for 8 x 2048 tokens of Qwen2.5's 151,936
 rows. Here a chunk's logits are made, turned in place into their gradient (softmax - one-hot,
 scaled by 1/denominator), multiplied into the hidden states' and the head's gradients, and
 dropped; what stays until the backward is one gradient the size of the hidden states and one the

@@ -29,7 +29,7 @@ def opt(default: Any, help: str, choices: tuple | None = None, *, factory=None, 
         auto: bool = False):
     """A config field: its default, its help text (shown by --help), optionally its choices, the
     smallest value it accepts, or (auto=True) the word "auto" instead of a number: the planner's
-    (launch/planner.py) to decide before training starts."""
+    (launch/planner/search.py) to decide before training starts."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "auto": auto}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -60,7 +60,7 @@ class RunConfig:
 
 @dataclass
 class BatchConfig:
-    per_device_train_batch_size: int | str = opt(8, "Micro batch: sequences per rank per forward/backward pass; auto: the largest that fits this GPU (launch/planner.py).", minimum=1, auto=True)
+    per_device_train_batch_size: int | str = opt(8, "Micro batch: sequences per rank per forward/backward pass; auto: the largest that fits this GPU (launch/planner/search.py).", minimum=1, auto=True)
     gradient_accumulation_steps: int | str = opt(1, "Micro batches accumulated per optimizer step; auto: as many as reach --global_batch_size.", minimum=1, auto=True)
     global_batch_size: int = opt(0, "If > 0: sequences per optimizer step over all ranks; sets the accumulation from the micro batch and world size (must divide exactly unless the accumulation is auto).", minimum=0)
     per_device_eval_batch_size: int = opt(0, "Sequences per rank per eval pass (0: the training micro batch).", minimum=0)

@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON, built in one place for every path: `trainrig plan/launch` (launch/configs.py
+"""The DeepSpeed JSON, built in one place for every path: `trainrig plan/launch` (launch/planner/files.py
 writes it), an entry script with `--deepspeed auto` or `--zero_stage N` (the runtime fills the same
 template in-process), and a user's own file (its "auto" fields filled by the same rule). Pure:
 no deepspeed import, so the planner and the tests use it anywhere.
@@ -15,7 +15,7 @@ no deepspeed import, so the planner and the tests use it anywhere.
   ZeRO-2/3 in the fp32 gradient partition it has anyway; stage 0 (no ZeRO) has no fp32
   accumulation (NotImplementedError), so it stays in bf16 there -- use DDP (--deepspeed none).
 - `buffer_bytes` is what a ZeRO section costs on the GPU beyond the model states, which
-  launch/memory.py adds to the plan: the gradient reduction buckets, and under ZeRO-3 the gathered
+  launch/planner/memory.py adds to the plan: the gradient reduction buckets, and under ZeRO-3 the gathered
   parameters kept for reuse (up to stage3_max_reuse_distance elements: 2 GB in bf16 at the 1e9
   trainrig writes, the HF/DeepSpeed default).
 """
@@ -220,7 +220,7 @@ def ds_offload(ds: dict) -> str:
 
 def buffer_keys(zero: dict, hidden: int) -> tuple:
     """The ZeRO settings buffer_bytes reads, "auto" sized from `hidden`, as a hashable tuple (for
-    launch/memory.py's Setup)."""
+    launch/planner/memory.py's Setup)."""
     keys = ("stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "stage3_prefetch_bucket_size",
             "stage3_max_reuse_distance")
     return tuple((k, h_sized(k, hidden) if zero[k] == "auto" and k in H_SIZED else zero[k]) for k in keys if k in zero)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from launch.configs import rendezvous_port
+from launch.planner.files import rendezvous_port
 from launch.slurm import head_node, job_from_env, node_command, outcome
 from trainers.errors import UsageError
 from trainers.stopping import STOPPED_EXIT_STATUS

@@ -30,7 +30,7 @@ from pathlib import Path
 from trainers.errors import UsageError
 
 GiB = 2**30
-MODEL_SHAPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODEL_SHAPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # CUDA context + cuBLAS workspace + NCCL buffers, ~0.6-1.0 GiB on A100/H100
 CPU_PROCESS_BYTES = int(0.8 * GiB)  # python + torch + transformers resident in a CPU rank
 DS_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for host-memory estimates

@@ -5,7 +5,7 @@ way to train that fits -- strategy, gradient checkpointing, micro batch, accumul
    optimizer offloaded to host RAM, ZeRO-3 with the parameters offloaded too; each without and
    with gradient checkpointing. Flags the user set (--zero_stage, --offload, --deepspeed none,
    --gradient_checkpointing, an integer micro batch) are constraints, not suggestions.
-2. For each, the largest micro batch whose memory (launch/memory.py) stays within the budget:
+2. For each, the largest micro batch whose memory (launch/planner/memory.py) stays within the budget:
    the device memory less SAFETY_MARGIN (allocator fragmentation and transients the model does
    not itemise), and whose offloaded states fit the host RAM.
 3. Among those that fit, the lowest estimated time per sequence trained (a step's time over its
@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from launch import memory as mem
-from launch.hardware import HOST_LINK_GBPS, LINK_GBPS, Hardware
-from launch.memory import GiB, ModelShape, Setup
+from launch.planner import memory as mem
+from launch.planner.hardware import HOST_LINK_GBPS, LINK_GBPS, Hardware
+from launch.planner.memory import GiB, ModelShape, Setup
 from trainers.devices import resolve_precision
 from trainers.errors import UsageError
 from trainers.stages import plan_names

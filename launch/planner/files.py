@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from launch.planner import Plan
+from launch.planner.search import Plan
 from trainers.ds_config import DeepSpeedSettings, build
 from trainers.stages import REPO, plan_names
 
