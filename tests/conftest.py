@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+
+# the stages tests/reliability/ runs its core cases for (pytest puts tests/ on sys.path for this file)
+from reliability.stages import TRAINING_STAGES, StageRun
 
 # The suite runs on CPU everywhere, also on a GPU box (it asserts fp32 results and CPU ranks)
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -33,7 +38,7 @@ def _hermetic_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    from launch.demo import make_corpus
+    from trainers.data.synthetic import make_corpus
 
     path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
     make_corpus(path, seed=7, n_docs=1500)
@@ -42,7 +47,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory) -> Path:
-    from tokenizer.train import main
+    from trainers.tokenizer import main
 
     out = tmp_path_factory.mktemp("tok")
     main(["--train_files", str(corpus), "--vocab_size", "600", "--min_frequency", "2", "--output_dir", str(out)])
@@ -116,7 +121,7 @@ def qwen_style_tokenizer_dir(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_dir(tmp_path_factory) -> Path:
     """The demo's chat data (seed 7, the corpus's world): sft.jsonl and heldout.jsonl."""
-    from launch.demo import make_chat
+    from trainers.data.synthetic import make_chat
 
     out = tmp_path_factory.mktemp("chat")
     make_chat(out, seed=7, n_train=400)
@@ -140,6 +145,80 @@ def sft_args(chat_dir, model_dir, output_dir, **overrides) -> list[str]:
              "output_dir": str(output_dir), "resume": "never", "seed": "3", "validation_split_ratio": "0.05"}
     flags.update(overrides)
     return _argv(flags)
+
+
+def toy_pairs(path, n: int, seed: int) -> Path:
+    """Preference pairs whose answers are marked by their words: the chosen one says it is right,
+    the rejected one wrong (a toy set a reward model learns in a few dozen steps)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        records.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}, certainly right.",
+                        "rejected": f"{a} plus {b} is {a + b + rng.randint(1, 9)}, surely wrong."})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def preference_pairs(tmp_path_factory) -> Path:
+    """200 toy preference pairs (pairs.jsonl) for the reward model."""
+    return toy_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 200, seed=0)
+
+
+def reward_args(pairs_file, model_dir, output_dir, **overrides) -> list[str]:
+    """A tiny, fast reward-model command line; overrides are flag=value (None drops the flag)."""
+    flags = {"train_files": str(pairs_file), "model_name_or_path": str(model_dir), "max_seq_length": "64",
+             "per_device_train_batch_size": "4", "max_steps": "6", "logging_steps": "1", "learning_rate": "1e-3",
+             "output_dir": str(output_dir), "resume": "never", "seed": "3", "validation_split_ratio": "0.05"}
+    flags.update(overrides)
+    return _argv(flags)
+
+
+# ------------------------------------------------------------------------ every training stage
+
+# stage -> (entry script, the session fixtures its command line is built from, that builder,
+#           the training file among those fixtures, fail_fast flags)
+_STAGE_SPECS = {
+    "pretrain": ("launch/pretrain.py", ("corpus", "tokenizer_dir"), pretrain_args, lambda corpus, tok: corpus, {}),
+    "sft": ("launch/sft.py", ("chat_dir", "sft_model_dir"), sft_args, lambda chat, model: chat / "sft.jsonl", {"strict": True}),
+    "reward": ("launch/reward.py", ("preference_pairs", "sft_model_dir"), reward_args, lambda pairs, model: pairs, {}),
+}
+
+
+@pytest.fixture(scope="session")
+def stage_run(request) -> Callable[[str], StageRun]:
+    """stage_run(stage) -> StageRun. A stage's fixtures are built only when a test asks for it
+    (pretraining alone needs no chat data or base model)."""
+    import importlib
+
+    assert set(_STAGE_SPECS) == set(TRAINING_STAGES), "every stage in TRAINING_STAGES needs an entry in _STAGE_SPECS"
+
+    def build(stage: str) -> StageRun:
+        script, fixture_names, builder, train_file, fail_fast = _STAGE_SPECS[stage]
+        inputs = [request.getfixturevalue(name) for name in fixture_names]
+        main = importlib.import_module(script.removesuffix(".py").replace("/", ".")).main
+        return StageRun(script, lambda output_dir, **overrides: builder(*inputs, output_dir, **overrides), main,
+                        Path(train_file(*inputs)), dict(fail_fast))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def reference_losses(stage_run, tmp_path_factory) -> Callable[..., dict[int, float]]:
+    """reference_losses(stage, **overrides) -> {step: loss} of an uninterrupted in-process run,
+    computed once per stage and overrides for the whole session (--save_steps changes no loss)."""
+    cache: dict = {}
+
+    def losses(stage: str, **overrides) -> dict[int, float]:
+        key = (stage, tuple(sorted((k, str(v)) for k, v in overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"uninterrupted_{stage}")
+            stage_run(stage).main(stage_run(stage).args(out, **overrides))
+            cache[key] = read_losses(out)
+        return dict(cache[key])
+
+    return losses
 
 
 def _argv(flags: dict) -> list[str]:

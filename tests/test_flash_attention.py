@@ -88,7 +88,7 @@ def test_sft_under_flash_attention_gives_sdpas_losses(chat_dir, sft_model_dir, t
 def test_reward_pairs_under_flash_attention_are_unpadded_by_their_mask(sft_model_dir, tokenizer_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from test_reward import toy_pairs
+    from conftest import toy_pairs
     from trainers.data.pairs import collate_pairs, encode_pairs
     from trainers.reward import rewards
 

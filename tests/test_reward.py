@@ -5,12 +5,12 @@ with final/ loading as a sequence classifier."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import read_losses
+from conftest import read_losses, toy_pairs
+from conftest import reward_args as stage_reward_args
 from launch.reward import main as reward_main
 from trainers.data.pairs import collate_pairs, encode_pairs, pair_messages
 from trainers.errors import UsageError
@@ -53,22 +53,10 @@ def test_collate_puts_chosen_first():
     assert batch["attention_mask"].sum().item() == 7 and batch["pairs"] == 2
 
 
-def toy_pairs(path, n: int, seed: int):
-    """Answers marked by their words: the chosen one says it is right, the rejected one wrong."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        records.append({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}, certainly right.",
-                        "rejected": f"{a} plus {b} is {a + b + rng.randint(1, 9)}, surely wrong."})
-    return write_jsonl(path, records)
-
-
 def reward_args(model_dir, data, out, **extra):
-    flags = {"model_name_or_path": str(model_dir), "train_files": str(data), "output_dir": str(out), "max_seq_length": 64,
-             "per_device_train_batch_size": 8, "max_steps": 30, "logging_steps": 1, "learning_rate": 1e-3, "seed": 3,
-             "validation_split_ratio": 0.1, "resume": "never", "lr_scheduler_type": "constant", "warmup_ratio": 0, **extra}
-    return [part for k, v in flags.items() for part in (f"--{k}", str(v))]
+    """conftest's reward command line, trained long enough (30 steps of 8 pairs, constant lr) to reach full accuracy."""
+    return stage_reward_args(data, model_dir, out, **{"per_device_train_batch_size": 8, "max_steps": 30, "validation_split_ratio": 0.1,
+                                                      "lr_scheduler_type": "constant", "warmup_ratio": 0, **extra})
 
 
 @pytest.mark.parametrize("mask_dtype", [None, torch.float32], ids=["transformers-mask", "shared-mask"])

@@ -7,7 +7,12 @@ The fault is installed in the rank named by "rank" (every rank when absent), the
 runs as `__main__`, exactly as the launcher would have run it. Kinds:
 
 - nan_loss {"steps": [k, ...], "accumulation": a}: the model's loss is multiplied by NaN in the
-  forward passes of optimizer steps k (counted from 1 in this process; `a` micro batches a step).
+  forward passes of optimizer steps k (counted from 1 in this process; `a` micro batches a step);
+  for the reward model (a sequence classifier, whose loss the trainer makes from the scores) the
+  scores are.
+- pause_in_forward {"call": n, "marker": path}: the n-th training forward pass (counted from 1 in
+  this process) creates `path` and waits, mid-step, until `path + ".go"` exists (at most 600 s):
+  a test signals or kills the process at a known step without racing it.
 - kill_in_save {"step": k}: SIGKILL this rank right after it wrote its share of checkpoint-k,
   before the manifest exists.
 - fail_write {"step": k, "file": name}: writing a file whose name ends with `name` into checkpoint-k fails like a full disk:
@@ -26,35 +31,70 @@ import signal
 import sys
 
 
-def poison_loss(factor_for_call, setattr=setattr) -> None:
-    """Multiply the causal LM's loss by factor_for_call(n) in its n-th training forward (counted from
-    1 in this process; None leaves it). Both ways the loss is made are wrapped: the class's own forward
-    and the chunked loss's routing, which use_chunked_loss binds to the model later and which calls the
-    class's forward where it does not apply; only the outermost wrapper of a call counts it. `setattr`:
-    pytest's monkeypatch.setattr in a test, so the patches are undone after it."""
-    from transformers import Qwen2ForCausalLM
+def on_training_forward(after, setattr=setattr, before=None) -> None:
+    """Hook the n-th training forward pass of every model kind the stages train (counted from 1 in
+    this process, model.training only, so evaluation passes do not count): `before(n)` runs as it
+    starts, `after(n, out, kind)` may change its output, kind "loss" for a causal LM (pretraining,
+    SFT) and "logits" for a sequence classifier (the reward model: its loss is made from the scores
+    by the trainer). Every way the causal LM's loss is made is wrapped: the class's own forward and
+    the chunked loss's routing, which use_chunked_loss binds to the model later and which calls the
+    class's forward where it does not apply; only the outermost wrapper of a call counts it.
+    `setattr`: pytest's monkeypatch.setattr in a test, so the patches are undone after it."""
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     from trainers import chunked_loss
 
     calls, depth = [0], [0]
 
-    def poisoned(original):
+    def hooked(original, kind):
         def forward(self, *args, **kwargs):
+            counted = self.training and depth[0] == 0
+            if counted:
+                calls[0] += 1
+                n = calls[0]
+                if before is not None:
+                    before(n)
             depth[0] += 1
             try:
                 out = original(self, *args, **kwargs)
             finally:
                 depth[0] -= 1
-            if self.training and depth[0] == 0:
-                calls[0] += 1
-                factor = factor_for_call(calls[0])
-                if factor is not None:
-                    out["loss"] = out["loss"] * factor
-            return out
+            return after(n, out, kind) if counted else out
         return forward
 
-    setattr(Qwen2ForCausalLM, "forward", poisoned(Qwen2ForCausalLM.forward))
-    setattr(chunked_loss, "_causal_lm_forward", poisoned(chunked_loss._causal_lm_forward))
+    setattr(Qwen2ForCausalLM, "forward", hooked(Qwen2ForCausalLM.forward, "loss"))
+    setattr(Qwen2ForSequenceClassification, "forward", hooked(Qwen2ForSequenceClassification.forward, "logits"))
+    setattr(chunked_loss, "_causal_lm_forward", hooked(chunked_loss._causal_lm_forward, "loss"))
+
+
+def poison_loss(factor_for_call, setattr=setattr) -> None:
+    """Multiply the loss by factor_for_call(n) in the n-th training forward (None leaves it): the
+    causal LM's out["loss"], or the sequence classifier's scores (out["logits"]), from which the
+    reward model's pairwise loss is made. See on_training_forward."""
+
+    def poison(call, out, kind):
+        factor = factor_for_call(call)
+        if factor is not None:
+            out[kind] = out[kind] * factor
+        return out
+
+    on_training_forward(poison, setattr)
+
+
+def pause_at_call(call: int, marker: str, setattr=setattr) -> None:
+    """The `call`-th training forward creates `marker`, then waits for `marker + ".go"` (600 s at most)."""
+    import time
+    from pathlib import Path
+
+    def pause(n):
+        if n != call:
+            return
+        Path(marker).touch()
+        deadline = time.monotonic() + 600
+        while not Path(marker + ".go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # a signal's Python handler runs here, mid-step
+
+    on_training_forward(lambda n, out, kind: out, setattr, before=pause)
 
 
 def install(spec: dict) -> None:
@@ -64,6 +104,8 @@ def install(spec: dict) -> None:
     if kind == "nan_loss":
         steps, accumulation = spec["steps"], spec.get("accumulation", 1)
         poison_loss(lambda call: float("nan") if (call - 1) // accumulation + 1 in steps else None)
+    elif kind == "pause_in_forward":
+        pause_at_call(spec["call"], spec["marker"])
     elif kind in ("kill_in_save", "signal_in_save"):
         from trainers.runtime import Runtime
 
@@ -94,6 +136,37 @@ def install(spec: dict) -> None:
         torch.save = save
     else:
         raise SystemExit(f"faults.py: unknown fault kind {kind!r}")
+
+
+# ---------------------------------------------------------------- for the tests that use it
+
+FAULTS = os.path.abspath(__file__)
+
+
+def start_with_fault(entry: list[str], fault: dict, log_path, env: dict | None = None):
+    """Start `python faults.py <entry...>` with `fault` installed, from the repository root, its
+    output into `log_path` (a file: a paused process never blocks on a full pipe)."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(FAULTS)))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINRIG_FAULT": json.dumps(fault), **(env or {})}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, FAULTS, *entry], cwd=repo, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_marker(proc, marker, log_path, timeout: float = 300) -> None:
+    """Poll until the paused process has created `marker` (it is then mid-step, waiting)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while not Path(marker).exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it paused:\n{Path(log_path).read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no pause after {timeout} s:\n{Path(log_path).read_text()[-4000:]}")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ one stderr line, `error: ...`, that names the file and line (or the flag, or the
 and says how to fix it -- never a traceback, never a half-started run. Where SFT documents
 skipping and counting a bad sample instead (trainers/data/chat.py: REASONS), the run goes on and
 the per-reason skip counts appear in the log and in summary.json, and `--strict` turns the first
-such sample into the same one-line exit 2."""
+such sample into the same one-line exit 2. A missing training file and one with a line cut
+mid-way are checked in every training stage (conftest.TRAINING_STAGES)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pretrain_args, sft_args
+from conftest import TRAINING_STAGES, pretrain_args, reward_args, sft_args
 from launch.pretrain import main as pretrain_main
+from launch.reward import main as reward_main
 from launch.sft import main as sft_main
 
 pytestmark = [pytest.mark.reliability]
@@ -216,3 +218,88 @@ def test_sft_bad_input_exits_2_with_one_line(case, bad, plain_tokenizer_dir, sft
     exits_2(capsys, sft_main, sft_args(chat_dir, sft_model_dir, **overrides), *patterns)
     out = Path(overrides["output_dir"])
     assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------- every stage
+
+
+def assert_nothing_started(out: Path) -> None:
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_training_file_with_a_line_cut_mid_way_exits_2_naming_it(stage, stage_run, tmp_path, capsys):
+    """The stage's own training data, its 40th and last record cut mid-way (a copy interrupted):
+    exit 2 naming file:line (SFT with --strict: by default it skips and counts the sample)."""
+    run = stage_run(stage)
+    good = run.train_file.read_text().splitlines()[:40]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(good[:-1] + [good[-1][: len(good[-1]) // 2]]) + "\n")
+    out = tmp_path / "run"
+    exits_2(capsys, run.main, run.args(out, train_files=cut, **run.fail_fast), rf"{re.escape(str(cut))}:40: not valid JSON")
+    assert_nothing_started(out)
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_missing_training_file_exits_2_naming_it(stage, stage_run, tmp_path, capsys):
+    run = stage_run(stage)
+    missing, out = tmp_path / "nowhere" / "train.jsonl", tmp_path / "run"
+    exits_2(capsys, run.main, run.args(out, train_files=missing),
+            rf"--train_files {re.escape(str(missing))}: no such file or directory", r"check the path")
+    assert_nothing_started(out)
+
+
+# ---------------------------------------------------------------------------------- reward
+
+
+P = {"prompt": "What is 2 plus 2?", "chosen": "2 plus 2 is 4, certainly right.", "rejected": "2 plus 2 is 5, surely wrong."}
+
+REWARD_CASES = {
+    "no_rejected": ([{k: v for k, v in P.items() if k != "rejected"}],
+                    [r"bad\.jsonl:4: a preference pair needs 'chosen' and 'rejected' \(found \['prompt', 'chosen'\]\)"]),
+    "rejected_is_a_number": ([dict(P, rejected=5)], [r"bad\.jsonl:4: 'rejected' must be a non-empty string"]),
+    "no_prompt": ([{"chosen": P["chosen"], "rejected": P["rejected"]}], [r"bad\.jsonl:4: needs a non-empty 'prompt'"]),
+    "unknown_role": ([dict(P, prompt=[{"role": "user", "content": "2 plus 2?"}, {"role": "narrator", "content": "Silence."}])],
+                     [r"bad\.jsonl:4: turn 1 has role 'narrator'.*\(unknown_role\)"]),
+    "every_pair_too_long": ("TOO_LONG", [r"--train_files .*bad\.jsonl: no usable pairs", r"raise --max_seq_length"]),
+    "empty_train_file": ([], [r"--train_files .*bad\.jsonl: no usable pairs"]),
+    # a context turn that is not a {"role", "content"} object
+    "turn_is_not_an_object": ([dict(P, prompt=["2 plus 2?"])], [r"bad\.jsonl:4: turn 0 is a str, not an object \(malformed_turn\)"]),
+    "turn_without_content": ([dict(P, prompt=[{"role": "user"}])], [r"bad\.jsonl:4: turn 0 has no role/content .*\(malformed_turn\)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REWARD_CASES))
+def test_reward_bad_pairs_exit_2_with_one_line(case, preference_pairs, sft_model_dir, tmp_path, capsys):
+    """Three good pairs, then the bad record (or the file as described): exit 2 naming file:line."""
+    planted, patterns = REWARD_CASES[case]
+    good = preference_pairs.read_text().splitlines()[:3]
+    path = tmp_path / "bad.jsonl"
+    if planted == "TOO_LONG":
+        path.write_text("\n".join(good) + "\n")
+        argv = reward_args(path, sft_model_dir, tmp_path / "run", max_seq_length=8)
+    else:
+        lines = good + [json.dumps(r) for r in planted] if planted else []
+        path.write_text("".join(line + "\n" for line in lines))
+        argv = reward_args(path, sft_model_dir, tmp_path / "run")
+    exits_2(capsys, reward_main, argv, *patterns)
+    assert_nothing_started(tmp_path / "run")
+
+
+REWARD_SETTING_CASES = {
+    "model_dir_is_empty": ({"model_name_or_path": "empty_dir"},
+                           [r"--model_name_or_path .*empty_dir: not a model directory \(no config\.json\)", r"save_pretrained"]),
+    "no_model": ({"model_name_or_path": None}, [r"--model_name_or_path is required"]),
+    "merge_lora": ({"lora_r": "4", "merge_lora": True}, [r"--merge_lora is not available for the reward model"]),
+    "output_dir_below_a_file": ({"output_dir": "a_file/run"},
+                                [r"--output_dir .*a_file/run: not writable", r"choose a directory you can write to"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REWARD_SETTING_CASES))
+def test_reward_bad_setting_exits_2_with_one_line(case, bad, preference_pairs, sft_model_dir, tmp_path, capsys):
+    overrides, patterns = REWARD_SETTING_CASES[case]
+    overrides = {k: (str(bad / v) if k in ("model_name_or_path", "output_dir") and v else v) for k, v in overrides.items()}
+    overrides.setdefault("output_dir", tmp_path / "run")
+    exits_2(capsys, reward_main, reward_args(preference_pairs, sft_model_dir, **overrides), *patterns)
+    assert_nothing_started(Path(overrides["output_dir"]))

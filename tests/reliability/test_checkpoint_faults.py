@@ -4,8 +4,9 @@ missing file). In every case the next start resumes from the newest checkpoint t
 whole, and says which one it skipped and why; nothing partial is ever taken for complete, and a run
 never silently starts over from fresh state.
 
-Faults are injected by tests/reliability/faults.py (two gloo ranks under torchrun) or by editing
-the files (one process). Loss tolerance 1e-6 against an uninterrupted run, as in test_resume.py.
+Faults are injected by tests/reliability/faults.py (two gloo pretraining ranks under torchrun) or
+by editing the files (one process, every training stage: conftest.TRAINING_STAGES). Loss tolerance
+1e-6 against an uninterrupted run, as in test_resume.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from conftest import REPO, TRAINING_STAGES, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
 
 from launch.pretrain import main as pretrain_main
 from trainers.checkpoint import MANIFEST, complete_checkpoints
@@ -115,11 +116,19 @@ def test_write_failure_in_a_single_process_exits_1(corpus, tokenizer_dir, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def saved_run(corpus, tokenizer_dir, tmp_path_factory):
-    """checkpoint-2, -4 and -6 of a one-process run."""
-    out = tmp_path_factory.mktemp("saved") / "run"
-    pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=6, save_steps=2))
-    return out
+def saved_run(stage_run, tmp_path_factory):
+    """saved_run(stage): an 8-step one-process run of the stage with checkpoint-2, -4, -6 and -8
+    (built once per stage in this module)."""
+    cache = {}
+
+    def get(stage: str):
+        if stage not in cache:
+            run, out = stage_run(stage), tmp_path_factory.mktemp(f"saved_{stage}") / "run"
+            run.main(run.args(out, max_steps=8, save_steps=2))
+            cache[stage] = out
+        return cache[stage]
+
+    return get
 
 
 def damage(path, how: str) -> None:
@@ -133,42 +142,57 @@ def damage(path, how: str) -> None:
         path.unlink()
 
 
+def interrupted_copy(saved, out):
+    """The saved run as if it had stopped after checkpoint-6: no checkpoint-8, no final/."""
+    shutil.copytree(saved, out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-8")
+    return out
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
 @pytest.mark.parametrize("name,how,problem", [
     ("model.safetensors", "flip", "does not match its sha256"),
     ("optimizer.pt", "truncate", "bytes, the manifest says"),
     ("rng_state_0.pt", "delete", "is missing"),
     ("trainer_state.json", "flip", "does not match its sha256"),
 ])
-def test_damaged_newest_checkpoint_falls_back_and_says_so(saved_run, corpus, tokenizer_dir, tmp_path, caplog, capsys, name, how, problem):
-    out = tmp_path / "run"
-    shutil.copytree(saved_run, out)
-    shutil.rmtree(out / "final")
+def test_damaged_newest_checkpoint_falls_back_and_says_so(stage, stage_run, saved_run, tmp_path, caplog, capsys, name, how, problem):
+    run, saved = stage_run(stage), saved_run(stage)
+    out = interrupted_copy(saved, tmp_path / "run")
     damage(out / "checkpoint-6" / name, how)
 
     # an explicit path to it: refused, naming the file
     with pytest.raises(SystemExit) as exit_info:
-        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume=str(out / "checkpoint-6")))
+        run.main(run.args(out, max_steps=8, save_steps=2, resume=str(out / "checkpoint-6")))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{out / 'checkpoint-6' / name}" in error and problem in error, error
 
     # --resume auto: the previous complete checkpoint, with a warning naming the file
     caplog.set_level("INFO")
-    summary = pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume="auto"))
+    summary = run.main(run.args(out, max_steps=8, save_steps=2, resume="auto"))
     assert f"skipping damaged checkpoint checkpoint-6: {out / 'checkpoint-6' / name}" in caplog.text and problem in caplog.text
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
-    assert summary["step"] == 8 and sorted(read_losses(out)) == list(range(1, 9))
+    assert summary["step"] == 8
+    # from checkpoint-4's state, steps 5-8 are the saved run's own (a fresh start or a wrong state would differ)
+    got, expected = read_losses(out), read_losses(saved)
+    assert sorted(got) == list(range(1, 9))
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert worst <= 1e-6, f"max |loss difference| {worst:.2e}"
 
 
-def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(saved_run, corpus, tokenizer_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(saved_run, out)
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(stage, stage_run, saved_run, tmp_path, capsys):
+    run = stage_run(stage)
+    out = interrupted_copy(saved_run(stage), tmp_path / "run")
     for step in (2, 4, 6):
         damage(out / f"checkpoint-{step}" / "model.safetensors", "flip")
     with pytest.raises(SystemExit) as exit_info:
-        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=8, save_steps=2, resume="auto"))
+        run.main(run.args(out, max_steps=8, save_steps=2, resume="auto"))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--resume auto: no checkpoint in {out} verifies (checkpoint-6:" in error and "checkpoint-2:" in error
     assert "--resume never" in error
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6  # nothing was overwritten
+    assert not (out / "final").exists()

@@ -6,7 +6,9 @@ record). More than --max_bad_steps such steps in a row stop the run with exit st
 message naming the steps, the rank and what to do.
 
 The NaN is injected by tests/reliability/faults.py (the model's loss times NaN in the forward
-passes of the chosen step, on the chosen rank only), under DDP and DeepSpeed ZeRO-2.
+passes of the chosen step, on the chosen rank only), under DDP and DeepSpeed ZeRO-2 for
+pretraining; in one process for every training stage (conftest.TRAINING_STAGES), the reward
+model's scores times NaN (its loss is made from them).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, free_port, pretrain_args, run_launcher
+from conftest import REPO, TRAINING_STAGES, VENV_BIN, free_port, pretrain_args, run_launcher
 from faults import poison_loss
 
-from launch.pretrain import main as pretrain_main
 from trainers.checkpoint import load_plain
 from trainers.runtime import _deepspeed_safe_globals
 from trainers.tracking import read_metrics
@@ -87,11 +88,13 @@ def test_nan_on_one_rank_skips_the_same_update_everywhere(engine, corpus, tokeni
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_more_bad_steps_in_a_row_than_allowed_stop_the_run(corpus, tokenizer_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_more_bad_steps_in_a_row_than_allowed_stop_the_run(stage, stage_run, tmp_path, monkeypatch, capsys):
+    run = stage_run(stage)
     poison_loss(lambda call: float("inf"), monkeypatch.setattr)  # an Inf loss (finite gradients would follow from it unpoisoned)
     out = tmp_path / "diverged"
     with pytest.raises(SystemExit) as exit_info:
-        pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=10, save_steps=0, max_bad_steps=2))
+        run.main(run.args(out, max_steps=10, save_steps=0, max_bad_steps=2))
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: steps 1-3: 3 updates in a row skipped") and "--max_bad_steps 2" in error
@@ -101,11 +104,15 @@ def test_more_bad_steps_in_a_row_than_allowed_stop_the_run(corpus, tokenizer_dir
     assert not (out / "final").exists()
 
 
-def test_one_bad_step_is_skipped_in_a_single_process(corpus, tokenizer_dir, tmp_path, monkeypatch):
-    """The same guarantee without a launcher (fast): an Inf loss at step 3 only."""
-    poison_loss(lambda call: float("inf") if call == 3 else None, monkeypatch.setattr)
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_one_bad_step_is_skipped_in_a_single_process(stage, stage_run, tmp_path, monkeypatch):
+    """The same guarantee without a launcher (fast), in every stage: a NaN loss at step 3 only (for
+    the reward model NaN scores, which its pairwise loss is made from)."""
+    run = stage_run(stage)
+    poison_loss(lambda call: float("nan") if call == 3 else None, monkeypatch.setattr)
     out = tmp_path / "single"
-    summary = pretrain_main(pretrain_args(corpus, tokenizer_dir, out, max_steps=5, save_steps=1))
+    summary = run.main(run.args(out, max_steps=5, save_steps=1))
     assert summary["step"] == 5 and math.isfinite(summary["loss"])
     assert_update_skipped(out, 3)
     assert_logged(out, 3, rank=0, steps=5)
+    assert (out / "final" / "config.json").is_file()

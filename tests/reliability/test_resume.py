@@ -1,6 +1,7 @@
 """Save at step k, SIGKILL the run mid-step, `--resume auto` to step n: the losses of steps
 k+1..n equal the uninterrupted run's to 1e-6 (CPU, fp32, same samples in the same order), for one
-process and for two ranks under DDP and DeepSpeed ZeRO-2; the sample ids every rank trained on,
+process in every training stage (conftest.TRAINING_STAGES) and for two pretraining ranks under DDP
+and DeepSpeed ZeRO-2; the sample ids every rank trained on,
 step by step, equal the uninterrupted run's (no sample repeated or skipped). A checkpoint saved by
 two ranks is refused by one, with the reason and the supported path.
 
@@ -13,50 +14,56 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from conftest import REPO, TRAINING_STAGES, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from faults import start_with_fault, wait_for_marker
 from launch.pretrain import main as pretrain_main
-from trainers.checkpoint import MANIFEST, complete_checkpoints
+from trainers.checkpoint import MANIFEST, complete_checkpoints, step_of
+from trainers.tracking import read_metrics
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(corpus, tokenizer_dir, tmp_path):
-    # block 128 x micro 8 makes a step ~50 ms here: slow enough to kill between checkpoints
-    common = dict(block_size=128, per_device_train_batch_size=8, max_steps=60, save_steps=8, logging_steps=1)
-    reference = tmp_path / "uninterrupted"
-    pretrain_main(pretrain_args(corpus, tokenizer_dir, reference, **common))
-    expected = read_losses(reference)
+KILL_RUN = dict(max_steps=8, save_steps=2)
 
-    out = tmp_path / "killed"
-    argv = [sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, out, **common, resume="auto")]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_sigkill_mid_step_then_resume_equals_uninterrupted(stage, stage_run, reference_losses, tmp_path, caplog):
+    """One process, SIGKILLed in the middle of step 6 (paused in its forward pass by faults.py,
+    so the kill lands there however slow the machine is): checkpoint-4 is the newest complete
+    one, step 5 was already logged; `--resume auto` continues from checkpoint-4 to the uninterrupted
+    run's losses, and metrics.jsonl holds every step once."""
+    run = stage_run(stage)
+    expected = reference_losses(stage, max_steps=8)
+    assert sorted(expected) == list(range(1, 9))
+
+    out, marker, log = tmp_path / "killed", tmp_path / "paused", tmp_path / "killed.log"
+    args = run.args(out, **KILL_RUN, resume="auto")
+    proc = start_with_fault([run.script, *args], {"kind": "pause_in_forward", "call": 6, "marker": str(marker)}, log)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoint-16" / MANIFEST).is_file():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.02)
+        wait_for_marker(proc, marker, log)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (out / "final").exists(), "killed too late: the run had finished"
-    killed_at = max(read_losses(out))
-    assert killed_at < 60
+    assert not (out / "final").exists()
+    assert [step_of(p) for p in complete_checkpoints(out)] == [2, 4]  # saves are synchronous: 4 was whole before step 5
+    assert sorted(read_losses(out)) == list(range(1, 6)), log.read_text()[-3000:]  # step 5, past the checkpoint, was logged
 
-    run_launcher(argv)  # resume auto
-    newest_complete = 16
+    caplog.set_level("INFO")
+    summary = run.main(args)  # the same command line: --resume auto
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    assert summary["step"] == 8
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9)), steps  # the lines past the checkpoint were rewritten, not duplicated
     resumed = read_losses(out)
-    assert sorted(resumed) == list(range(1, 61))   # metrics past the checkpoint were rewritten, not duplicated
-    for step in range(newest_complete + 1, 61):
-        assert abs(resumed[step] - expected[step]) <= 1e-6, (step, resumed[step], expected[step])
-    assert [p.name for p in complete_checkpoints(out)][-1] == "checkpoint-56"
+    worst = max(abs(resumed[s] - expected[s]) for s in range(1, 9))
+    assert worst <= 1e-6, f"max |loss difference| {worst:.2e}: {resumed} vs {expected}"
+    assert [step_of(p) for p in complete_checkpoints(out)] == [2, 4, 6, 8] and (out / "final").is_dir()
 
 
 def test_resume_auto_ignores_torn_checkpoint(corpus, tokenizer_dir, tmp_path, caplog):
@@ -81,7 +88,7 @@ def test_resume_exact_across_an_epoch_boundary(tokenizer_dir, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from launch.demo import make_corpus
+    from trainers.data.synthetic import make_corpus
     from trainers.data.packing import prepare_blocks
 
     corpus = tmp_path / "small.jsonl"

@@ -1,6 +1,7 @@
-"""Stopping on a signal outside Slurm: SIGTERM to a plain `python launch/pretrain.py`, SIGUSR2 to
-one torchrun rank only (with a second signal to the other rank while the stop checkpoint is being
-written), and SIGTERM to torchrun itself (what a scheduler does). Each run stops at a step boundary
+"""Stopping on a signal outside Slurm: SIGTERM to a plain `python launch/<stage>.py` of every
+training stage (conftest.TRAINING_STAGES), SIGUSR2 to one pretraining torchrun rank only (with a
+second signal to the other rank while the stop checkpoint is being written), and SIGTERM to
+torchrun itself (what a scheduler does). Each run stops at a step boundary
 with one complete checkpoint and exit status 75, and `--resume auto` continues to the losses of an
 uninterrupted run.
 
@@ -17,17 +18,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from conftest import REPO, TRAINING_STAGES, VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from faults import start_with_fault, wait_for_marker
 
-from launch.pretrain import main as pretrain_main
 from trainers import stopping
 from trainers.checkpoint import complete_checkpoints, step_of
 
 pytestmark = [pytest.mark.reliability]
 TOLERANCE = 1e-6
-# block 128 x micro 8 makes a step ~50 ms here (~0.3 s with two ranks): slow enough to signal mid-run
+# the torchrun case: block 128 x micro 8 makes a step ~50 ms here (~0.3 s with two ranks), slow enough to signal mid-run
 COMMON = dict(block_size=128, per_device_train_batch_size=8, max_steps=40, logging_steps=1, save_steps=0)
 
 
@@ -88,25 +90,40 @@ def assert_same_losses(expected: dict, got: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_single_process_saves_exits_75_and_resumes(corpus, tokenizer_dir, tmp_path):
-    reference = tmp_path / "uninterrupted"
-    pretrain_main(pretrain_args(corpus, tokenizer_dir, reference, **COMMON))
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_sigterm_to_a_single_process_saves_exits_75_and_resumes(stage, stage_run, reference_losses, tmp_path):
+    """SIGTERM from outside while the process is in step 4's forward pass (held there by faults.py
+    until the signal is sent, so no timing decides the step): it finishes step 4, writes
+    checkpoint-4 (no --save_steps: the only checkpoint), exits 75; the same command resumes to the
+    uninterrupted run's losses."""
+    run = stage_run(stage)
+    expected = reference_losses(stage, max_steps=8)
 
-    out, status = tmp_path / "stopped", tmp_path / "status.json"
-    argv = [sys.executable, "launch/pretrain.py", *pretrain_args(corpus, tokenizer_dir, out, **COMMON, resume="auto")]
-    proc = start(argv, env={stopping.STATUS_FILE_ENV: str(status)})
-    wait_for_steps(out, proc, 5)
-    proc.send_signal(signal.SIGTERM)
-    output = finish(proc)
+    out, status, marker, log = tmp_path / "stopped", tmp_path / "status.json", tmp_path / "paused", tmp_path / "stopped.log"
+    args = run.args(out, max_steps=8, save_steps=0, resume="auto")
+    env = {stopping.STATUS_FILE_ENV: str(status)}
+    proc = start_with_fault([run.script, *args], {"kind": "pause_in_forward", "call": 4, "marker": str(marker)}, log, env=env)
+    try:
+        wait_for_marker(proc, marker, log)
+        proc.send_signal(signal.SIGTERM)
+        Path(f"{marker}.go").touch()
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
     assert proc.returncode == stopping.STOPPED_EXIT_STATUS, output[-4000:]
     (checkpoint,) = complete_checkpoints(out)
     outcome = json.loads(status.read_text())
-    assert outcome["status"] == "stopped" and outcome["step"] == step_of(checkpoint) < COMMON["max_steps"]
+    assert outcome["status"] == "stopped" and outcome["step"] == step_of(checkpoint) == 4, (outcome, checkpoint)
     assert "SIGTERM here" in outcome["reason"] and not (out / "final").exists()
+    assert sorted(read_losses(out)) == [1, 2, 3, 4]
 
-    run_launcher(argv)  # the same command again
-    assert_same_losses(read_losses(reference), read_losses(out))
-    assert (out / "final" / "model.safetensors").is_file()
+    run_launcher([sys.executable, run.script, *args], env=env)  # the same command again
+    outcome = json.loads(status.read_text())
+    assert outcome["status"] == "completed" and outcome["resumed_from_step"] == 4, outcome
+    assert_same_losses(expected, read_losses(out))
+    assert (out / "final" / "config.json").is_file()
 
 
 @pytest.mark.slow

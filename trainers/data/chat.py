@@ -110,12 +110,12 @@ def to_messages(record, chat_format: str) -> list[dict]:
         turns = record.get(key)
         if not isinstance(turns, list):
             raise SampleError("unknown_format", f"no '{key}' list (found {list(record)[:6]})")
-        messages = [_turn(t, i, chat_format) for i, t in enumerate(turns)]
+        messages = [normalize_turn(t, i, chat_format) for i, t in enumerate(turns)]
     validate_messages(messages)
     return messages
 
 
-def _turn(turn, index: int, chat_format: str) -> dict:
+def normalize_turn(turn, index: int, chat_format: str) -> dict:
     """A turn of either style; ShareGPT files often use role/content too, and vice versa."""
     if not isinstance(turn, dict):
         raise SampleError("malformed_turn", f"turn {index} is a {type(turn).__name__}, not an object")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trainers.attention import ROW_MULTIPLE
-from trainers.data.chat import SampleError, iter_records, validate_messages
+from trainers.data.chat import SampleError, normalize_turn, iter_records, validate_messages
 from trainers.data.sources import resolve_files
 from trainers.errors import UsageError
 
@@ -37,7 +37,10 @@ def _context(record: dict, where: str) -> list[dict]:
     if isinstance(prompt, str) and prompt.strip():
         context = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and prompt:
-        context = [dict(turn) for turn in prompt]
+        try:  # each turn checked as SFT checks it: an object with role/content (or ShareGPT's from/value), a known role
+            context = [normalize_turn(turn, i, "messages") for i, turn in enumerate(prompt)]
+        except SampleError as err:
+            raise UsageError(f"{where}: {err} ({err.reason})") from None
     else:
         raise UsageError(f"{where}: needs a non-empty 'prompt' (or 'question', or a 'messages' list) beside 'chosen' and 'rejected'")
     if record.get("system") and context[0].get("role") != "system":
