@@ -27,6 +27,7 @@ from pathlib import Path
 from launch.planner.hardware import host_ram_bytes, available_ram_bytes, kernel_support
 from trainers.devices import FLASH_INSTALL, GPU_TORCH_INSTALL, blind_torch_problem, driver_version, nvidia_smi_gpus
 from trainers.errors import USAGE_EXIT_CODE
+from trainers.quantization import BNB_INSTALL
 from trainers.extensions import extension_build_dir, stale_build_locks
 
 GB = 10**9
@@ -110,6 +111,16 @@ def check_library(name: str, version: str | None, import_error: str) -> Check:
     if version is None:
         return Check(name, "fail", f"does not import ({import_error})", "pip install -e .")
     return Check(name, "pass", version)
+
+
+def check_bitsandbytes(version: str | None, import_error: str, problem: str, device: str) -> Check:
+    """--load_in_4bit/--load_in_8bit's library: it imports, and a tiny NF4 layer runs on this device."""
+    if version is None:
+        return Check("bitsandbytes", "fail", f"does not import ({import_error}); --load_in_4bit/--load_in_8bit need it", BNB_INSTALL)
+    if problem:
+        return Check("bitsandbytes", "fail", f"{version}: its 4-bit layer does not run on {device} ({problem})",
+                     f"{BNB_INSTALL} (a build with kernels for this device)")
+    return Check("bitsandbytes", "pass", f"{version}: a 4-bit NF4 layer runs on {device} (QLoRA: --load_in_4bit)")
 
 
 def check_deepspeed(version: str | None, import_error: str, cpu_adam_compatible: bool, compiler: str | None, ninja: bool) -> list[Check]:
@@ -217,10 +228,15 @@ def torch_checks() -> list[Check]:
     else:
         checks += [Check("cuda arch", "skip", "no CUDA GPU"), Check("bf16/tf32", "skip", "no CUDA GPU")]
     from trainers.attention import flash_attn_problem
+    from trainers.quantization import bnb_problem
 
     installed = importlib.util.find_spec("flash_attn") is not None
     problem = flash_attn_problem(torch.device("cuda", 0)) if gpus and installed else ""
     checks.append(check_flash_attn(gpus, installed, problem))
+    bnb, bnb_error = _import("bitsandbytes")
+    device = torch.device("cuda", 0) if gpus else torch.device("cpu")
+    checks.append(check_bitsandbytes(getattr(bnb, "__version__", "?") if bnb else None, bnb_error,
+                                     bnb_problem(device) if bnb else "", gpus[0].name if gpus else "the CPU"))
     checks.append(check_nccl(torch.distributed.is_available() and torch.distributed.is_nccl_available(), len(gpus)))
     checks.append(check_peer_access(access, os.environ.get("NCCL_P2P_DISABLE") == "1"))
     return checks

@@ -27,6 +27,7 @@ from launch.planner.memory import GiB
 from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
+from trainers.quantization import base_bits
 from trainers.stages import REPO, plan_names, stage_named
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
@@ -120,6 +121,7 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
                    lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
+                   base_bits=base_bits(lora) if lora else 16, double_quant=bool(lora and lora.bnb_4bit_use_double_quant),
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload, ds_zero=ds_zero,
                    attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",
                    chunked_loss=chunked_loss_applies(cfg, shape))
@@ -213,7 +215,8 @@ def _parse(argv: list[str], stage: str | None, prog: str) -> tuple[str, list[str
 def table(result: Plan) -> str:
     """The plan as a person reads it: every candidate, then the chosen one term by term."""
     req, s = result.request, result.setup
-    lora = f", LoRA r{req.lora_rank} ({s.lora_parameters / 1e6:.1f}M trainable)" if req.lora_rank else ""
+    base = f" on a {s.base_bits}-bit base" if s.base_bits < 16 else ""
+    lora = f", {'Q' if s.base_bits == 4 else ''}LoRA r{req.lora_rank}{base} ({s.lora_parameters / 1e6:.1f}M trainable)" if req.lora_rank else ""
     size = f"{req.shape.parameters / 1e9:.2f}B" if req.shape.parameters >= 1e9 else f"{req.shape.parameters / 1e6:.1f}M"
     lines = [f"plan: {req.stage} {req.shape.name} ({size} parameters), {req.seq_len} tokens{lora}, "
              f"{s.precision}, on {req.hardware.describe()}",

@@ -103,7 +103,7 @@ def test_model_shapes_build_on_meta(path):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())
-    expected = {"0.5b": 494e6, "1.5b": 1.54e9, "qwen2.5-0.5b": 494e6, "qwen2.5-7b": 7.62e9}.get(path.stem)   # Qwen2.5 model cards
+    expected = {"0.5b": 494e6, "1.5b": 1.54e9, "qwen2.5-0.5b": 494e6, "qwen2.5-7b": 7.62e9, "qwen2.5-14b": 14.7e9, "qwen2.5-32b": 32.5e9}.get(path.stem)   # Qwen2.5 model cards
     if expected:
         assert abs(n - expected) / expected < 0.02, n
 

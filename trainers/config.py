@@ -69,7 +69,7 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = opt("adamw", "adamw (fused where available), or muon: torch.optim.Muon for 2-D hidden matrices and AdamW for embeddings, head, norms and biases.", ("adamw", "muon"))
+    optimizer: str = opt("adamw", "adamw (fused where available); muon: torch.optim.Muon for 2-D hidden matrices and AdamW for embeddings, head, norms and biases; adamw8bit / paged_adamw8bit: bitsandbytes' AdamW with 8-bit moments (2 B per parameter instead of 8; paged: states page to host memory under pressure on CUDA), without DeepSpeed.", ("adamw", "muon", "adamw8bit", "paged_adamw8bit"))
     learning_rate: float = opt(3e-4, "Peak learning rate. Muon scales its orthogonalised update to AdamW's RMS (Moonlight), so one rate serves both groups.", minimum=0)
     muon_momentum: float = opt(0.95, "Muon momentum.")
     weight_decay: float = opt(0.1, "Decoupled weight decay on matrices (never on norms, biases or embeddings).", minimum=0)
@@ -164,6 +164,10 @@ class LoraConfig:
     lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
     lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of <|im_start|> and <|im_end|> (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
     merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes: 0.5 B per weight, ~3.7x less than bf16; 14B fits a 24-32 GB card). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
+    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
+    bnb_4bit_quant_type: str = opt("nf4", "With --load_in_4bit: the 4-bit data type, nf4 (QLoRA's normal float, for normally distributed weights) or fp4.", ("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "With --load_in_4bit: quantize the blocks' scales too (8-bit instead of fp32: 0.127 instead of 0.5 bits per weight).")
 
 
 @dataclass

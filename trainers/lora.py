@@ -40,6 +40,15 @@ def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None
     return model
 
 
+def lora_description(lora_cfg) -> str:
+    """"full", "LoRA r=16", or "QLoRA r=16 on a 4-bit nf4 base", for the log."""
+    if not lora_cfg.lora_r:
+        return "full"
+    if lora_cfg.load_in_4bit:
+        return f"QLoRA r={lora_cfg.lora_r} on a 4-bit {lora_cfg.bnb_4bit_quant_type} base"
+    return f"LoRA r={lora_cfg.lora_r}" + (" on an 8-bit base" if lora_cfg.load_in_8bit else "")
+
+
 def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, tokenizer, trust_remote_code: bool) -> Path:
     """Base model + adapter merged into plain weights at `out_dir` (loads without PEFT). Merged in
     fp32, saved in the base model's dtype; written under a temporary name, renamed when done."""

@@ -14,6 +14,7 @@ import torch
 
 from trainers.attention import resolve_attn_implementation
 from trainers.errors import UsageError
+from trainers.quantization import keep_training_layout
 
 log = logging.getLogger("trainrig.models")
 
@@ -110,9 +111,12 @@ def resolve_model_config(model_cfg, block_size: int, length_flag: str = "--block
     return config
 
 
-def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: int, dtype: str = "fp32"):
+def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: int, dtype: str = "fp32",
+                quantization=None, device: torch.device | None = None):
     """A Qwen2 preset initialised from `seed`, or the checkpoint at --model_name_or_path, its weights
-    in `dtype` (fp32 master weights for training them; bf16/fp16 for a frozen LoRA base)."""
+    in `dtype` (fp32 master weights for training them; bf16/fp16 for a frozen LoRA base). With
+    `quantization` (trainers/quantization.py's BitsAndBytesConfig) its linear layers load quantized,
+    straight onto `device`."""
     from transformers import AutoModelForCausalLM
 
     if getattr(model_cfg, "model_preset", ""):
@@ -124,7 +128,10 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
         path = model_cfg.model_name_or_path
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
                                                      attn_implementation=attn_implementation,
-                                                     trust_remote_code=model_cfg.trust_remote_code)
+                                                     trust_remote_code=model_cfg.trust_remote_code,
+                                                     **quantized_loading(quantization, device))
+        if quantization is not None:
+            keep_training_layout(model, device)
         weight = model.get_input_embeddings().weight
         rows = getattr(weight, "ds_shape", weight.shape)[0]  # ds_shape: the full size under ZeRO-3
         if len(tokenizer) > rows:
@@ -132,6 +139,13 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
                              f"use the model's own tokenizer")
     enable_checkpointing(model, model_cfg.gradient_checkpointing)
     return model
+
+
+def quantized_loading(quantization, device: torch.device | None) -> dict:
+    """from_pretrained's arguments for a quantized base: the config, and every weight on this
+    rank's device (bitsandbytes quantizes as it places them; accelerate then refuses a model on
+    another device than the rank's)."""
+    return {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def enable_checkpointing(model, enabled: bool) -> None:

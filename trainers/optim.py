@@ -81,6 +81,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.optimizers[1].load_state_dict(state_dict["adamw"])
 
 
+# bitsandbytes' AdamW with both moments in 8 bits, blockwise (256) scaled: 2 B per parameter instead of
+# 8 (tensors under 4,096 elements keep fp32 moments); the paged one also lets CUDA page its states to
+# host memory under pressure instead of running out (on a CPU it is the plain one)
+EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
+
+
 def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
     """Under ZeRO offload accelerate swaps the AdamW for DeepSpeedCPUAdam over the same param groups."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -99,6 +105,11 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> 
 
     if optim_cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(adamw_groups(named), fused=fused, **adamw_kwargs)
+    elif optim_cfg.optimizer in EIGHT_BIT_OPTIMIZERS:
+        import bitsandbytes as bnb
+
+        kind = bnb.optim.PagedAdamW8bit if optim_cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        optimizer = kind(adamw_groups(named), **adamw_kwargs)
     else:
         matrices = [p for n, p in named if _is_muon_matrix(n, p)]
         rest = [(n, p) for n, p in named if not _is_muon_matrix(n, p)]

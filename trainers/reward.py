@@ -26,10 +26,12 @@ from trainers.config import Run
 from trainers.data.chat import ensure_chat_template
 from trainers.data.collate import ResumableSampler, model_inputs
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
+from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora
-from trainers.models import TORCH_DTYPES, count_parameters, enable_checkpointing, resolve_model_config, tokenizer_for
+from trainers.lora import apply_lora, lora_description
+from trainers.models import TORCH_DTYPES, count_parameters, enable_checkpointing, quantized_loading, resolve_model_config, tokenizer_for
+from trainers.quantization import base_bits, bnb_config, check_quantization, keep_training_layout
 
 log = logging.getLogger("trainrig.reward")
 
@@ -89,6 +91,7 @@ def train(run: Run) -> dict:
                          "(PeftModel.from_pretrained on AutoModelForSequenceClassification loads it)")
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
+    check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime
@@ -126,7 +129,10 @@ def train(run: Run) -> dict:
     with runtime.model_init_context(sharded=True):
         model = AutoModelForSequenceClassification.from_pretrained(
             m.model_name_or_path, num_labels=1, dtype=TORCH_DTYPES[runtime.precision if lora.lora_r > 0 else "fp32"],
-            attn_implementation=attn, trust_remote_code=m.trust_remote_code)
+            attn_implementation=attn, trust_remote_code=m.trust_remote_code,
+            **quantized_loading(bnb_config(lora, runtime.precision), runtime.device))
+    if lora.load_in_4bit:
+        keep_training_layout(model, runtime.device)
     model.config.pad_token_id = pad_id  # where each row's last real token is
     enable_checkpointing(model, m.gradient_checkpointing)
     if lora.lora_r > 0:
@@ -138,13 +144,14 @@ def train(run: Run) -> dict:
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
     global_batch = micro * accumulation * runtime.world_size
     log.info("model: %s + score head, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, lr %.1e",
-             m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, f"LoRA r={lora.lora_r}" if lora.lora_r else "full",
+             m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
              runtime.strategy, runtime.precision, cfg.optim.learning_rate)
     log.info("batch: micro %d x accumulation %d x world %d = global %d pairs per step; %d steps (%d per epoch over %d pairs)",
              micro, accumulation, runtime.world_size, global_batch, total_steps, steps_per_epoch, len(train_set))
     if runtime.is_main:
         setup.write_plan(run, runtime, attn, why,
-                         extra={"max_seq_length": d.max_seq_length, "lora_r": lora.lora_r, "trainable_parameters": n_trainable, **facts})
+                         extra={"max_seq_length": d.max_seq_length, "lora_r": lora.lora_r, "base_bits": base_bits(lora),
+                                "trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)

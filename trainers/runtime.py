@@ -30,6 +30,7 @@ from trainers.devices import enable_tf32, require_torch_sees_gpus, resolve_preci
 from trainers.ds_config import DeepSpeedSettings, deepspeed_json, ds_offload, fill_ds_config, load_ds_json
 from trainers.errors import UsageError
 from trainers.extensions import refuse_stale_build_locks
+from trainers.optim import EIGHT_BIT_OPTIMIZERS
 
 log = logging.getLogger("trainrig.runtime")
 
@@ -113,7 +114,7 @@ class Collectives:
 class Runtime(Collectives):
     """What the loops need from the distributed engine."""
 
-    def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, uses_muon: bool, hidden_size: int):
+    def __init__(self, dist_cfg, batch_cfg, optim_cfg, sources: dict, hidden_size: int):
         """hidden_size: the model's, which sizes DeepSpeed's communication buckets (trainers/ds_config.py)."""
         import accelerate
         from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -139,9 +140,12 @@ class Runtime(Collectives):
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
             if "OMP_NUM_THREADS" not in os.environ:  # the deepspeed launcher leaves it unset: 2 ranks x all cores
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-        if self.ds_config is not None and uses_muon:
+        if self.ds_config is not None and optim_cfg.optimizer == "muon":
             raise UsageError("--optimizer muon runs without DeepSpeed (--deepspeed none): ZeRO hands the optimizer flattened "
                              "partitions, and torch.optim.Muon must see whole 2-D matrices")
+        if self.ds_config is not None and optim_cfg.optimizer in EIGHT_BIT_OPTIMIZERS:
+            raise UsageError(f"--optimizer {optim_cfg.optimizer} runs without DeepSpeed (--deepspeed none): ZeRO steps its own "
+                             f"fp32 partitions; for less optimizer memory under ZeRO use --offload optimizer")
         plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config) if self.ds_config is not None else None
         self.accelerator = accelerate.Accelerator(
             mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision],

@@ -43,8 +43,7 @@ def start(run: Run, model_config) -> Runtime:
     check_run_settings(cfg, out)
     check_output_dir(out)  # every rank: on several nodes each must be able to write its shards
     seed_everything(cfg.run.seed)
-    runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, run.sources, uses_muon=cfg.optim.optimizer == "muon",
-                      hidden_size=model_config.hidden_size)
+    runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, run.sources, hidden_size=model_config.hidden_size)
     setup_logging(runtime.is_main)
     check_plan_agrees(runtime, cfg)
     check_torch_compile(cfg.model.torch_compile, runtime.device, runtime.zero_stage)

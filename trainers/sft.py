@@ -27,9 +27,11 @@ from trainers.config import Run
 from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
+from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, merge_adapter
+from trainers.lora import apply_lora, lora_description, merge_adapter
+from trainers.quantization import base_bits, bnb_config, check_quantization
 from trainers.models import build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
 
@@ -66,6 +68,7 @@ def train(run: Run) -> dict:
         raise UsageError("--merge_lora needs LoRA (--lora_r > 0); full fine-tuning already writes a plain model to final/")
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
+    check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime
@@ -111,7 +114,8 @@ def train(run: Run) -> dict:
     with runtime.model_init_context(sharded=True):
         # a frozen LoRA base needs no fp32 master copy: load it in the training precision (7B: 15 GB, not 30)
         base_dtype = runtime.precision if lora.lora_r > 0 else "fp32"
-        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, dtype=base_dtype)
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, dtype=base_dtype,
+                            quantization=bnb_config(lora, runtime.precision), device=runtime.device)
     if lora.lora_r > 0:
         chat_tokens = tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if lora.lora_train_chat_tokens else None
         if chat_tokens and runtime.zero_stage == 3 and runtime.device.type != "cuda":
@@ -127,14 +131,14 @@ def train(run: Run) -> dict:
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
     global_batch = micro * accumulation * runtime.world_size
     log.info("model: %s, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, device %s, lr %.1e",
-             m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, f"LoRA r={lora.lora_r}" if lora.lora_r else "full",
+             m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
              runtime.strategy, runtime.precision, runtime.device, cfg.optim.learning_rate)
     log.info("batch: micro %d x accumulation %d x world %d = global %d rows of up to %d tokens per step; %d steps (%d per epoch over %d rows)",
              micro, accumulation, runtime.world_size, global_batch, d.max_seq_length, total_steps, steps_per_epoch, len(train_rows))
     if runtime.is_main:
         setup.write_plan(run, runtime, attn, why,
                          extra={"packing": d.packing, "batch_layout": layout, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
-                                "lora_r": lora.lora_r, "trainable_parameters": n_trainable, **facts})
+                                "lora_r": lora.lora_r, "base_bits": base_bits(lora), "trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)

@@ -124,6 +124,8 @@ class Setup:
     optimizer: str = "adamw"  # adamw | muon
     lora_parameters: int = 0  # 0: full fine-tuning
     lora_dropout: bool = True
+    base_bits: int = 16  # a LoRA base's linear layers quantized to 4 or 8 bits (bitsandbytes), or 16: not
+    double_quant: bool = True  # 4-bit: the blocks' fp32 scales themselves quantized to 8 bits
     gradient_checkpointing: bool = False
     attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
     seq_len: int = 2048  # tokens per row
@@ -178,17 +180,53 @@ def ddp_model_states(shape: ModelShape, s: Setup) -> ModelStates:
     the training precision and frozen; only the adapters carry grads and optimizer states."""
     copies = 2 if s.half else 0  # autocast's bf16 copy of each trainable matmul weight
     if s.lora_parameters:
-        base = (2 if s.half else 4) * shape.parameters
+        base = lora_base_bytes(shape, s)
         trainable = s.lora_parameters
         params = base + (4 + copies) * trainable
-        optimizer = 8 * trainable
+        optimizer = optimizer_state_bytes(s.optimizer, trainable)
     else:
         trainable = shape.parameters
         params = 4 * trainable + copies * shape.matrix_parameters
-        optimizer = 8 * trainable if s.optimizer == "adamw" else 4 * shape.matrix_parameters + 8 * (trainable - shape.matrix_parameters)
+        if s.optimizer == "muon":
+            optimizer = 4 * shape.matrix_parameters + 8 * (trainable - shape.matrix_parameters)
+        else:
+            optimizer = optimizer_state_bytes(s.optimizer, trainable)
     load_bytes = 2 if s.lora_parameters and s.half else 4  # a LoRA base loads in the training precision
-    cpu = load_bytes * shape.parameters * max(s.world // s.nodes, 1)  # every rank loads the checkpoint before moving it
+    ranks = max(s.world // s.nodes, 1)
+    if s.lora_parameters and s.base_bits < 16:  # quantized as loaded, each tensor straight onto the rank's device
+        cpu = load_bytes * shape.largest_module_parameters * ranks
+    else:
+        cpu = load_bytes * shape.parameters * ranks  # every rank loads the checkpoint before moving it
     return ModelStates(parameters=params, gradients=4 * trainable, optimizer_states=optimizer, cpu=cpu)
+
+
+def optimizer_state_bytes(optimizer: str, trainable: int) -> int:
+    """AdamW's two fp32 moments (8 B per trained parameter), or bitsandbytes' 8-bit ones: 1 B each
+    plus an fp32 scale per block of 256 (2 + 8/256 B)."""
+    return int((2 + 8 / 256) * trainable) if optimizer in ("adamw8bit", "paged_adamw8bit") else 8 * trainable
+
+
+# 4-bit blocks of 64 weights, each with an fp32 absmax scale (4/64 B per weight); double quantization
+# stores the scales in 8 bits, with an fp32 scale per 256 of them: 1/64 + 4/(64 x 256) B per weight
+NF4_SCALE_BYTES = {False: 4 / 64, True: 1 / 64 + 4 / (64 * 256)}
+
+
+def lora_base_bytes(shape: ModelShape, s: Setup) -> int:
+    """The frozen base of a LoRA run: in the training precision (w B per weight), or with its layers'
+    linear weights (matrix_parameters) quantized by bitsandbytes -- 4-bit: 0.5 B + the block scales;
+    8-bit (LLM.int8): 1 B + an fp32 scale per output row -- while embeddings, head, norms and biases
+    stay in w. A quantized matmul dequantizes its weight first: one w-byte copy of the largest
+    linear (h x intermediate) is in flight."""
+    w = 2 if s.half else 4
+    if s.base_bits == 16:
+        return w * shape.parameters
+    quantized = shape.matrix_parameters
+    if s.base_bits == 4:
+        per_weight = 0.5 + NF4_SCALE_BYTES[s.double_quant]
+    else:
+        per_weight = 1 + 4 / shape.hidden  # one fp32 scale per row of h (or intermediate) inputs: at most 4/h
+    workspace = w * shape.hidden * shape.intermediate
+    return int(per_weight * quantized) + w * (shape.parameters - quantized) + workspace
 
 
 def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:

@@ -54,6 +54,8 @@ class Request:
     optimizer: str = "adamw"
     lora_rank: int = 0
     lora_dropout: bool = True
+    base_bits: int = 16  # the frozen LoRA base's linear layers: 4 or 8 (bitsandbytes), 16 (not quantized)
+    double_quant: bool = True  # 4-bit: the blocks' scales quantized too
     gradient_checkpointing: bool | None = None
     deepspeed: str = "auto"  # auto | none | a DS JSON's (stage, offload) given as "stage:offload"
     zero_stage: str = "auto"
@@ -120,7 +122,7 @@ class Plan:
             "micro_batch_size": s.micro_batch, "gradient_accumulation_steps": self.chosen.accumulation,
             "global_batch_size": self.global_batch, "global_batch_tokens": self.global_batch * self.request.seq_len,
             "world_size": s.world, "precision": s.precision, "attn_implementation": s.attn,
-            "lora_parameters": s.lora_parameters,
+            "lora_parameters": s.lora_parameters, "base_bits": s.base_bits,
             "memory_gb": self.chosen.memory.gb(hw.device_memory_bytes),
             "safety_margin": SAFETY_MARGIN,
             "fits": self.fits,
@@ -151,8 +153,10 @@ def strategies(req: Request) -> list[tuple[bool, int, str]]:
             continue  # CPU ranks: DeepSpeed only when asked (it JIT-builds ops and saves nothing DDP needs)
         if req.deepspeed == "none" and ds:
             continue
-        if req.optimizer == "muon" and ds:
-            continue  # torch.optim.Muon needs whole matrices; ZeRO hands it flat shards
+        if req.optimizer != "adamw" and ds:
+            continue  # torch.optim.Muon needs whole matrices, bitsandbytes' 8-bit AdamW is not ZeRO's: runs without DeepSpeed
+        if req.base_bits < 16 and ds:
+            continue  # a quantized base runs under DDP or one process (trainers/quantization.py)
         if req.hardware.gpu is None and offload != "none":
             continue  # offloading to the RAM the CPU ranks already use saves nothing
         if req.zero_stage != "auto" and (stage if ds else 0) != int(req.zero_stage):
@@ -166,8 +170,10 @@ def strategies(req: Request) -> list[tuple[bool, int, str]]:
 def conflicting_flags(req: Request) -> str:
     said = [f"--{name} {value}" for name, value in (("deepspeed", req.deepspeed), ("zero_stage", req.zero_stage),
                                                       ("offload", req.offload)) if value != "auto"]
-    if req.optimizer == "muon":
-        said.append("--optimizer muon (runs without ZeRO)")
+    if req.optimizer != "adamw":
+        said.append(f"--optimizer {req.optimizer} (runs without ZeRO)")
+    if req.base_bits < 16:
+        said.append(f"--load_in_{req.base_bits}bit (runs without ZeRO)")
     if req.hardware.gpu is None and req.offload not in ("auto", "none"):
         said.append("CPU ranks (nothing to offload to)")
     return ", ".join(said) or "the request"
@@ -269,7 +275,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
         for ds, zero_stage, offload in strategies(req):
             base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=zero_stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
-                         lora_dropout=req.lora_dropout, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
+                         lora_dropout=req.lora_dropout, base_bits=req.base_bits if lora else 16, double_quant=req.double_quant, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
                          seq_len=req.seq_len, rows_per_sample=stage.sequences_per_sample,
                          attention_mask=stage.masked_rows, on_gpu=hw.gpu is not None,
                          sharded_load=stage.loads_weights(req.stage),  # the trainers load checkpoints under zero.Init
@@ -320,6 +326,11 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
         p = fits(lora_rank=16)
         if p:
             tips.append(f"LoRA (--lora_r 16): {p.setup.name}, micro batch {p.setup.micro_batch}, "
+                        f"{p.chosen.memory.total / GiB:.1f} GiB per GPU")
+    if req.base_bits == 16 and plan_names()[req.stage].takes_lora:
+        p = fits(lora_rank=req.lora_rank or 16, base_bits=4, deepspeed="auto", zero_stage="auto", offload="auto", ds_zero=())
+        if p:
+            tips.append(f"QLoRA (--lora_r {req.lora_rank or 16} --load_in_4bit): {p.setup.name}, micro batch {p.setup.micro_batch}, "
                         f"{p.chosen.memory.total / GiB:.1f} GiB per GPU")
     if req.offload not in ("auto",) or req.deepspeed == "none" or req.zero_stage != "auto":
         p = fits(offload="auto", deepspeed="auto", zero_stage="auto")

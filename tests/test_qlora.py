@@ -1,0 +1,211 @@
+"""QLoRA: a frozen base in 4 bits (bitsandbytes NF4, its CPU backend) under LoRA, end to end --
+the loss falls, final/ holds the adapter, which loads onto a 4-bit and a 16-bit base, and
+final/merged/ is a plain model equal to the 16-bit base with the adapter; the refusals; the memory
+model's 4-bit base against a real quantized model's bytes; the planner's choices with it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import read_losses, reward_args, sft_args
+from launch.reward import main as reward_main
+from launch.sft import main as sft_main
+from trainers.errors import UsageError
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(chat_dir, sft_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    summary = sft_main(sft_args(chat_dir, sft_model_dir, out, lora_r=8, load_in_4bit=True, merge_lora=True, max_steps=12,
+                                learning_rate=3e-3, eval_steps=6, lora_train_chat_tokens=False))
+    return out, summary
+
+
+def test_qlora_sft_trains_and_saves_an_adapter_that_merges_into_a_plain_model(qlora_run, sft_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out, summary = qlora_run
+    losses = read_losses(out)
+    assert summary["step"] == 12 and sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.3
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["base_bits"] == 4 and plan["lora_r"] == 8
+    final = out / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 12, 5]])
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged", dtype=torch.float32)
+    assert merged.config.to_dict().get("quantization_config") is None
+    assert not any("bitsandbytes" in type(m).__module__ for m in merged.modules())  # plain nn.Linear layers
+    base16 = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32)
+    adapted16 = PeftModel.from_pretrained(base16, str(final))
+    with torch.no_grad():
+        merged_logits, adapted_logits = merged(ids).logits, adapted16(ids).logits
+    # merging is exact up to fp32 rounding: the adapter was trained against the 4-bit base, and merged into the 16-bit one
+    assert (merged_logits - adapted_logits).abs().max().item() < 1e-5  # measured 1e-6
+    base4 = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                                        bnb_4bit_compute_dtype=torch.float32))
+    adapted4 = PeftModel.from_pretrained(base4, str(final))
+    with torch.no_grad():
+        quantized_logits = adapted4(ids).logits
+    # the 4-bit base differs from the 16-bit one by NF4's rounding: measured a mean |logit gap| of 0.009 against a
+    # logit spread (std) of 1.08 for this tiny model
+    gap = (quantized_logits - merged_logits).abs().mean().item()
+    assert 0 < gap < 0.05 * merged_logits.std().item(), gap
+
+
+def test_qlora_reward_model_trains(preference_pairs, sft_model_dir, tmp_path):
+    out = tmp_path / "reward"
+    summary = reward_main(reward_args(preference_pairs, sft_model_dir, out, lora_r=8, load_in_4bit=True, max_steps=10,
+                                      learning_rate=3e-3, validation_split_ratio=0.1))
+    losses = read_losses(out)
+    assert losses[10] < losses[1] and summary["eval_accuracy"] >= 0.9
+    assert json.loads((out / "plan.json").read_text())["base_bits"] == 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"load_in_4bit": True}, r"--load_in_4bit quantizes a frozen base, so it needs LoRA \(--lora_r 16"),
+    ({"load_in_8bit": True, "lora_r": 8, "zero_stage": 2}, r"--load_in_8bit runs under DDP or one process"),
+    ({"load_in_4bit": True, "load_in_8bit": True, "lora_r": 8}, r"--load_in_4bit and --load_in_8bit: pick one"),
+], ids=["no-lora", "deepspeed", "both"])
+def test_refusals_exit_2_naming_the_flag(flags, message, chat_dir, sft_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", **flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ the planner
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_4bit_base_term_is_a_real_quantized_models_bytes(sft_model_dir, double_quant):
+    """lora_base_bytes without its dequantization workspace against the bytes of every tensor of
+    the model loaded in 4 bits: packed weights, block scales (and their own scales), the rest."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from launch.planner.memory import Setup, lora_base_bytes, shape_from_config
+
+    config = AutoConfig.from_pretrained(sft_model_dir)
+    shape = shape_from_config(config, "tiny")
+    model = AutoModelForCausalLM.from_pretrained(
+        sft_model_dir, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                               bnb_4bit_compute_dtype=torch.float32))
+    real, quantized_tensors = 0, 0
+    for p in model.parameters():
+        real += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            quantized_tensors += 1
+            real += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                real += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    setup = Setup(precision="fp32", lora_parameters=1, base_bits=4, double_quant=double_quant, on_gpu=False)
+    predicted = lora_base_bytes(shape, setup) - 4 * shape.hidden * shape.intermediate
+    # the per-tensor rounding of the block counts up (a tensor's last block, its last 256-block group)
+    assert abs(predicted - real) <= 8 * quantized_tensors, (predicted, real)
+    sixteen = lora_base_bytes(shape, Setup(precision="fp32", lora_parameters=1, on_gpu=False))
+    assert sixteen == 4 * shape.parameters and predicted < sixteen
+
+
+def test_the_planner_fits_14b_qlora_on_one_5090_without_deepspeed_and_names_qlora_when_nothing_fits():
+    from launch.planner import hardware, memory
+    from launch.planner.search import Request, plan
+
+    shape = memory.load_shape("qwen2.5-14b")
+    qlora = plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("rtx5090", local_only=False),
+                         global_batch=64, lora_rank=16, base_bits=4))
+    assert qlora.fits and not qlora.setup.deepspeed and qlora.setup.micro_batch >= 4
+    assert all(not c.setup.deepspeed for c in qlora.candidates)
+    sixteen = plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("4x4090", local_only=False),
+                           global_batch=64, lora_rank=16, deepspeed="none"))
+    assert not sixteen.fits
+    assert any(n.startswith("QLoRA (--lora_r 16 --load_in_4bit): ddp") for n in sixteen.notes), sixteen.notes
+    with pytest.raises(UsageError, match=r"--load_in_4bit \(runs without ZeRO\)"):
+        plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("rtx5090", local_only=False),
+                     lora_rank=16, base_bits=4, zero_stage="2"))
+
+
+def test_doctor_reports_bitsandbytes():
+    from launch.doctor import check_bitsandbytes
+    from trainers.quantization import bnb_problem
+
+    assert bnb_problem(torch.device("cpu")) == ""  # a real NF4 layer on this CPU
+    assert check_bitsandbytes("0.50.2", "", "", "the CPU").status == "pass"
+    failed = check_bitsandbytes("0.50.2", "", "RuntimeError: no kernel image", "RTX 5090")
+    assert failed.status == "fail" and "no kernel image" in failed.detail and "pip install" in failed.fix
+    assert check_bitsandbytes(None, "ImportError: libcudart", "", "RTX 5090").status == "fail"
+
+
+@pytest.mark.slow
+def test_ddp_with_a_4bit_base_equals_one_process(chat_dir, sft_model_dir, tmp_path):
+    """Each of 2 gloo ranks quantizes its own copy of the base onto its device; their losses are
+    one process's with the same global batch (micro 2 x 2 ranks = micro 2 x accumulation 2), to
+    1e-5 as in test_sft_distributed.py."""
+    from conftest import VENV_BIN, free_port, run_launcher
+
+    common = dict(lora_r=8, load_in_4bit=True, lora_dropout=0, lora_train_chat_tokens=False, max_steps=5, per_device_train_batch_size=2)
+    single = tmp_path / "single"
+    sft_main(sft_args(chat_dir, sft_model_dir, single, gradient_accumulation_steps=2, **common))
+    ddp = tmp_path / "ddp"
+    run_launcher([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  "launch/sft.py", *sft_args(chat_dir, sft_model_dir, ddp, **common)])
+    reference, got = read_losses(single), read_losses(ddp)
+    assert sorted(got) == sorted(reference) == list(range(1, 6))
+    assert max(abs(got[s] - reference[s]) for s in reference) < 1e-5, (reference, got)
+    assert json.loads((ddp / "plan.json").read_text())["strategy"]["name"] == "ddp"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_with_a_4bit_base_equals_the_uninterrupted_run(optimizer, chat_dir, sft_model_dir, tmp_path):
+    """Saved at step 3 (the adapter and the optimizer's state; the base is quantized again from the
+    same checkpoint, deterministically), resumed to step 6: the losses of steps 4-6 equal the
+    uninterrupted run's to 1e-6 -- the same fp32 CPU computation on the same samples."""
+    common = dict(lora_r=8, load_in_4bit=True, optimizer=optimizer, max_steps=6, save_steps=3, validation_split_ratio=0)
+    full = tmp_path / "full"
+    sft_main(sft_args(chat_dir, sft_model_dir, full, **common))
+    saved = sorted(p.name for p in (full / "checkpoint-3").iterdir())
+    assert "model.safetensors" in saved and "optimizer.pt" in saved
+    resumed = tmp_path / "resumed"
+    sft_main(sft_args(chat_dir, sft_model_dir, resumed, **common, resume=str(full / "checkpoint-3")))
+    expected, got = read_losses(full), read_losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    assert max(abs(got[s] - expected[s]) for s in got) < 1e-6, (expected, got)
+
+
+def test_8bit_optimizer_states_are_the_memory_models_and_resume_through_the_checkpoint_loader(tmp_path):
+    """optimizer_state_bytes for bitsandbytes' AdamW8bit against the bytes of its state after a step;
+    its state saved as checkpoints save it loads with the restricted unpickler and steps on exactly.
+    (The tiny test models' adapters are under bitsandbytes' 4,096-element threshold for 8-bit states.)"""
+    import bitsandbytes as bnb
+
+    from launch.planner.memory import optimizer_state_bytes
+    from trainers.checkpoint import load_plain
+
+    weight = torch.nn.Parameter(torch.randn(256, 512))
+    optimizer = bnb.optim.AdamW8bit([weight], lr=1e-3)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    real = sum(v.numel() * v.element_size() for k, v in optimizer.state[weight].items() if torch.is_tensor(v) and not k.startswith("qmap"))
+    assert optimizer_state_bytes("adamw8bit", weight.numel()) == real  # 2 B + two fp32 scales per 256 (the qmaps: 2 KB per optimizer)
+    assert optimizer_state_bytes("adamw", weight.numel()) == 8 * weight.numel()
+
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    twin = torch.nn.Parameter(weight.detach().clone())
+    restored = bnb.optim.AdamW8bit([twin], lr=1e-3)
+    restored.load_state_dict(load_plain(tmp_path / "optimizer.pt"))
+    grad = torch.randn_like(weight)
+    for p, o in ((weight, optimizer), (twin, restored)):
+        p.grad = grad.clone()
+        o.step()
+    assert torch.equal(weight, twin) and optimizer.state[weight]["state1"].dtype == torch.uint8
