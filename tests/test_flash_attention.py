@@ -76,7 +76,7 @@ def test_sft_under_flash_attention_gives_sdpas_losses(chat_dir, sft_model_dir, t
     flags = dict(per_device_train_batch_size=2, max_steps=4, eval_steps=2, save_steps=0)
     main(sft_args(chat_dir, sft_model_dir, tmp_path / "sdpa", attn_implementation="sdpa", **flags))
     with fake_flash_attention(monkeypatch) as fake:
-        monkeypatch.setattr("trainers.sft.resolve_attn_implementation", lambda *a: (attention.FLASH, "fake kernels (test)"))
+        monkeypatch.setattr("trainers.setup.resolve_attn_implementation", lambda *a: (attention.FLASH, "fake kernels (test)"))
         main(sft_args(chat_dir, sft_model_dir, tmp_path / "flash", **flags))
     assert fake.varlen_calls and fake.dense_calls == 0
     plan = json.loads((tmp_path / "flash" / "plan.json").read_text())
