@@ -27,7 +27,7 @@ from launch.planner.memory import GiB
 from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
-from trainers.quantization import base_bits
+from trainers.quantization import base_bits, check_quantization
 from trainers.stages import REPO, plan_names, stage_named
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
@@ -112,10 +112,14 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
         accumulation = None if accumulation == "auto" else accumulation
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
+    lora = getattr(cfg, "lora", None)
+    if lora is not None:  # the trainer's own refusals (a quantized base without LoRA, under DeepSpeed), said before a plan
+        from trainers.ds_config import deepspeed_json
+
+        check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None, needs_library=False)
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
     ckpt = cfg.model.gradient_checkpointing if (run.given("gradient_checkpointing") or not plan_everything) else None
-    lora = getattr(cfg, "lora", None)
     seq_len = cfg.data.block_size if hasattr(cfg.data, "block_size") else cfg.data.max_seq_length
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,

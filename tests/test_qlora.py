@@ -209,3 +209,12 @@ def test_8bit_optimizer_states_are_the_memory_models_and_resume_through_the_chec
         p.grad = grad.clone()
         o.step()
     assert torch.equal(weight, twin) and optimizer.state[weight]["state1"].dtype == torch.uint8
+
+
+def test_trainrig_plan_refuses_what_the_trainer_refuses(capsys):
+    from launch.plan import main_plan
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_plan(["--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", "qwen2.5-7b", "--load_in_4bit"])
+    assert exit_info.value.code == 2
+    assert "--load_in_4bit quantizes a frozen base, so it needs LoRA" in capsys.readouterr().err

@@ -28,8 +28,9 @@ def base_bits(lora_cfg) -> int:
     return 4 if lora_cfg.load_in_4bit else 8 if lora_cfg.load_in_8bit else 16
 
 
-def check_quantization(lora_cfg, deepspeed: bool) -> None:
-    """The refusals, before any data or model work: each names the flag and the fix."""
+def check_quantization(lora_cfg, deepspeed: bool, needs_library: bool = True) -> None:
+    """The refusals, before any data or model work (and before planning): each names the flag and
+    the fix. needs_library: also that bitsandbytes imports here (not for planning another machine)."""
     bits = base_bits(lora_cfg)
     if lora_cfg.load_in_4bit and lora_cfg.load_in_8bit:
         raise UsageError("--load_in_4bit and --load_in_8bit: pick one (4 bits for the least memory, 8 for a base closer to 16-bit)")
@@ -41,6 +42,8 @@ def check_quantization(lora_cfg, deepspeed: bool) -> None:
     if deepspeed:
         raise UsageError(f"{flag} runs under DDP or one process: ZeRO partitions parameters that bitsandbytes packs; "
                          f"drop --deepspeed/--zero_stage (--deepspeed none)")
+    if not needs_library:
+        return
     try:
         importlib.import_module("bitsandbytes")
     except ImportError as err:
