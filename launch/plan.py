@@ -113,9 +113,11 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
     lora = getattr(cfg, "lora", None)
-    if lora is not None:  # the trainer's own refusals (a quantized base without LoRA, under DeepSpeed), said before a plan
+    if lora is not None:  # the trainer's own defaults and refusals (a quantized base without LoRA, under DeepSpeed), before a plan
         from trainers.ds_config import deepspeed_json
+        from trainers.lora import apply_lora_defaults
 
+        apply_lora_defaults(run)
         check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None, needs_library=False)
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
@@ -124,7 +126,7 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
-                   lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0),
+                   lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0), dora=bool(lora and lora.use_dora),
                    base_bits=base_bits(lora) if lora else 16, double_quant=bool(lora and lora.bnb_4bit_use_double_quant),
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload, ds_zero=ds_zero,
                    attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -91,31 +92,50 @@ def test_parameter_counts_of_the_shipped_qwen_shapes():
 # ------------------------------------------------------------------ activations, measured
 
 
-def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora=False, ckpt=False, packed_rows=0) -> int:
-    """Bytes autograd keeps for the backward of one forward (distinct storages, weights excluded).
-    packed_rows: that many rows of two samples each, through the trainer's own inputs (the shared mask)."""
+def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora=False, ckpt=False, packed_rows=0,
+                 dora=False, lora_dropout=0.05, bits=16, tmp_path=None) -> int:
+    """Bytes autograd keeps for the backward of one forward (distinct storages alive when the forward
+    ends, weights excluded). packed_rows: that many rows of two samples each, through the trainer's own
+    inputs (the shared mask). bits 4: the base saved and reloaded in NF4 (bitsandbytes) under `tmp_path`."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=h, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          num_hidden_layers=layers, vocab_size=512, max_position_embeddings=2048, use_cache=False)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    if mode == "half" or (lora and mode == "amp"):
+    half = mode == "half" or (lora and mode == "amp")
+    if bits == 4:
+        from transformers import BitsAndBytesConfig
+
+        from trainers.quantization import keep_training_layout
+
+        path = tmp_path / f"base-{h}-{inter}-{layers}"
+        model.save_pretrained(path)
+        dtype = torch.bfloat16 if half else torch.float32
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=nf4, device_map={"": "cpu"}, attn_implementation=attn)
+        keep_training_layout(model, torch.device("cpu"))
+    elif half:
         model = model.to(torch.bfloat16)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules="all-linear", use_dora=dora))
     model.train()
     weights = {p.data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    held: list[weakref.ref] = []
+
+    class Saved:  # what the graph holds; alive after the forward only if the backward needs it
+        def __init__(self, tensor):
+            self.tensor = tensor
 
     def pack(t):
+        kept = Saved(t)
         if t.data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+            held.append(weakref.ref(kept))
+        return kept
 
     ids = torch.randint(0, 512, (max(packed_rows, 1), seq))
     inputs = {"input_ids": ids, "labels": ids}
@@ -125,9 +145,10 @@ def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora
         position_ids = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).expand(packed_rows, -1)
         inputs = model_inputs({**inputs, "position_ids": position_ids}, "cpu", torch.float32 if mode == "fp32" else torch.bfloat16)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "amp" else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(**inputs)
-    return sum(saved.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda kept: kept.tensor), autocast:
+        out = model(**inputs)  # noqa: F841 -- keeps the graph, and what it saved, alive
+    storages = {ref().tensor.untyped_storage().data_ptr(): ref().tensor.untyped_storage().nbytes() for ref in held if ref() is not None}
+    return sum(storages.values())
 
 
 CASES = [  # (mode, setup, attn, lora); the shape below was not among the five the coefficients were fitted on
@@ -171,6 +192,36 @@ def test_the_shared_attention_mask_is_saved_once_and_the_kv_heads_repeat(mode, s
     assert mem.mask_bytes(masked) == rows * seq * seq * (4 if mode == "fp32" else 2)
     repeat = 2 * (heads - kv) * 64 * (4 if mode == "fp32" else 2) * seq * rows
     assert abs((one - unmasked) - (mem.mask_bytes(masked) + repeat)) / mem.mask_bytes(masked) < 0.05, (one - unmasked, mem.mask_bytes(masked), repeat)
+
+
+DORA_CASES = [  # (mode, setup, lora dropout, base bits); the first: QLoRA saves what LoRA on a 16-bit base does
+    ("amp", Setup(precision="bf16", lora_parameters=1, lora_dropout=True, base_bits=4), 0.05, 4),
+    ("fp32", Setup(precision="fp32", lora_parameters=1, dora=True, lora_dropout=False), 0.0, 16),
+    ("amp", Setup(precision="bf16", lora_parameters=1, dora=True, lora_dropout=False), 0.0, 16),
+    ("amp", Setup(precision="bf16", lora_parameters=1, dora=True, lora_dropout=True), 0.05, 16),
+    ("fp32", Setup(precision="fp32", lora_parameters=1, dora=True, lora_dropout=True, base_bits=4), 0.05, 4),
+]
+
+
+@pytest.mark.parametrize("mode,setup,dropout,bits", DORA_CASES, ids=["qlora-amp-dropout-nf4", "dora-fp32", "dora-amp", "dora-amp-dropout",
+                                                                   "dora-fp32-dropout-nf4"])
+def test_qlora_and_dora_activations_match_what_autograd_saves(mode, setup, dropout, bits, tmp_path):
+    """Saved bytes per layer, at two sequence lengths, so that both DoRA's per-token term (two
+    outputs per adapted linear) and its per-layer one (with dropout, the dequantized weight of the
+    second base matmul) are checked; the norm's transient is not saved and is not counted here.
+    On a 4-bit base, bitsandbytes' matmul saves its input, which LoRA's adapter saves already."""
+    if bits == 4:
+        pytest.importorskip("bitsandbytes")
+    h, inter, heads, kv = 384, 1152, 6, 2
+    shape = mem.ModelShape(name="t", hidden=h, intermediate=inter, layers=1, heads=heads, kv_heads=kv, head_dim=64, vocab=512,
+                           parameters=0, largest_module_parameters=0, matrix_parameters=0, max_positions=2048)
+    for seq in (96, 192):
+        kw = dict(mode=mode, lora=True, dora=setup.dora, lora_dropout=dropout, bits=bits, tmp_path=tmp_path)
+        measured = _saved_bytes(h, inter, heads, kv, 2, seq, **kw) - _saved_bytes(h, inter, heads, kv, 1, seq, **kw)
+        s = dataclasses.replace(setup, seq_len=seq)
+        norm = max((6 if s.half else 4) * i * i + 3 * (2 if s.half else 4) * i * o for i, o in shape.linear_sizes()) if s.dora else 0
+        predicted = (mem.layer_activation_bytes(shape, s) + mem.dora_token_bytes(shape, s)) * seq + mem.dora_layer_bytes(shape, s) - norm
+        assert abs(predicted - measured) / measured < 0.03, (seq, predicted, measured)
 
 
 def test_checkpointing_keeps_only_each_layers_input():
@@ -255,16 +306,17 @@ def test_chunked_loss_peak_matches_peak_rss(precision):
 
 
 def test_lora_parameter_count_equals_peft():
-    """ModelShape.lora_parameters (the planner, no model built) against PEFT's own count."""
+    """ModelShape.lora_parameters (the planner, no model built) against PEFT's own count, LoRA and DoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
                          num_hidden_layers=3, vocab_size=1000, max_position_embeddings=256)
     shape = mem.shape_from_config(config, "t")
-    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules="all-linear"))
-    trainable, total = model.get_nb_trainable_parameters()
-    assert trainable == shape.lora_parameters(8) and total - trainable == shape.parameters
+    for dora in (False, True):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules="all-linear", use_dora=dora))
+        trainable, total = model.get_nb_trainable_parameters()
+        assert trainable == shape.lora_parameters(8, dora=dora) and total - trainable == shape.parameters
 
 
 @pytest.mark.parametrize("stage,offload", [(1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "all")])

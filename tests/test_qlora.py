@@ -70,11 +70,47 @@ def test_qlora_reward_model_trains(preference_pairs, sft_model_dir, tmp_path):
     assert json.loads((out / "plan.json").read_text())["base_bits"] == 4
 
 
+def test_qdora_with_rslora_trains_merges_and_defaults_to_no_dropout(chat_dir, sft_model_dir, tmp_path, caplog):
+    """DoRA on a 4-bit base with the rsLoRA scale: the loss falls; the adapter records both; loaded
+    onto the 16-bit base it carries DoRA's magnitude vectors and scales by alpha / sqrt(r); its
+    merge equals base + adapter. --lora_dropout was left out, so it is 0 (and the plan planned 0)."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "qdora"
+    summary = sft_main(sft_args(chat_dir, sft_model_dir, out, lora_r=8, lora_alpha=16, load_in_4bit=True, use_dora=True,
+                                use_rslora=True, merge_lora=True, max_steps=12, learning_rate=3e-3, lora_train_chat_tokens=False))
+    losses = read_losses(out)
+    assert summary["step"] == 12 and sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.3
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["lora_dropout"] == 0.0
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] and adapter["use_rslora"] and adapter["lora_dropout"] == 0.0
+    assert "--use_dora with --lora_dropout" not in caplog.text
+
+    base = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out / "final")).eval()
+    q_proj = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(16 / 8 ** 0.5) and "default" in q_proj.lora_magnitude_vector
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 12, 5]])
+    with torch.no_grad():
+        assert (merged(ids).logits - adapted(ids).logits).abs().max().item() < 1e-5
+
+
+def test_dora_with_dropout_says_what_it_keeps(chat_dir, sft_model_dir, tmp_path, caplog):
+    sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", lora_r=4, use_dora=True, lora_dropout=0.05, max_steps=1,
+                      lora_train_chat_tokens=False))
+    assert re.search(r"--use_dora with --lora_dropout 0.05: .* keeps that dequantized weight for the backward \(0\.\d+ GB here", caplog.text)
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"load_in_4bit": True}, r"--load_in_4bit quantizes a frozen base, so it needs LoRA \(--lora_r 16"),
+    ({"use_dora": True}, r"--use_dora is a LoRA variant; it needs --lora_r"),
+    ({"use_dora": True, "lora_r": 8, "load_in_8bit": True}, r"--use_dora with --load_in_8bit: .* use --load_in_4bit \(QDoRA\)"),
     ({"load_in_8bit": True, "lora_r": 8, "zero_stage": 2}, r"--load_in_8bit runs under DDP or one process"),
     ({"load_in_4bit": True, "load_in_8bit": True, "lora_r": 8}, r"--load_in_4bit and --load_in_8bit: pick one"),
-], ids=["no-lora", "deepspeed", "both"])
+], ids=["no-lora", "dora-no-lora", "dora-8bit", "deepspeed", "both"])
 def test_refusals_exit_2_naming_the_flag(flags, message, chat_dir, sft_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", **flags))
@@ -218,3 +254,25 @@ def test_trainrig_plan_refuses_what_the_trainer_refuses(capsys):
         main_plan(["--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", "qwen2.5-7b", "--load_in_4bit"])
     assert exit_info.value.code == 2
     assert "--load_in_4bit quantizes a frozen base, so it needs LoRA" in capsys.readouterr().err
+
+
+def test_trainrig_plan_counts_dora_and_its_dropout(tmp_path, capsys):
+    """14B QDoRA on a 5090: DoRA's magnitudes in the trained parameters; with --use_dora alone the
+    dropout is 0 (as the trainer will run it); an explicit --lora_dropout 0.05 plans every layer's
+    dequantized weight kept for the backward (26 GiB without checkpointing), so it needs it."""
+    from launch.plan import main_plan
+    from launch.planner import memory
+
+    shape = memory.load_shape("qwen2.5-14b")
+    plans = {}
+    for name, extra in (("qlora", []), ("qdora", ["--use_dora"]), ("qdora_dropout", ["--use_dora", "--lora_dropout", "0.05"])):
+        out = tmp_path / name
+        main_plan(["--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", "qwen2.5-14b", "--lora_r", "16",
+                   "--load_in_4bit", "--max_seq_length", "2048", "--output_dir", str(out), *extra])
+        plans[name] = json.loads((out / "plan.json").read_text())
+    assert plans["qdora"]["lora_parameters"] == shape.lora_parameters(16, dora=True) == shape.lora_parameters(16) + 48 * (3 * 5120 + 2 * 13824 + 2 * 1024)
+    assert all(p["fits"] and p["strategy"]["name"] == "single+ckpt" for p in plans.values())
+    micro = {name: p["micro_batch_size"] for name, p in plans.items()}
+    assert micro["qlora"] >= micro["qdora"] > micro["qdora_dropout"] >= 1, micro
+    without_ckpt = {name: next(c for c in p["candidates"] if c["strategy"] == "single")["total_gb"] for name, p in plans.items()}
+    assert without_ckpt["qdora_dropout"] - without_ckpt["qdora"] > 24, without_ckpt  # 13.2e9 weights x 2 B = 24.6 GiB

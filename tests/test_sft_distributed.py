@@ -1,5 +1,5 @@
 """SFT under every engine on 2 CPU ranks (gloo) gives, step for step, the losses of one process
-with the same global batch: DDP (torchrun), DeepSpeed ZeRO-2 and ZeRO-3, full and LoRA. The
+with the same global batch: DDP (torchrun), DeepSpeed ZeRO-2 and ZeRO-3, full, LoRA and DoRA. The
 loss is normalised by the global trained-token count, so ranks holding rows with different
 numbers of assistant tokens still add up to the single-process gradient. LoRA dropout is 0
 here: dropout masks depend on how a batch is split, which is not what these tests compare.
@@ -23,10 +23,11 @@ def args(chat_dir, model_dir, out, **kw):
 
 @pytest.fixture(scope="module")
 def single(chat_dir, sft_model_dir, tmp_path_factory):
-    """The references: one process, micro 4 rows = 2 ranks x micro 2; full and LoRA (with and
-    without the chat-token rows, which PEFT trains under ZeRO-3 only on CUDA)."""
+    """The references: one process, micro 4 rows = 2 ranks x micro 2; full, LoRA (with and
+    without the chat-token rows, which PEFT trains under ZeRO-3 only on CUDA) and DoRA."""
     refs = {}
-    for name, extra in (("full", {}), ("lora", {"lora_r": 4}), ("lora_no_tokens", {"lora_r": 4, "lora_train_chat_tokens": False})):
+    for name, extra in (("full", {}), ("lora", {"lora_r": 4}), ("lora_no_tokens", {"lora_r": 4, "lora_train_chat_tokens": False}),
+                        ("dora", {"lora_r": 4, "use_dora": True, "lora_train_chat_tokens": False})):
         out = tmp_path_factory.mktemp(f"single_{name}")
         sft_main(args(chat_dir, sft_model_dir, out, per_device_train_batch_size=4, **extra))
         refs[name] = read_losses(out)
@@ -97,3 +98,13 @@ def test_zero3_full_deepspeed_launcher(single, chat_dir, sft_model_dir, tmp_path
     assert_same(single["full"], out)
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(p.numel() > 0 for p in model.parameters())
+
+
+def test_zero3_dora(single, chat_dir, sft_model_dir, tmp_path):
+    """DoRA reads each base weight again after the base layer's forward (for its norm); ZeRO-3
+    (DeepSpeed 0.19) gathers a parameter read inside another module's forward and registers it as
+    that module's external parameter, so the losses are one process's."""
+    out = tmp_path / "zero3_dora"
+    run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                  *script(chat_dir, sft_model_dir, out, lora_r=4, use_dora=True, lora_train_chat_tokens=False, zero_stage=3)])
+    assert_same(single["dora"], out)

@@ -168,6 +168,11 @@ class LoraConfig:
     load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
     bnb_4bit_quant_type: str = opt("nf4", "With --load_in_4bit: the 4-bit data type, nf4 (QLoRA's normal float, for normally distributed weights) or fp4.", ("nf4", "fp4"))
     bnb_4bit_use_double_quant: bool = opt(True, "With --load_in_4bit: quantize the blocks' scales too (8-bit instead of fp32: 0.127 instead of 0.5 bits per weight).")
+    use_dora: bool = opt(False, "DoRA (PEFT): each adapted weight is split into a trained magnitude per output row and a direction the LoRA update moves; "
+                                "closer to full fine-tuning at low ranks. Costs 2 activations per adapted output per token, the weight norms each step, "
+                                "and with --lora_dropout > 0 a second base matmul whose dequantized weight is kept for the backward, so --lora_dropout defaults to 0 with it. "
+                                "On a 16-bit or 4-bit base (not 8-bit).")
+    use_rslora: bool = opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning (PEFT use_rslora).")
 
 
 @dataclass

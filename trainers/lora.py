@@ -14,16 +14,29 @@ from trainers.errors import UsageError
 log = logging.getLogger("trainrig.lora")
 
 
+def apply_lora_defaults(run) -> None:
+    """The LoRA defaults that depend on other flags, applied where the user left them (before
+    planning, so the plan and the run agree): with --use_dora, --lora_dropout 0. PEFT's DoRA
+    reuses the base layer's output only without dropout; with it, each adapted layer runs its base
+    matmul a second time on the dropped-out input and autograd keeps that dequantized weight for
+    the backward: for every layer, in the compute dtype (14B in bf16: 26 GB), which undoes QLoRA."""
+    lora = getattr(run.cfg, "lora", None)
+    if lora is not None and lora.use_dora and not run.given("lora_dropout"):
+        lora.lora_dropout = 0.0
+
+
 def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None = None, task_type: str = "CAUSAL_LM"):
     """The model with LoRA adapters on --lora_target_modules (all-linear: every linear layer of
     attention and MLP, never the output head); only the adapters train, plus the embedding rows
     of `trainable_token_ids` (tied to the head where the model ties them). task_type SEQ_CLS (the
-    reward model) also trains its new score head in full (PEFT's modules_to_save)."""
+    reward model) also trains its new score head in full (PEFT's modules_to_save). --use_dora adds
+    DoRA's magnitude vectors, --use_rslora scales by alpha / sqrt(r)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.lora_target_modules
     config = LoraConfig(r=lora_cfg.lora_r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
                         target_modules="all-linear" if targets == ["all-linear"] else targets,
+                        use_dora=lora_cfg.use_dora, use_rslora=lora_cfg.use_rslora,
                         trainable_token_indices=trainable_token_ids or None, bias="none", task_type=task_type)
     torch.manual_seed(seed)  # lora_A's init: the same on every rank and rerun
     try:
@@ -33,20 +46,42 @@ def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None
         raise UsageError(f"--lora_target_modules {' '.join(targets)}: {str(err).splitlines()[0]}; "
                          f"this model's linear layers are {', '.join(linear)} (or use all-linear)") from None
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d alpha=%g dropout=%g on %s%s: %s trainable of %s parameters (%.2f%%)", lora_cfg.lora_r,
-             lora_cfg.lora_alpha, lora_cfg.lora_dropout, ", ".join(sorted(model.peft_config["default"].target_modules)),
+    log.info("%s r=%d alpha=%g (scale %s) dropout=%g on %s%s: %s trainable of %s parameters (%.2f%%)",
+             "DoRA" if lora_cfg.use_dora else "LoRA", lora_cfg.lora_r, lora_cfg.lora_alpha,
+             "alpha/sqrt(r)" if lora_cfg.use_rslora else "alpha/r", lora_cfg.lora_dropout,
+             ", ".join(sorted(model.peft_config["default"].target_modules)),
              f", embedding rows of tokens {trainable_token_ids}" if trainable_token_ids else "",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if lora_cfg.use_dora and lora_cfg.lora_dropout > 0:
+        log.warning("--use_dora with --lora_dropout %g: PEFT runs each adapted layer's base matmul again on the dropped-out input and keeps "
+                    "that dequantized weight for the backward (%.2f GB here without --gradient_checkpointing, one layer's with it); "
+                    "--lora_dropout 0 avoids both", lora_cfg.lora_dropout, dora_dropout_bytes(model) / 1e9)
     return model
 
 
+def dora_dropout_bytes(model) -> int:
+    """What DoRA with dropout keeps per forward: every adapted base weight, dequantized, in the
+    dtype it multiplies in (the base layer's compute dtype; a 16-bit base's own)."""
+    from peft.tuners.lora import LoraLayer
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+            total += module.in_features * module.out_features * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
 def lora_description(lora_cfg) -> str:
-    """"full", "LoRA r=16", or "QLoRA r=16 on a 4-bit nf4 base", for the log."""
+    """"full", "LoRA r=16", "QLoRA r=16 on a 4-bit nf4 base" or "DoRA r=16 (rsLoRA scale)", for the log."""
     if not lora_cfg.lora_r:
         return "full"
+    kind = ("QDoRA" if lora_cfg.load_in_4bit else "DoRA") if lora_cfg.use_dora else "QLoRA" if lora_cfg.load_in_4bit else "LoRA"
+    rank = f"{kind} r={lora_cfg.lora_r}" + (" (rsLoRA scale)" if lora_cfg.use_rslora else "")
     if lora_cfg.load_in_4bit:
-        return f"QLoRA r={lora_cfg.lora_r} on a 4-bit {lora_cfg.bnb_4bit_quant_type} base"
-    return f"LoRA r={lora_cfg.lora_r}" + (" on an 8-bit base" if lora_cfg.load_in_8bit else "")
+        return f"{rank} on a 4-bit {lora_cfg.bnb_4bit_quant_type} base"
+    return rank + (" on an 8-bit base" if lora_cfg.load_in_8bit else "")
 
 
 def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, tokenizer, trust_remote_code: bool) -> Path:

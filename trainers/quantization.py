@@ -29,9 +29,15 @@ def base_bits(lora_cfg) -> int:
 
 
 def check_quantization(lora_cfg, deepspeed: bool, needs_library: bool = True) -> None:
-    """The refusals, before any data or model work (and before planning): each names the flag and
-    the fix. needs_library: also that bitsandbytes imports here (not for planning another machine)."""
+    """The refusals of a LoRA run's base and adapter flags, before any data or model work (and
+    before planning): each names the flag and the fix. needs_library: also that bitsandbytes imports here (not for planning another machine)."""
     bits = base_bits(lora_cfg)
+    for variant in ("use_dora", "use_rslora"):
+        if getattr(lora_cfg, variant) and lora_cfg.lora_r == 0:
+            raise UsageError(f"--{variant} is a LoRA variant; it needs --lora_r (16, say)")
+    if lora_cfg.use_dora and bits == 8:
+        raise UsageError("--use_dora with --load_in_8bit: PEFT's DoRA breaks bitsandbytes' 8-bit layers (their first forward fails); "
+                         "use --load_in_4bit (QDoRA) or a 16-bit base")
     if lora_cfg.load_in_4bit and lora_cfg.load_in_8bit:
         raise UsageError("--load_in_4bit and --load_in_8bit: pick one (4 bits for the least memory, 8 for a base closer to 16-bit)")
     if bits == 16:

@@ -29,7 +29,7 @@ from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, lora_description
+from trainers.lora import apply_lora, apply_lora_defaults, lora_description
 from trainers.models import TORCH_DTYPES, count_parameters, enable_checkpointing, quantized_loading, resolve_model_config, tokenizer_for
 from trainers.quantization import base_bits, bnb_config, check_quantization, keep_training_layout
 
@@ -91,6 +91,7 @@ def train(run: Run) -> dict:
                          "(PeftModel.from_pretrained on AutoModelForSequenceClassification loads it)")
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
+    apply_lora_defaults(run)
     check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 

@@ -30,7 +30,7 @@ from trainers.data.packing import RowDataset, pack_rows
 from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, lora_description, merge_adapter
+from trainers.lora import apply_lora, apply_lora_defaults, lora_description, merge_adapter
 from trainers.quantization import base_bits, bnb_config, check_quantization
 from trainers.models import build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
@@ -68,6 +68,7 @@ def train(run: Run) -> dict:
         raise UsageError("--merge_lora needs LoRA (--lora_r > 0); full fine-tuning already writes a plain model to final/")
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
+    apply_lora_defaults(run)
     check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 

@@ -63,12 +63,17 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def lora_parameters(self, rank: int, targets: tuple[str, ...] = LORA_TARGETS_ALL_LINEAR) -> int:
-        """Trainable adapter parameters: r x (d_in + d_out) for every targeted linear of every layer."""
+    def linear_sizes(self, targets: tuple[str, ...] = LORA_TARGETS_ALL_LINEAR) -> list[tuple[int, int]]:
+        """(d_in, d_out) of each targeted linear layer of one decoder layer."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
         sizes = {"q_proj": (h, self.heads * self.head_dim), "k_proj": (h, kv), "v_proj": (h, kv),
                  "o_proj": (self.heads * self.head_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        return self.layers * sum(rank * (sizes[t][0] + sizes[t][1]) for t in targets if t in sizes)
+        return [sizes[t] for t in targets if t in sizes]
+
+    def lora_parameters(self, rank: int, targets: tuple[str, ...] = LORA_TARGETS_ALL_LINEAR, dora: bool = False) -> int:
+        """Trainable adapter parameters: r x (d_in + d_out) for every targeted linear of every layer,
+        and with DoRA its magnitude vector, d_out more."""
+        return self.layers * sum(rank * (d_in + d_out) + (d_out if dora else 0) for d_in, d_out in self.linear_sizes(targets))
 
 
 def shape_from_config(config, name: str, trust_remote_code: bool = False) -> ModelShape:
@@ -124,6 +129,7 @@ class Setup:
     optimizer: str = "adamw"  # adamw | muon
     lora_parameters: int = 0  # 0: full fine-tuning
     lora_dropout: bool = True
+    dora: bool = False  # DoRA (PEFT use_dora): magnitude vectors, and what its forward keeps (dora_activation_bytes)
     base_bits: int = 16  # a LoRA base's linear layers quantized to 4 or 8 bits (bitsandbytes), or 16: not
     double_quant: bool = True  # 4-bit: the blocks' fp32 scales themselves quantized to 8 bits
     gradient_checkpointing: bool = False
@@ -329,18 +335,47 @@ def mask_bytes(s: Setup) -> int:
     return s.micro_batch * s.rows_per_sample * s.seq_len**2 * (2 if s.half else 4)
 
 
+def dora_token_bytes(shape: ModelShape, s: Setup) -> int:
+    """What DoRA adds to a layer's saved bytes per token: for each adapted linear, the base output
+    and the LoRA output its magnitude scales, each d_out wide in the compute dtype (measured with
+    saved-tensor hooks, peft 0.21: 8.0 B per output in fp32, 4.1 in bf16 autocast, 16- and 4-bit bases)."""
+    if not s.dora:
+        return 0
+    return 2 * (2 if s.half else 4) * sum(d_out for _, d_out in shape.linear_sizes())
+
+
+def dora_layer_bytes(shape: ModelShape, s: Setup) -> int:
+    """DoRA's bytes per layer that do not grow with the tokens. With --lora_dropout > 0 PEFT runs the
+    base matmul again on the dropped-out input, and autograd keeps its dequantized weight: w B per
+    adapted weight, for every layer (measured 4.02-4.04 B fp32, 2.07-2.15 bf16, 16- and 4-bit bases).
+    Without dropout too, vectors of the output's width per adapted linear (the magnitude over the
+    norm, and what scales by it): measured 12 B per output in fp32, 44 in bf16 autocast, per layer.
+    And the transient of its weight norm, once: for the largest adapted linear (d_in x d_out) an fp32
+    identity d_in x d_in (PEFT's lora_B(lora_A(eye)), to stay FSDP-safe; autocast adds its 16-bit
+    copy), that product, the scaled update and the weight plus it (three d_in x d_out tensors in w B)
+    -- for Qwen2.5-14B's down_proj (13,824 x 5,120) 1.6 GB in bf16."""
+    if not s.dora:
+        return 0
+    w = 2 if s.half else 4
+    kept = w * sum(d_in * d_out for d_in, d_out in shape.linear_sizes()) if s.lora_dropout else 0
+    kept += (44 if s.half else 12) * sum(d_out for _, d_out in shape.linear_sizes())
+    identity = 6 if s.half else 4
+    norm = max(identity * d_in * d_in + 3 * w * d_in * d_out for d_in, d_out in shape.linear_sizes())
+    return kept * (1 if s.gradient_checkpointing else shape.layers) + norm
+
+
 def activation_bytes(shape: ModelShape, s: Setup) -> int:
     """All layers' saved activations for one micro batch, plus the embedding/final-norm/RoPE
-    tensors outside the layers and the shared attention mask. With checkpointing: each layer's input,
-    plus one layer's full set while it is recomputed in the backward."""
+    tensors outside the layers, the shared attention mask and DoRA's per-layer bytes. With
+    checkpointing: each layer's input, plus one layer's full set while it is recomputed in the backward."""
     tokens = s.tokens
-    layer = layer_activation_bytes(shape, s)
+    layer = layer_activation_bytes(shape, s) + dora_token_bytes(shape, s)
     outside = 16 * shape.hidden + 8 * shape.head_dim
     if s.gradient_checkpointing:
         per_token = shape.layers * CHECKPOINT_BYTES[activation_mode(s)] + layer + outside
     else:
         per_token = shape.layers * layer + outside
-    return int(per_token * tokens) + mask_bytes(s)
+    return int(per_token * tokens) + mask_bytes(s) + dora_layer_bytes(shape, s)
 
 
 def logits_bytes(shape: ModelShape, s: Setup) -> int:
@@ -426,9 +461,13 @@ def estimate(shape: ModelShape, s: Setup) -> Memory:
 def training_flops_per_token(shape: ModelShape, s: Setup) -> float:
     """6 Psi for a full backward (2 forward + 4 backward), 4 Psi with frozen weights (no weight
     gradients: LoRA), +2 Psi with checkpointing (a second forward); attention adds 12 L h s
-    (the PaLM/Megatron accounting of model FLOPs per token)."""
+    (the PaLM/Megatron accounting of model FLOPs per token). DoRA with dropout runs each adapted
+    matmul a second time and its input gradient: +4 per layer weight (+2 more recomputed). DoRA's
+    weight norms cost per step, not per token: ~0.9 TFLOP a forward for 14B at r 16, 0.1% of a
+    micro batch of 8 x 2,048 tokens, left out."""
     per_param = 4 if s.lora_parameters else 6
     if s.gradient_checkpointing:
         per_param += 2
     attention = 12 * shape.layers * shape.hidden * s.seq_len * (per_param / 6)
-    return per_param * shape.parameters + attention
+    dora = (6 if s.gradient_checkpointing else 4) * shape.matrix_parameters if s.dora and s.lora_dropout else 0
+    return per_param * shape.parameters + attention + dora

@@ -54,6 +54,7 @@ class Request:
     optimizer: str = "adamw"
     lora_rank: int = 0
     lora_dropout: bool = True
+    dora: bool = False  # --use_dora
     base_bits: int = 16  # the frozen LoRA base's linear layers: 4 or 8 (bitsandbytes), 16 (not quantized)
     double_quant: bool = True  # 4-bit: the blocks' scales quantized too
     gradient_checkpointing: bool | None = None
@@ -267,7 +268,7 @@ def plan(req: Request, explain: bool = True) -> Plan:
     hw = req.hardware
     precision = resolve_precision(req.precision, hw.gpu is not None, hw.gpu is not None and hw.gpu.bf16)
     budget = int(hw.device_memory_bytes * (1 - SAFETY_MARGIN))
-    lora = req.shape.lora_parameters(req.lora_rank) if req.lora_rank else 0
+    lora = req.shape.lora_parameters(req.lora_rank, dora=req.dora) if req.lora_rank else 0
     stage = plan_names()[req.stage]
     checkpointing = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
     candidates = []
@@ -275,7 +276,8 @@ def plan(req: Request, explain: bool = True) -> Plan:
         for ds, zero_stage, offload in strategies(req):
             base = Setup(world=hw.world_size, nodes=hw.nodes, deepspeed=ds, zero_stage=zero_stage, offload=offload,
                          precision=precision, optimizer=req.optimizer, lora_parameters=lora,
-                         lora_dropout=req.lora_dropout, base_bits=req.base_bits if lora else 16, double_quant=req.double_quant, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
+                         lora_dropout=req.lora_dropout, dora=req.dora and bool(lora), base_bits=req.base_bits if lora else 16,
+                         double_quant=req.double_quant, gradient_checkpointing=ckpt_on, attn=req.attn, ds_zero=req.ds_zero,
                          seq_len=req.seq_len, rows_per_sample=stage.sequences_per_sample,
                          attention_mask=stage.masked_rows, on_gpu=hw.gpu is not None,
                          sharded_load=stage.loads_weights(req.stage),  # the trainers load checkpoints under zero.Init
