@@ -27,7 +27,8 @@ from launch.planner.memory import GiB
 from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
-from trainers.quantization import base_bits, check_quantization
+from trainers.ds_config import deepspeed_json
+from trainers.quantization import base_bits
 from trainers.stages import REPO, plan_names, stage_named
 
 QWEN_VOCAB = 151936  # a preset planned without its tokenizer is assumed to use Qwen2.5's vocabulary
@@ -112,13 +113,12 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
         accumulation = None if accumulation == "auto" else accumulation
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
-    lora = getattr(cfg, "lora", None)
-    if lora is not None:  # the trainer's own defaults and refusals (a quantized base without LoRA, under DeepSpeed), before a plan
-        from trainers.ds_config import deepspeed_json
-        from trainers.lora import apply_lora_defaults
+    from trainers.lora import apply_lora_defaults, check_lora_flags  # imports torch, which `trainrig plan --help` need not
 
-        apply_lora_defaults(run)
-        check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None, needs_library=False)
+    lora = cfg.lora  # the trainer's own defaults and refusals (a quantized base without LoRA, under DeepSpeed), before a plan
+    apply_lora_defaults(run)
+    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None, from_scratch=bool(getattr(cfg.model, "model_preset", "")),
+                     needs_library=False)
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
     ckpt = cfg.model.gradient_checkpointing if (run.given("gradient_checkpointing") or not plan_everything) else None
@@ -126,8 +126,8 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
-                   lora_rank=lora.lora_r if lora else 0, lora_dropout=bool(lora and lora.lora_dropout > 0), dora=bool(lora and lora.use_dora),
-                   base_bits=base_bits(lora) if lora else 16, double_quant=bool(lora and lora.bnb_4bit_use_double_quant),
+                   lora_rank=lora.lora_r, lora_dropout=lora.lora_dropout > 0, dora=lora.use_dora,
+                   base_bits=base_bits(lora), double_quant=lora.bnb_4bit_use_double_quant,
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload, ds_zero=ds_zero,
                    attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",
                    chunked_loss=chunked_loss_applies(cfg, shape))
@@ -139,8 +139,8 @@ def chunked_loss_applies(cfg, shape: memory.ModelShape) -> bool:
     (PEFT wraps a tied head for --lora_train_chat_tokens)."""
     from trainers.chunked_loss import SUPPORTED_MODEL_TYPES
 
-    lora = getattr(cfg, "lora", None)
-    wrapped_head = bool(lora and lora.lora_r > 0 and lora.lora_train_chat_tokens and shape.tied_embeddings)
+    lora = cfg.lora
+    wrapped_head = lora.lora_r > 0 and getattr(lora, "lora_train_chat_tokens", False) and shape.tied_embeddings  # SFT's flag
     return getattr(cfg.model, "chunked_loss", False) and shape.model_type in SUPPORTED_MODEL_TYPES and not wrapped_head
 
 

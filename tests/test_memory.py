@@ -146,8 +146,9 @@ def _saved_bytes(h, inter, heads, kv_heads, layers, seq, mode, attn="sdpa", lora
         inputs = model_inputs({**inputs, "position_ids": position_ids}, "cpu", torch.float32 if mode == "fp32" else torch.bfloat16)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "amp" else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda kept: kept.tensor), autocast:
-        out = model(**inputs)  # noqa: F841 -- keeps the graph, and what it saved, alive
+        outputs = model(**inputs)  # holds the graph, and what it saved, until the storages are counted
     storages = {ref().tensor.untyped_storage().data_ptr(): ref().tensor.untyped_storage().nbytes() for ref in held if ref() is not None}
+    del outputs
     return sum(storages.values())
 
 

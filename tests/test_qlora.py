@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from conftest import read_losses, reward_args, sft_args
+from conftest import pretrain_args, read_losses, reward_args, sft_args
+from launch.pretrain import main as pretrain_main
 from launch.reward import main as reward_main
 from launch.sft import main as sft_main
 from trainers.errors import UsageError
@@ -59,6 +60,48 @@ def test_qlora_sft_trains_and_saves_an_adapter_that_merges_into_a_plain_model(ql
     # logit spread (std) of 1.08 for this tiny model
     gap = (quantized_logits - merged_logits).abs().mean().item()
     assert 0 < gap < 0.05 * merged_logits.std().item(), gap
+
+
+def test_qlora_continued_pretraining_trains_an_adapter_and_merges(corpus, tokenizer_dir, sft_model_dir, tmp_path):
+    """Continued pretraining on raw text with a 4-bit base: the loss falls, final/ is an adapter
+    (no chat-token rows: pretraining text has no turns), final/merged/ a plain model equal to the
+    16-bit base with it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cpt"
+    summary = pretrain_main(pretrain_args(corpus, tokenizer_dir, out, model_preset=None, model_name_or_path=str(sft_model_dir),
+                                          block_size=64, lora_r=8, load_in_4bit=True, merge_lora=True, max_steps=12,
+                                          learning_rate=3e-3))
+    losses = read_losses(out)
+    assert summary["step"] == 12 and sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.05
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["base_bits"] == 4 and plan["lora_r"] == 8 and plan["chunked_loss"]
+    from transformers import AutoConfig
+
+    from launch.planner.memory import shape_from_config
+
+    shape = shape_from_config(AutoConfig.from_pretrained(sft_model_dir), "tiny")
+    # the planner's counts; the 4-bit weights counted as the weights they pack, not their uint8 bytes
+    assert summary["trainable_parameters"] == shape.lora_parameters(8) and summary["parameters"] == shape.parameters + shape.lora_parameters(8)
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert not adapter.get("trainable_token_indices") and not (out / "final" / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out / "final")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 12, 5]])
+    with torch.no_grad():
+        assert (merged(ids).logits - adapted(ids).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("flag", ["lora_r", "load_in_4bit"])
+def test_lora_from_scratch_is_refused(flag, corpus, tokenizer_dir, tmp_path, capsys):
+    value = {"lora_r": "8", "load_in_4bit": True}[flag]
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(pretrain_args(corpus, tokenizer_dir, tmp_path / "run", **{flag: value}))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--{flag} adapts an existing model; from scratch (--model_preset)" in err, err
 
 
 def test_qlora_reward_model_trains(preference_pairs, sft_model_dir, tmp_path):
@@ -276,3 +319,21 @@ def test_trainrig_plan_counts_dora_and_its_dropout(tmp_path, capsys):
     assert micro["qlora"] >= micro["qdora"] > micro["qdora_dropout"] >= 1, micro
     without_ckpt = {name: next(c for c in p["candidates"] if c["strategy"] == "single")["total_gb"] for name, p in plans.items()}
     assert without_ckpt["qdora_dropout"] - without_ckpt["qdora"] > 24, without_ckpt  # 13.2e9 weights x 2 B = 24.6 GiB
+
+
+def test_the_planner_plans_qlora_continued_pretraining_and_suggests_it(tmp_path, capsys):
+    """--stage cpt (pretraining's entry script from a checkpoint) takes LoRA and a 4-bit base:
+    14B on a 5090 fits; in full it does not, and the error names QLoRA with its micro batch. From
+    scratch, --lora_r is the trainer's refusal."""
+    from launch.plan import main_plan
+
+    common = ["--hardware", "rtx5090", "--model_name_or_path", "qwen2.5-14b", "--block_size", "2048"]
+    main_plan(["--stage", "cpt", *common, "--lora_r", "16", "--load_in_4bit", "--output_dir", str(tmp_path / "qlora")])
+    plan = json.loads((tmp_path / "qlora" / "plan.json").read_text())
+    assert plan["stage"] == "cpt" and plan["fits"] and plan["base_bits"] == 4 and not plan["strategy"]["deepspeed"]
+    with pytest.raises(SystemExit):
+        main_plan(["--stage", "cpt", *common, "--deepspeed", "none", "--output_dir", str(tmp_path / "full")])
+    assert re.search(r"would fit: .*QLoRA \(--lora_r 16 --load_in_4bit\): single\+ckpt, micro batch \d+", capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:
+        main_plan(["--stage", "pretrain", "--hardware", "rtx5090", "--model_preset", "0.5b", "--lora_r", "16"])
+    assert exit_info.value.code == 2 and "--lora_r adapts an existing model" in capsys.readouterr().err

@@ -131,6 +131,29 @@ class PretrainDataConfig:
 
 
 @dataclass
+class LoraConfig:
+    lora_r: int = opt(0, "LoRA rank; 0 trains every weight (full fine-tuning).", minimum=0)
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator: updates are scaled by alpha / r.", minimum=0)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", minimum=0)
+    lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
+    merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes: 0.5 B per weight, ~3.7x less than bf16; 14B fits a 24-32 GB card). Needs --lora_r > 0 and an existing model; DDP or one process, not DeepSpeed.")
+    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
+    bnb_4bit_quant_type: str = opt("nf4", "With --load_in_4bit: the 4-bit data type, nf4 (QLoRA's normal float, for normally distributed weights) or fp4.", ("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "With --load_in_4bit: quantize the blocks' scales too (8-bit instead of fp32: 0.127 instead of 0.5 bits per weight).")
+    use_dora: bool = opt(False, "DoRA (PEFT): each adapted weight is split into a trained magnitude per output row and a direction the LoRA update moves; "
+                                "closer to full fine-tuning at low ranks. Costs 2 activations per adapted output per token, the weight norms each step, "
+                                "and with --lora_dropout > 0 a second base matmul whose dequantized weight is kept for the backward, so --lora_dropout defaults to 0 with it. "
+                                "On a 16-bit or 4-bit base (not 8-bit).")
+    use_rslora: bool = opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning (PEFT use_rslora).")
+
+
+@dataclass
+class ChatLoraConfig(LoraConfig):
+    lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of <|im_start|> and <|im_end|> (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
+
+
+@dataclass
 class PretrainConfig:
     """Everything `launch/pretrain.py` takes. Each section is one concern."""
 
@@ -140,6 +163,7 @@ class PretrainConfig:
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # continued pretraining only (--model_name_or_path)
 
 
 @dataclass
@@ -157,25 +181,6 @@ class SFTDataConfig:
 
 
 @dataclass
-class LoraConfig:
-    lora_r: int = opt(0, "LoRA rank; 0 trains every weight (full fine-tuning).", minimum=0)
-    lora_alpha: float = opt(32.0, "LoRA scaling numerator: updates are scaled by alpha / r.", minimum=0)
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", minimum=0)
-    lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
-    lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of <|im_start|> and <|im_end|> (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
-    merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
-    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes: 0.5 B per weight, ~3.7x less than bf16; 14B fits a 24-32 GB card). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
-    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
-    bnb_4bit_quant_type: str = opt("nf4", "With --load_in_4bit: the 4-bit data type, nf4 (QLoRA's normal float, for normally distributed weights) or fp4.", ("nf4", "fp4"))
-    bnb_4bit_use_double_quant: bool = opt(True, "With --load_in_4bit: quantize the blocks' scales too (8-bit instead of fp32: 0.127 instead of 0.5 bits per weight).")
-    use_dora: bool = opt(False, "DoRA (PEFT): each adapted weight is split into a trained magnitude per output row and a direction the LoRA update moves; "
-                                "closer to full fine-tuning at low ranks. Costs 2 activations per adapted output per token, the weight norms each step, "
-                                "and with --lora_dropout > 0 a second base matmul whose dequantized weight is kept for the backward, so --lora_dropout defaults to 0 with it. "
-                                "On a 16-bit or 4-bit base (not 8-bit).")
-    use_rslora: bool = opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning (PEFT use_rslora).")
-
-
-@dataclass
 class SFTConfig:
     """Everything `launch/sft.py` takes. SFT defaults: learning rate 2e-5 for full fine-tuning
     (2e-4 with LoRA unless --learning_rate is given), 3% warmup, no weight decay."""
@@ -186,7 +191,7 @@ class SFTConfig:
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: ChatLoraConfig = field(default_factory=ChatLoraConfig)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from trainers import checkpoint as ckpt
 from trainers import stopping
 from trainers.errors import RunFailed
+from trainers.lora import merge_adapter
 from trainers.optim import set_learning_rate
 from trainers.step import StepResult, lm_counts, lm_loss, train_step
 from trainers.tracking import METRICS_FILE, StepLog, Tracker, plot_loss
@@ -271,6 +272,17 @@ def report_outcome(runtime, out: Path, state: TrainState, resumed_step: int, sto
             "status": "stopped" if stopped else "completed", "reason": stopped, "step": state.step,
             "resumed_from_step": resumed_step, "output_dir": str(out),
             "checkpoint": str(out / f"checkpoint-{state.step}") if stopped else None})
+
+
+def save_final_model(runtime, model, tokenizer, out: Path, lora_cfg, model_cfg) -> None:
+    """final/ for a causal LM: the model, or with LoRA its adapter; with --merge_lora also
+    final/merged/, the base reloaded in 16 bits with the adapter merged in (rank 0 alone)."""
+    final = save_final(runtime, model, tokenizer, out, adapter_only=lora_cfg.lora_r > 0)
+    if lora_cfg.merge_lora:
+        if runtime.is_main:
+            with runtime.model_init_context(sharded=False):  # a plain load on rank 0 alone, not a collective ZeRO-3 one
+                merge_adapter(model_cfg.model_name_or_path, final, final / "merged", tokenizer, model_cfg.trust_remote_code)
+        runtime.barrier()
 
 
 def save_final(runtime, model, tokenizer, out: Path, adapter_only: bool = False) -> Path:

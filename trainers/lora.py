@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -10,8 +11,45 @@ from pathlib import Path
 import torch
 
 from trainers.errors import UsageError
+from trainers.quantization import BNB_INSTALL, base_bits
 
 log = logging.getLogger("trainrig.lora")
+
+
+def check_lora_flags(lora_cfg, deepspeed: bool, from_scratch: bool = False, needs_library: bool = True) -> None:
+    """The refusals of a run's LoRA and quantized-base flags, before any data or model work (and
+    before planning), each naming the flag and the fix. from_scratch: a --model_preset run, whose
+    weights all train from their init. needs_library: also that bitsandbytes imports here (not when
+    planning another machine)."""
+    bits = base_bits(lora_cfg)
+    if from_scratch and (lora_cfg.lora_r or bits < 16):
+        flag = "--lora_r" if lora_cfg.lora_r else f"--load_in_{bits}bit"
+        raise UsageError(f"{flag} adapts an existing model; from scratch (--model_preset) every weight trains in full: drop {flag}, "
+                         f"or continue pretraining an existing model with --model_name_or_path")
+    if lora_cfg.merge_lora and lora_cfg.lora_r == 0:
+        raise UsageError("--merge_lora needs LoRA (--lora_r > 0); training every weight already writes a plain model to final/")
+    for variant in ("use_dora", "use_rslora"):
+        if getattr(lora_cfg, variant) and lora_cfg.lora_r == 0:
+            raise UsageError(f"--{variant} is a LoRA variant; it needs --lora_r (16, say)")
+    if lora_cfg.use_dora and bits == 8:
+        raise UsageError("--use_dora with --load_in_8bit: PEFT's DoRA breaks bitsandbytes' 8-bit layers (their first forward fails); "
+                         "use --load_in_4bit (QDoRA) or a 16-bit base")
+    if lora_cfg.load_in_4bit and lora_cfg.load_in_8bit:
+        raise UsageError("--load_in_4bit and --load_in_8bit: pick one (4 bits for the least memory, 8 for a base closer to 16-bit)")
+    if bits == 16:
+        return
+    flag = f"--load_in_{bits}bit"
+    if lora_cfg.lora_r == 0:
+        raise UsageError(f"{flag} quantizes a frozen base, so it needs LoRA (--lora_r 16, say); a quantized weight cannot be trained")
+    if deepspeed:
+        raise UsageError(f"{flag} runs under DDP or one process: ZeRO partitions parameters that bitsandbytes packs; "
+                         f"drop --deepspeed/--zero_stage (--deepspeed none)")
+    if not needs_library:
+        return
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as err:
+        raise UsageError(f"{flag} needs bitsandbytes, which does not import here ({err}); {BNB_INSTALL}") from None
 
 
 def apply_lora_defaults(run) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from trainers.attention import resolve_attn_implementation
 from trainers.errors import UsageError
-from trainers.quantization import keep_training_layout
+from trainers.quantization import bnb_config, keep_training_layout
 
 log = logging.getLogger("trainrig.models")
 
@@ -141,6 +141,15 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
     return model
 
 
+def base_loading(lora_cfg, precision: str, device: torch.device) -> dict:
+    """build_model's weight arguments: fp32 master weights for a model that trains in full; a
+    frozen LoRA base needs no fp32 copy, so it loads in the training precision (7B: 15 GB, not 30),
+    its linear layers quantized with --load_in_4bit/--load_in_8bit straight onto `device`."""
+    if lora_cfg is None or not lora_cfg.lora_r:
+        return {"dtype": "fp32"}
+    return {"dtype": precision, "quantization": bnb_config(lora_cfg, precision), "device": device}
+
+
 def quantized_loading(quantization, device: torch.device | None) -> dict:
     """from_pretrained's arguments for a quantized base: the config, and every weight on this
     rank's device (bitsandbytes quantizes as it places them; accelerate then refuses a model on
@@ -218,7 +227,13 @@ def _check_block_size(block_size: int, config, what: str, flag: str) -> None:
 
 
 def count_parameters(model) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: full size under ZeRO-3
+    """The model's parameters: under ZeRO-3 each one's full size (ds_numel), a 4-bit weight as the
+    weights it packs (its uint8 storage holds two per byte; bitsandbytes keeps the shape in quant_state)."""
+    def numel(p) -> int:
+        state = getattr(p, "quant_state", None)
+        return state.shape.numel() if state is not None else getattr(p, "ds_numel", p.numel())
+
+    return sum(numel(p) for p in model.parameters())
 
 
 def load_for_inference(model_cfg, device: torch.device, dtype: torch.dtype, precision: str):

@@ -1,4 +1,6 @@
-"""Pretraining from scratch (--model_preset) and continued pretraining (--model_name_or_path) on packed blocks.
+"""Pretraining from scratch (--model_preset) and continued pretraining (--model_name_or_path) on
+packed blocks; continued pretraining in full or with LoRA, on a 16-bit or a quantized base (QLoRA),
+as in SFT (a new domain's text into a 14B model on one 24-32 GB card).
 
 Sections, in the order every stage follows: config -> runtime -> data -> model -> optimizer ->
 training, the last being trainers/fit.py's run loop (resume, steps, checkpoints, final save, eval);
@@ -17,9 +19,12 @@ from trainers import setup
 from trainers.config import Run
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
+from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
-from trainers.fit import Training, fit, save_final
-from trainers.models import build_model, count_parameters, resolve_model_config, tokenizer_for
+from trainers.fit import Training, fit, save_final_model
+from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
+from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
+from trainers.quantization import base_bits
 from trainers.step import describe_lm_eval, evaluate_lm
 
 log = logging.getLogger("trainrig.pretrain")
@@ -29,9 +34,11 @@ def train(run: Run) -> dict:
     # ------------------------------------------------------------------------ config
     cfg = run.cfg
     setup.resolve_batch(run)
-    m, d = cfg.model, cfg.data
+    m, d, lora = cfg.model, cfg.data, cfg.lora
     if bool(m.model_preset) == bool(m.model_name_or_path):
         raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
+    apply_lora_defaults(run)
+    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None, from_scratch=bool(m.model_preset))
     model_config = resolve_model_config(m, d.block_size)  # before any data work: bad paths and sizes fail fast
 
     # ----------------------------------------------------------------------- runtime
@@ -63,20 +70,24 @@ def train(run: Run) -> dict:
     # ------------------------------------------------------------------------- model
     attn, why = setup.attention(runtime, m)
     with runtime.model_init_context(sharded=bool(m.model_name_or_path)):
-        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed)
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, **base_loading(lora, runtime.precision, runtime.device))
+    if lora.lora_r > 0:
+        model = apply_lora(model, lora, cfg.run.seed)
     facts = setup.finish_model(model, m)
-    n_params = count_parameters(model)
+    n_params, n_trainable = count_parameters(model), setup.trainable_parameters(model)
 
     # --------------------------------------------------------------------- optimizer
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
     global_batch = micro * accumulation * runtime.world_size
-    log.info("model: %s, %.2fM parameters; strategy %s, precision %s, device %s",
-             m.model_preset or m.model_name_or_path, n_params / 1e6, runtime.strategy, runtime.precision, runtime.device)
+    log.info("model: %s, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, device %s",
+             m.model_preset or m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
+             runtime.strategy, runtime.precision, runtime.device)
     log.info("batch: micro %d x accumulation %d x world %d = global %d sequences = %s tokens per step; %d steps (%d per epoch over %d blocks)",
              micro, accumulation, runtime.world_size, global_batch, f"{global_batch * d.block_size:,}", total_steps,
              steps_per_epoch, len(train_blocks))
     if runtime.is_main:
-        setup.write_plan(run, runtime, attn, why, extra=facts)
+        setup.write_plan(run, runtime, attn, why,
+                         extra={"lora_r": lora.lora_r, "base_bits": base_bits(lora), "trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)
@@ -84,7 +95,7 @@ def train(run: Run) -> dict:
     return fit(run, runtime, Training(
         name="pretrain", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
         total_steps=total_steps, layout={"micro_batch": micro, "accumulation": accumulation},
-        save_final=lambda: save_final(runtime, model, tokenizer, out),
-        summary=lambda state: {"tokens_seen": state.trained_tokens, "parameters": n_params},
+        save_final=lambda: save_final_model(runtime, model, tokenizer, out, lora, m),
+        summary=lambda state: {"tokens_seen": state.trained_tokens, "parameters": n_params, "trainable_parameters": n_trainable},
         log_counts=lambda state: {"tokens": state.trained_tokens},  # the predicted tokens (block - 1 each): bench's MFU convention
         evaluate=evaluate if eval_blocks is not None else None, describe_eval=describe_lm_eval))

@@ -16,44 +16,12 @@ refused.
 
 from __future__ import annotations
 
-import importlib
-
-from trainers.errors import UsageError
-
 BNB_INSTALL = "pip install 'bitsandbytes>=0.47'"
 
 
 def base_bits(lora_cfg) -> int:
     """Bits per weight of the frozen base's linear layers: 4, 8, or 16 (not quantized)."""
     return 4 if lora_cfg.load_in_4bit else 8 if lora_cfg.load_in_8bit else 16
-
-
-def check_quantization(lora_cfg, deepspeed: bool, needs_library: bool = True) -> None:
-    """The refusals of a LoRA run's base and adapter flags, before any data or model work (and
-    before planning): each names the flag and the fix. needs_library: also that bitsandbytes imports here (not for planning another machine)."""
-    bits = base_bits(lora_cfg)
-    for variant in ("use_dora", "use_rslora"):
-        if getattr(lora_cfg, variant) and lora_cfg.lora_r == 0:
-            raise UsageError(f"--{variant} is a LoRA variant; it needs --lora_r (16, say)")
-    if lora_cfg.use_dora and bits == 8:
-        raise UsageError("--use_dora with --load_in_8bit: PEFT's DoRA breaks bitsandbytes' 8-bit layers (their first forward fails); "
-                         "use --load_in_4bit (QDoRA) or a 16-bit base")
-    if lora_cfg.load_in_4bit and lora_cfg.load_in_8bit:
-        raise UsageError("--load_in_4bit and --load_in_8bit: pick one (4 bits for the least memory, 8 for a base closer to 16-bit)")
-    if bits == 16:
-        return
-    flag = f"--load_in_{bits}bit"
-    if lora_cfg.lora_r == 0:
-        raise UsageError(f"{flag} quantizes a frozen base, so it needs LoRA (--lora_r 16, say); a quantized weight cannot be trained")
-    if deepspeed:
-        raise UsageError(f"{flag} runs under DDP or one process: ZeRO partitions parameters that bitsandbytes packs; "
-                         f"drop --deepspeed/--zero_stage (--deepspeed none)")
-    if not needs_library:
-        return
-    try:
-        importlib.import_module("bitsandbytes")
-    except ImportError as err:
-        raise UsageError(f"{flag} needs bitsandbytes, which does not import here ({err}); {BNB_INSTALL}") from None
 
 
 def bnb_config(lora_cfg, precision: str):

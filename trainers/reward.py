@@ -29,9 +29,9 @@ from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
 from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, apply_lora_defaults, lora_description
+from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
 from trainers.models import TORCH_DTYPES, count_parameters, enable_checkpointing, quantized_loading, resolve_model_config, tokenizer_for
-from trainers.quantization import base_bits, bnb_config, check_quantization, keep_training_layout
+from trainers.quantization import base_bits, bnb_config, keep_training_layout
 
 log = logging.getLogger("trainrig.reward")
 
@@ -92,7 +92,7 @@ def train(run: Run) -> dict:
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
     apply_lora_defaults(run)
-    check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
+    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime

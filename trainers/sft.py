@@ -29,10 +29,10 @@ from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.ds_config import deepspeed_json
 from trainers.errors import UsageError
-from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, apply_lora_defaults, lora_description, merge_adapter
-from trainers.quantization import base_bits, bnb_config, check_quantization
-from trainers.models import build_model, count_parameters, resolve_model_config, tokenizer_for
+from trainers.fit import Training, fit, save_final_model
+from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
+from trainers.quantization import base_bits
+from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
 
 log = logging.getLogger("trainrig.sft")
@@ -64,12 +64,10 @@ def train(run: Run) -> dict:
     m, d, lora = cfg.model, cfg.data, cfg.lora
     if not m.model_name_or_path:
         raise UsageError("--model_name_or_path is required: the model to fine-tune (a directory written by save_pretrained, e.g. <pretrain output>/final)")
-    if lora.merge_lora and lora.lora_r == 0:
-        raise UsageError("--merge_lora needs LoRA (--lora_r > 0); full fine-tuning already writes a plain model to final/")
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
     apply_lora_defaults(run)
-    check_quantization(lora, deepspeed_json(cfg.dist)[0] is not None)
+    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime
@@ -113,10 +111,7 @@ def train(run: Run) -> dict:
 
     # ------------------------------------------------------------------------- model
     with runtime.model_init_context(sharded=True):
-        # a frozen LoRA base needs no fp32 master copy: load it in the training precision (7B: 15 GB, not 30)
-        base_dtype = runtime.precision if lora.lora_r > 0 else "fp32"
-        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, dtype=base_dtype,
-                            quantization=bnb_config(lora, runtime.precision), device=runtime.device)
+        model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, **base_loading(lora, runtime.precision, runtime.device))
     if lora.lora_r > 0:
         chat_tokens = tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if lora.lora_train_chat_tokens else None
         if chat_tokens and runtime.zero_stage == 3 and runtime.device.type != "cuda":
@@ -144,21 +139,13 @@ def train(run: Run) -> dict:
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)
 
-    def save():
-        final = save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0)
-        if lora.merge_lora:
-            if runtime.is_main:
-                with runtime.model_init_context(sharded=False):  # a plain load on rank 0 alone, not a collective ZeRO-3 one
-                    merge_adapter(m.model_name_or_path, final, final / "merged", tokenizer, m.trust_remote_code)
-            runtime.barrier()
-
     evaluate = partial(evaluate_lm, runtime, model, eval_rows, cfg.batch.per_device_eval_batch_size or micro, collate, mask_dtype=masks)
     return fit(run, runtime, Training(
         name="sft", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
         total_steps=total_steps, samples="rows", loss_sum=partial(lm_loss, mask_dtype=masks),
         layout={"micro_batch": micro, "accumulation": accumulation, "packing": d.packing, "max_seq_length": d.max_seq_length,
                 "rows": len(train_rows)},
-        save_final=save,
+        save_final=lambda: save_final_model(runtime, model, tokenizer, out, lora, m),
         summary=lambda state: {"trained_tokens": state.trained_tokens, "tokens": state.input_tokens, "parameters": n_params,
                                "trainable_parameters": n_trainable, "rows": len(train_rows), "batch_fill": round(fill, 4),
                                "data": {k: samples.meta[k] for k in ("read", "kept", "truncated", "skipped")}},

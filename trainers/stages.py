@@ -36,7 +36,6 @@ class Stage:
     sequences_per_sample: int = 1  # rows the model runs per training sample (a preference pair: 2)
     vocab_head: bool = True  # ends in the vocabulary projection (False: a scalar score head)
     masked_rows: bool = True  # rows are packed or padded, so SDPA/eager get an attention mask (full blocks: none)
-    takes_lora: bool = True  # has --lora_r
     from_checkpoint: str = ""  # the planner's name for this stage when --model_name_or_path is given
 
     def train(self, run) -> dict:
@@ -60,7 +59,7 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", "pretraining from scratch (--model_preset) or continued (--model_name_or_path) on packed blocks",
           PretrainConfig, "trainers.pretrain", "launch/pretrain.py", "slurm/pretrain.sbatch",
-          "launch.inspect_data:inspect_pretrain",           masked_rows=False, takes_lora=False, from_checkpoint="cpt"),
+          "launch.inspect_data:inspect_pretrain",           masked_rows=False, from_checkpoint="cpt"),
     Stage("sft", "supervised fine-tuning on chat data, assistant-only loss, full or LoRA",
           SFTConfig, "trainers.sft", "launch/sft.py", "slurm/sft.sbatch",
           "launch.inspect_data:inspect_sft"),

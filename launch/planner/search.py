@@ -324,12 +324,13 @@ def what_would_fit(req: Request, candidates: list[Candidate]) -> list[str]:
         if p:
             tips.append(f"a smaller micro batch: {p.setup.micro_batch} fits with {p.setup.name} "
                         f"(--per_device_train_batch_size auto sizes it)")
-    if not req.lora_rank and plan_names()[req.stage].takes_lora:
+    adaptable = plan_names()[req.stage].loads_weights(req.stage)  # every stage takes --lora_r from a checkpoint, none from scratch
+    if not req.lora_rank and adaptable:
         p = fits(lora_rank=16)
         if p:
             tips.append(f"LoRA (--lora_r 16): {p.setup.name}, micro batch {p.setup.micro_batch}, "
                         f"{p.chosen.memory.total / GiB:.1f} GiB per GPU")
-    if req.base_bits == 16 and plan_names()[req.stage].takes_lora:
+    if req.base_bits == 16 and adaptable:
         p = fits(lora_rank=req.lora_rank or 16, base_bits=4, deepspeed="auto", zero_stage="auto", offload="auto", ds_zero=())
         if p:
             tips.append(f"QLoRA (--lora_r {req.lora_rank or 16} --load_in_4bit): {p.setup.name}, micro batch {p.setup.micro_batch}, "

@@ -89,7 +89,7 @@ PRETRAIN_CASES = {
                             "per_device_train_batch_size": "auto", "gradient_accumulation_steps": "auto"},
                            [r"--per_device_train_batch_size auto: nothing fits 1x .*5090", r"qwen14b",
                             r"would fit: .*more GPUs: \d+ x .*5090",
-                            r"^(?!.*--lora_r)"]),   # launch/pretrain.py has no LoRA: not a fix to suggest
+                            r"QLoRA \(--lora_r 16 --load_in_4bit\): single"]),   # continued pretraining takes LoRA
     "output_dir_below_a_file": ({"output_dir": "a_file/run"},
                                 [r"--output_dir .*a_file/run: not writable \(Not a directory\)", r"choose a directory you can write to"]),
 }

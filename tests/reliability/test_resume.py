@@ -1,6 +1,7 @@
 """Save at step k, SIGKILL the run mid-step, `--resume auto` to step n: the losses of steps
 k+1..n equal the uninterrupted run's to 1e-6 (CPU, fp32, same samples in the same order), for one
-process in every training stage (conftest.TRAINING_STAGES) and for two pretraining ranks under DDP
+process in every training stage (conftest.TRAINING_STAGES), SFT and continued pretraining with a
+4-bit base (QLoRA), and for two pretraining ranks under DDP
 and DeepSpeed ZeRO-2; the sample ids every rank trained on,
 step by step, equal the uninterrupted run's (no sample repeated or skipped). A checkpoint saved by
 two ranks is refused by one, with the reason and the supported path.
@@ -28,20 +29,33 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 KILL_RUN = dict(max_steps=8, save_steps=2)
+# QLoRA (a 4-bit base under LoRA) as SFT and as continued pretraining: the base is quantized again
+# from the same checkpoint on resume, deterministically, so the same tolerance holds
+QLORA = dict(lora_r=8, load_in_4bit=True)
+KILL_CASES = [(stage, "") for stage in TRAINING_STAGES] + [("sft", "qlora"), ("pretrain", "cpt-qlora")]
 
 
-@pytest.mark.parametrize("stage", TRAINING_STAGES)
-def test_sigkill_mid_step_then_resume_equals_uninterrupted(stage, stage_run, reference_losses, tmp_path, caplog):
+def case_flags(variant: str, request) -> dict:
+    if variant == "qlora":
+        return dict(QLORA)
+    if variant == "cpt-qlora":  # pretraining's entry script from the tiny base model
+        return dict(QLORA, model_preset=None, model_name_or_path=str(request.getfixturevalue("sft_model_dir")))
+    return {}
+
+
+@pytest.mark.parametrize("stage,variant", KILL_CASES, ids=[f"{s}-{v}" if v else s for s, v in KILL_CASES])
+def test_sigkill_mid_step_then_resume_equals_uninterrupted(stage, variant, stage_run, reference_losses, request, tmp_path, caplog):
     """One process, SIGKILLed in the middle of step 6 (paused in its forward pass by faults.py,
     so the kill lands there however slow the machine is): checkpoint-4 is the newest complete
     one, step 5 was already logged; `--resume auto` continues from checkpoint-4 to the uninterrupted
     run's losses, and metrics.jsonl holds every step once."""
     run = stage_run(stage)
-    expected = reference_losses(stage, max_steps=8)
+    flags = case_flags(variant, request)
+    expected = reference_losses(stage, max_steps=8, **flags)
     assert sorted(expected) == list(range(1, 9))
 
     out, marker, log = tmp_path / "killed", tmp_path / "paused", tmp_path / "killed.log"
-    args = run.args(out, **KILL_RUN, resume="auto")
+    args = run.args(out, **KILL_RUN, **flags, resume="auto")
     proc = start_with_fault([run.script, *args], {"kind": "pause_in_forward", "call": 6, "marker": str(marker)}, log)
     try:
         wait_for_marker(proc, marker, log)
