@@ -126,7 +126,7 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
     return Request(stage=stage, shape=shape, seq_len=seq_len, hardware=hw,
                    global_batch=batch.global_batch_size, micro_batch=micro, accumulation=accumulation,
                    precision=cfg.dist.precision, optimizer=cfg.optim.optimizer,
-                   lora_rank=lora.lora_r, lora_dropout=lora.lora_dropout > 0, dora=lora.use_dora,
+                   lora_rank=lora.lora_r, lora_dropout=lora.lora_dropout > 0, dora=lora.use_dora, quantization_auto=lora.quantization == "auto",
                    base_bits=base_bits(lora), double_quant=lora.bnb_4bit_use_double_quant,
                    gradient_checkpointing=ckpt, deepspeed=deepspeed, zero_stage=zero_stage, offload=offload, ds_zero=ds_zero,
                    attn=cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") else "sdpa",
@@ -180,6 +180,8 @@ def plan_in_process(run: Run, stage: str) -> Run:
             cfg.model.gradient_checkpointing = s.gradient_checkpointing
         if cfg.dist.deepspeed == "auto" and cfg.dist.zero_stage == "auto" and s.deepspeed:
             cfg.dist.zero_stage, cfg.dist.offload = str(s.zero_stage), s.offload
+    if cfg.lora.quantization == "auto":  # the planner's choice of base, decided for the trainer (plan.json's notes say why)
+        cfg.lora.load_in_4bit, cfg.lora.quantization = result.setup.base_bits == 4, "none"
     for key, value in result.env.items():  # NCCL_P2P_DISABLE=1 where GPUs lack peer access; set before NCCL starts
         os.environ.setdefault(key, value)
     run.plan = result.to_json()

@@ -337,3 +337,69 @@ def test_the_planner_plans_qlora_continued_pretraining_and_suggests_it(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main_plan(["--stage", "pretrain", "--hardware", "rtx5090", "--model_preset", "0.5b", "--lora_r", "16"])
     assert exit_info.value.code == 2 and "--lora_r adapts an existing model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ --quantization auto
+
+
+def test_quantization_auto_takes_16_bits_where_they_fit_on_the_device_and_4_where_not(tmp_path):
+    """7B LoRA on a 5090: 16 bits fit on the card. 14B: 16 bits fit only with every weight offloaded
+    to host RAM, and under --deepspeed none not at all: 4 bits, and the launch command pins the choice,
+    so the run does not choose again."""
+    from launch.plan import main_plan
+
+    def planned(model, *extra):
+        out = tmp_path / f"{model}{len(extra)}"
+        main_plan(["--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", model, "--lora_r", "16",
+                   "--quantization", "auto", "--max_seq_length", "2048", "--output_dir", str(out), *extra])
+        return json.loads((out / "plan.json").read_text())
+
+    seven = planned("qwen2.5-7b")
+    assert seven["base_bits"] == 16 and seven["notes"][0].startswith("--quantization auto: the 16-bit base fits (single+ckpt")
+    assert seven["command"].endswith("--quantization none --no-load_in_4bit")
+    for extra, why in (((), "fits only offloaded to host RAM (zero3+offload-all+ckpt)"), (("--deepspeed", "none"), "does not fit")):
+        fourteen = planned("qwen2.5-14b", *extra)
+        assert fourteen["base_bits"] == 4 and fourteen["fits"] and fourteen["strategy"]["name"] == "single+ckpt"
+        assert f"--quantization auto: a 16-bit base {why}" in fourteen["notes"][0], fourteen["notes"]
+        assert fourteen["command"].endswith("--quantization none --load_in_4bit")
+
+
+def test_quantization_auto_in_the_entry_script_loads_the_base_in_4_bits_where_16_do_not_fit(chat_dir, sft_model_dir, tmp_path, monkeypatch):
+    """On a machine whose memory lies between the 16-bit and the 4-bit plan's estimate (this CPU,
+    told so), the run itself chooses 4 bits, trains QLoRA and says why in plan.json; the resolved
+    config records what ran."""
+    import dataclasses
+
+    import yaml
+
+    from launch import plan as planning
+    from launch.planner import hardware
+    from launch.planner.search import SAFETY_MARGIN, plan
+    from trainers.config import SFTConfig, parse_run
+
+    args = sft_args(chat_dir, sft_model_dir, tmp_path / "run", lora_r=8, quantization="auto", lora_train_chat_tokens=False)
+    local = hardware.resolve("auto", local_only=True)
+    request = planning.request_for(parse_run(SFTConfig, args, "t"), "sft", local, False, [])
+    totals = {bits: plan(dataclasses.replace(request, quantization_auto=False, base_bits=bits)).chosen.memory.total for bits in (16, 4)}
+    assert totals[4] < totals[16]
+    device = (totals[4] + totals[16]) / 2 / (1 - SAFETY_MARGIN)
+    tight = dataclasses.replace(local, devices_per_node=1, cpu_ram_bytes=int(device) + hardware.CPU_RESERVED_BYTES)
+    monkeypatch.setattr(planning.hardware, "resolve", lambda name, local_only: tight)
+
+    summary = sft_main(args)
+    out = tmp_path / "run"
+    written = json.loads((out / "plan.json").read_text())
+    assert written["base_bits"] == 4 and summary["step"] == 6
+    assert any(n.startswith("--quantization auto: a 16-bit base does not fit") for n in written["plan_notes"]), written["plan_notes"]
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["load_in_4bit"] is True and resolved["quantization"] == "none"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"quantization": "auto"}, r"--quantization auto chooses between a 16-bit and a 4-bit LoRA base, so it needs --lora_r"),
+    ({"quantization": "auto", "lora_r": 8, "load_in_8bit": True}, r"--quantization auto and --load_in_8bit: pick one"),
+], ids=["no-lora", "with-8bit"])
+def test_quantization_auto_refusals(flags, message, chat_dir, sft_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", **flags))
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -28,6 +28,9 @@ def check_lora_flags(lora_cfg, deepspeed: bool, from_scratch: bool = False, need
                          f"or continue pretraining an existing model with --model_name_or_path")
     if lora_cfg.merge_lora and lora_cfg.lora_r == 0:
         raise UsageError("--merge_lora needs LoRA (--lora_r > 0); training every weight already writes a plain model to final/")
+    if lora_cfg.quantization == "auto" and (lora_cfg.lora_r == 0 or bits < 16):
+        raise UsageError("--quantization auto chooses between a 16-bit and a 4-bit LoRA base, so it needs --lora_r (16, say)" if lora_cfg.lora_r == 0
+                         else f"--quantization auto and --load_in_{bits}bit: pick one (auto lets the planner decide; --load_in_{bits}bit decides)")
     for variant in ("use_dora", "use_rslora"):
         if getattr(lora_cfg, variant) and lora_cfg.lora_r == 0:
             raise UsageError(f"--{variant} is a LoRA variant; it needs --lora_r (16, say)")

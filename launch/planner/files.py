@@ -76,12 +76,15 @@ def accelerate_config(plan: Plan, ds_config_path: Path | None, main_process_ip: 
 def run_arguments(plan: Plan, ds_config_path: Path | None) -> list[str]:
     """The flags that pin the run to the plan (appended after the user's, so they win)."""
     s = plan.setup
-    return ["--per_device_train_batch_size", str(s.micro_batch),
-            "--gradient_accumulation_steps", str(plan.chosen.accumulation),
-            "--global_batch_size", str(plan.global_batch),
-            "--gradient_checkpointing" if s.gradient_checkpointing else "--no-gradient_checkpointing",
-            "--deepspeed", str(ds_config_path) if ds_config_path else "none",
-            "--precision", s.precision]
+    pinned = ["--per_device_train_batch_size", str(s.micro_batch),
+              "--gradient_accumulation_steps", str(plan.chosen.accumulation),
+              "--global_batch_size", str(plan.global_batch),
+              "--gradient_checkpointing" if s.gradient_checkpointing else "--no-gradient_checkpointing",
+              "--deepspeed", str(ds_config_path) if ds_config_path else "none",
+              "--precision", s.precision]
+    if plan.request.quantization_auto:  # the base the plan chose, decided: the run does not choose again
+        pinned += ["--quantization", "none", "--load_in_4bit" if s.base_bits == 4 else "--no-load_in_4bit"]
+    return pinned
 
 
 def without_flags(argv: list[str], flags: set[str]) -> list[str]:

@@ -55,6 +55,7 @@ class Request:
     lora_rank: int = 0
     lora_dropout: bool = True
     dora: bool = False  # --use_dora
+    quantization_auto: bool = False  # --quantization auto: a 16-bit LoRA base if a plan with it fits, else a 4-bit one
     base_bits: int = 16  # the frozen LoRA base's linear layers: 4 or 8 (bitsandbytes), 16 (not quantized)
     double_quant: bool = True  # 4-bit: the blocks' scales quantized too
     gradient_checkpointing: bool | None = None
@@ -265,6 +266,8 @@ def evaluate_candidate(req: Request, base: Setup, budget: int) -> Candidate:
 
 def plan(req: Request, explain: bool = True) -> Plan:
     """The plan; `explain` adds what would fit when nothing does (off for the trials doing that)."""
+    if req.quantization_auto and req.lora_rank and req.base_bits == 16:
+        return plan_base_bits(req, explain)
     hw = req.hardware
     precision = resolve_precision(req.precision, hw.gpu is not None, hw.gpu is not None and hw.gpu.bf16)
     budget = int(hw.device_memory_bytes * (1 - SAFETY_MARGIN))
@@ -306,6 +309,33 @@ def plan(req: Request, explain: bool = True) -> Plan:
     if not fitting and explain:
         result.notes.extend(what_would_fit(req, candidates))
     return result
+
+
+def plan_base_bits(req: Request, explain: bool) -> Plan:
+    """--quantization auto: the plan with a 16-bit LoRA base when one fits on the devices themselves;
+    else with a 4-bit base (QLoRA) when that fits without offloading; else the better of what is
+    left (16 bits offloaded to host RAM, 4 bits offloaded, or the 16-bit plan that does not fit,
+    with what would). Predictable rather than clever: a 16-bit base trains the adapters against the
+    weights themselves, NF4 against their rounding, so 4 bits are taken only where 16 would need the
+    host's RAM and PCIe (the planner's last resort, and its least certain estimate: 14B on a 5090
+    offloads every weight) or do not fit. The plan's request keeps the flag, so the launch command
+    pins the choice (planner/files.py)."""
+    sixteen_req = dataclasses.replace(req, quantization_auto=False)
+    sixteen = plan(sixteen_req, explain=False)
+    four_req = dataclasses.replace(sixteen_req, base_bits=4)
+    four = plan(four_req, explain=False) if strategies(four_req) else None
+    on_device = sixteen.fits and sixteen.setup.offload == "none"
+    if on_device or (sixteen.fits and not (four and four.fits and four.setup.offload == "none")):
+        result, note = sixteen, f"--quantization auto: the 16-bit base fits ({sixteen.setup.name}, micro batch {sixteen.setup.micro_batch})"
+    elif four and four.fits:
+        why = (f"fits only offloaded to host RAM ({sixteen.setup.name})" if sixteen.fits else
+               f"does not fit (closest: {sixteen.setup.name}, {sixteen.chosen.why_not})")
+        result, note = four, (f"--quantization auto: a 16-bit base {why}; the base loads in 4 bits (QLoRA): "
+                              f"{four.setup.name}, micro batch {four.setup.micro_batch}")
+    else:
+        result, note = plan(sixteen_req, explain), "--quantization auto: neither a 16-bit nor a 4-bit base fits"
+    result.notes.insert(0, note)
+    return dataclasses.replace(result, request=dataclasses.replace(result.request, quantization_auto=True))
 
 
 # ------------------------------------------------------------------------ when nothing fits
