@@ -27,7 +27,7 @@ from launch.planner.memory import GiB
 from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
-from trainers.ds_config import deepspeed_json
+from trainers.ds_config import zero_setup
 from trainers.quantization import base_bits
 from trainers.stages import REPO, plan_names, stage_named
 
@@ -84,18 +84,16 @@ def _deepspeed_constraint(dist, plan_everything: bool, hidden: int) -> tuple[str
     named (or a shipped one, which is trainrig's own build); otherwise the run uses what the
     runtime's own rule (trainers.ds_config.deepspeed_json) gives, and the plan follows it and counts
     that file's buckets."""
-    from trainers.ds_config import DS_CONFIG_DIR, buffer_keys, deepspeed_json, ds_offload, load_ds_json
+    from trainers.ds_config import DS_CONFIG_DIR, buffer_keys, deepspeed_json, load_ds_json, zero_setup
 
     path, zero_stage, offload = deepspeed_json(dist)
     if plan_everything and dist.deepspeed == "auto" and (path is None or path.parent == DS_CONFIG_DIR):
         return "auto", zero_stage, offload, ()
     if path is None:
         return "none", "auto", "auto", ()
-    ds = load_ds_json(path)
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 2)
-    stage = int(zero_stage) if stage == "auto" and zero_stage != "auto" else 2 if stage == "auto" else int(stage)
-    return f"{stage}:{ds_offload(ds)}", "auto", "auto", buffer_keys({**zero, "stage": stage}, hidden)
+    stage, offload = zero_setup(dist)
+    zero = load_ds_json(path).get("zero_optimization", {})
+    return f"{stage}:{offload}", "auto", "auto", buffer_keys({**zero, "stage": stage}, hidden)
 
 
 def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bool, notes: list[str]) -> Request:
@@ -115,10 +113,9 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
         accumulation = 1
     from trainers.lora import apply_lora_defaults, check_lora_flags  # imports torch, which `trainrig plan --help` need not
 
-    lora = cfg.lora  # the trainer's own defaults and refusals (a quantized base without LoRA, under DeepSpeed), before a plan
+    lora = cfg.lora  # the trainer's own defaults and refusals (a quantized base without LoRA, under ZeRO-3), before a plan
     apply_lora_defaults(run)
-    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None, from_scratch=bool(getattr(cfg.model, "model_preset", "")),
-                     needs_library=False)
+    check_lora_flags(lora, zero_setup(cfg.dist), from_scratch=bool(getattr(cfg.model, "model_preset", "")), needs_library=False)
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
     ckpt = cfg.model.gradient_checkpointing if (run.given("gradient_checkpointing") or not plan_everything) else None

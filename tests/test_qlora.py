@@ -151,9 +151,10 @@ def test_dora_with_dropout_says_what_it_keeps(chat_dir, sft_model_dir, tmp_path,
     ({"load_in_4bit": True}, r"--load_in_4bit quantizes a frozen base, so it needs LoRA \(--lora_r 16"),
     ({"use_dora": True}, r"--use_dora is a LoRA variant; it needs --lora_r"),
     ({"use_dora": True, "lora_r": 8, "load_in_8bit": True}, r"--use_dora with --load_in_8bit: .* use --load_in_4bit \(QDoRA\)"),
-    ({"load_in_8bit": True, "lora_r": 8, "zero_stage": 2}, r"--load_in_8bit runs under DDP or one process"),
+    ({"load_in_8bit": True, "lora_r": 8, "zero_stage": 3}, r"--load_in_8bit under ZeRO-3: .* use --zero_stage 2, or DDP"),
+    ({"load_in_4bit": True, "lora_r": 8, "zero_stage": 2, "offload": "optimizer"}, r"--load_in_4bit with --offload optimizer: .* drop --offload"),
     ({"load_in_4bit": True, "load_in_8bit": True, "lora_r": 8}, r"--load_in_4bit and --load_in_8bit: pick one"),
-], ids=["no-lora", "dora-no-lora", "dora-8bit", "deepspeed", "both"])
+], ids=["no-lora", "dora-no-lora", "dora-8bit", "zero3", "offload", "both"])
 def test_refusals_exit_2_naming_the_flag(flags, message, chat_dir, sft_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", **flags))
@@ -205,14 +206,14 @@ def test_the_planner_fits_14b_qlora_on_one_5090_without_deepspeed_and_names_qlor
     qlora = plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("rtx5090", local_only=False),
                          global_batch=64, lora_rank=16, base_bits=4))
     assert qlora.fits and not qlora.setup.deepspeed and qlora.setup.micro_batch >= 4
-    assert all(not c.setup.deepspeed for c in qlora.candidates)
+    assert all(c.setup.zero_stage < 3 and c.setup.offload == "none" for c in qlora.candidates)
     sixteen = plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("4x4090", local_only=False),
                            global_batch=64, lora_rank=16, deepspeed="none"))
     assert not sixteen.fits
     assert any(n.startswith("QLoRA (--lora_r 16 --load_in_4bit): ddp") for n in sixteen.notes), sixteen.notes
-    with pytest.raises(UsageError, match=r"--load_in_4bit \(runs without ZeRO\)"):
+    with pytest.raises(UsageError, match=r"--load_in_4bit \(runs without ZeRO-3 and offload\)"):
         plan(Request(stage="sft", shape=shape, seq_len=2048, hardware=hardware.resolve("rtx5090", local_only=False),
-                     lora_rank=16, base_bits=4, zero_stage="2"))
+                     lora_rank=16, base_bits=4, zero_stage="3"))
 
 
 def test_doctor_reports_bitsandbytes():
@@ -227,10 +228,10 @@ def test_doctor_reports_bitsandbytes():
 
 
 @pytest.mark.slow
-def test_ddp_with_a_4bit_base_equals_one_process(chat_dir, sft_model_dir, tmp_path):
-    """Each of 2 gloo ranks quantizes its own copy of the base onto its device; their losses are
-    one process's with the same global batch (micro 2 x 2 ranks = micro 2 x accumulation 2), to
-    1e-5 as in test_sft_distributed.py."""
+def test_ddp_and_zero2_with_a_4bit_base_equal_one_process(chat_dir, sft_model_dir, tmp_path):
+    """Each of 2 gloo ranks quantizes its own copy of the base onto its device; their losses under
+    DDP and under ZeRO-2 are one process's with the same global batch (micro 2 x 2 ranks = micro 2 x
+    accumulation 2), to 1e-5 as in test_sft_distributed.py."""
     from conftest import VENV_BIN, free_port, run_launcher
 
     common = dict(lora_r=8, load_in_4bit=True, lora_dropout=0, lora_train_chat_tokens=False, max_steps=5, per_device_train_batch_size=2)
@@ -243,6 +244,15 @@ def test_ddp_with_a_4bit_base_equals_one_process(chat_dir, sft_model_dir, tmp_pa
     assert sorted(got) == sorted(reference) == list(range(1, 6))
     assert max(abs(got[s] - reference[s]) for s in reference) < 1e-5, (reference, got)
     assert json.loads((ddp / "plan.json").read_text())["strategy"]["name"] == "ddp"
+
+    # ZeRO-2 through the deepspeed launcher: the engine leaves bitsandbytes' packed uint8 weights as they are
+    # (it casts floating parameters only) and shards the adapters' gradients and optimizer states
+    zero2 = tmp_path / "zero2"
+    run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                  "launch/sft.py", *sft_args(chat_dir, sft_model_dir, zero2, zero_stage=2, **common)])
+    got = read_losses(zero2)
+    assert max(abs(got[s] - reference[s]) for s in reference) < 1e-5, (reference, got)
+    assert (zero2 / "final" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])

@@ -137,8 +137,8 @@ class LoraConfig:
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", minimum=0)
     lora_target_modules: list[str] = opt(None, "Module names to adapt; all-linear: every linear layer of attention and MLP (not the output head).", factory=lambda: ["all-linear"])
     merge_lora: bool = opt(False, "Also write final/merged/: the base model with the adapter merged in (loads without PEFT).")
-    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes: 0.5 B per weight, ~3.7x less than bf16; 14B fits a 24-32 GB card). Needs --lora_r > 0 and an existing model; DDP or one process, not DeepSpeed.")
-    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; DDP or one process, not DeepSpeed.")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4 bits (bitsandbytes: 0.5 B per weight, ~3.7x less than bf16; 14B fits a 24-32 GB card). Needs --lora_r > 0 and an existing model; one process, DDP or ZeRO-1/2 (not ZeRO-3, no offload).")
+    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8: 1 B per weight). Needs --lora_r > 0; one process, DDP or ZeRO-1/2 (not ZeRO-3, no offload).")
     bnb_4bit_quant_type: str = opt("nf4", "With --load_in_4bit: the 4-bit data type, nf4 (QLoRA's normal float, for normally distributed weights) or fp4.", ("nf4", "fp4"))
     bnb_4bit_use_double_quant: bool = opt(True, "With --load_in_4bit: quantize the blocks' scales too (8-bit instead of fp32: 0.127 instead of 0.5 bits per weight).")
     use_dora: bool = opt(False, "DoRA (PEFT): each adapted weight is split into a trained magnitude per output row and a direction the LoRA update moves; "

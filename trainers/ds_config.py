@@ -139,6 +139,19 @@ def deepspeed_json(dist_cfg) -> tuple[Path | None, str, str]:
     return template_for(zero_stage, offload), zero_stage, offload
 
 
+def zero_setup(dist_cfg) -> tuple[int | None, str]:
+    """(ZeRO stage, offload) this run will use -- (None, "none") for DDP / one process -- known
+    before the engine starts: a DS JSON's own stage (its "auto" is --zero_stage, 2 when that is
+    auto too) and offload, else the flags."""
+    path, zero_stage, offload = deepspeed_json(dist_cfg)
+    if path is None:
+        return None, "none"
+    ds = load_ds_json(path)
+    stage = ds.get("zero_optimization", {}).get("stage", 2)
+    stage = int(zero_stage) if stage == "auto" and zero_stage != "auto" else 2 if stage == "auto" else int(stage)
+    return stage, ds_offload(ds)
+
+
 def load_ds_json(path: Path, flag: str = "--deepspeed") -> dict:
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file; pass a DeepSpeed JSON (see ds_configs/) or --deepspeed auto|none")

@@ -16,11 +16,11 @@ from trainers.quantization import BNB_INSTALL, base_bits
 log = logging.getLogger("trainrig.lora")
 
 
-def check_lora_flags(lora_cfg, deepspeed: bool, from_scratch: bool = False, needs_library: bool = True) -> None:
+def check_lora_flags(lora_cfg, zero: tuple[int | None, str], from_scratch: bool = False, needs_library: bool = True) -> None:
     """The refusals of a run's LoRA and quantized-base flags, before any data or model work (and
-    before planning), each naming the flag and the fix. from_scratch: a --model_preset run, whose
-    weights all train from their init. needs_library: also that bitsandbytes imports here (not when
-    planning another machine)."""
+    before planning), each naming the flag and the fix. zero: the run's (ZeRO stage or None, offload),
+    trainers.ds_config.zero_setup. from_scratch: a --model_preset run, whose weights all train from
+    their init. needs_library: also that bitsandbytes imports here (not when planning another machine)."""
     bits = base_bits(lora_cfg)
     if from_scratch and (lora_cfg.lora_r or bits < 16):
         flag = "--lora_r" if lora_cfg.lora_r else f"--load_in_{bits}bit"
@@ -44,9 +44,13 @@ def check_lora_flags(lora_cfg, deepspeed: bool, from_scratch: bool = False, need
     flag = f"--load_in_{bits}bit"
     if lora_cfg.lora_r == 0:
         raise UsageError(f"{flag} quantizes a frozen base, so it needs LoRA (--lora_r 16, say); a quantized weight cannot be trained")
-    if deepspeed:
-        raise UsageError(f"{flag} runs under DDP or one process: ZeRO partitions parameters that bitsandbytes packs; "
-                         f"drop --deepspeed/--zero_stage (--deepspeed none)")
+    stage, offload = zero
+    if stage == 3:
+        raise UsageError(f"{flag} under ZeRO-3: ZeRO-3 partitions parameters, and bitsandbytes packs them; "
+                         f"use --zero_stage 2, or DDP (--deepspeed none)")
+    if offload != "none":
+        raise UsageError(f"{flag} with --offload {offload}: a quantized base trains only its adapters, whose optimizer states "
+                         f"are small; drop --offload (--offload none)")
     if not needs_library:
         return
     try:

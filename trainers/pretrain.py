@@ -19,7 +19,7 @@ from trainers import setup
 from trainers.config import Run
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
-from trainers.ds_config import deepspeed_json
+from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
 from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
@@ -38,7 +38,7 @@ def train(run: Run) -> dict:
     if bool(m.model_preset) == bool(m.model_name_or_path):
         raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
     apply_lora_defaults(run)
-    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None, from_scratch=bool(m.model_preset))
+    check_lora_flags(lora, zero_setup(cfg.dist), from_scratch=bool(m.model_preset))
     model_config = resolve_model_config(m, d.block_size)  # before any data work: bad paths and sizes fail fast
 
     # ----------------------------------------------------------------------- runtime

@@ -10,8 +10,10 @@ dtype (bf16 on a GPU): frozen weights lose nothing to it, and the adapters and t
 states are fp32 as in LoRA.
 
 Runs under DDP (every rank loads its own quantized copy onto its own GPU: device_map {"": rank's
-device}) or one process; DeepSpeed's ZeRO partitions parameters that bitsandbytes packs, so it is
-refused.
+device}), DeepSpeed ZeRO-1/2 (the engine casts floating parameters only, so the packed uint8
+weights stay as they are, and it shards only what trains) or one process. ZeRO-3 partitions
+parameters that bitsandbytes packs, so it is refused, and so is offload (the adapters' optimizer
+states are small).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from trainers.config import Run
 from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
-from trainers.ds_config import deepspeed_json
+from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
 from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
@@ -67,7 +67,7 @@ def train(run: Run) -> dict:
     if lora.lora_r > 0 and not run.given("learning_rate"):
         cfg.optim.learning_rate = LORA_LEARNING_RATE
     apply_lora_defaults(run)
-    check_lora_flags(lora, deepspeed_json(cfg.dist)[0] is not None)
+    check_lora_flags(lora, zero_setup(cfg.dist))
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime

@@ -247,27 +247,30 @@ def deepspeed_model_states(shape: ModelShape, s: Setup) -> ModelStates:
     w = 2 if s.half else 4
     master = 4 if s.half else 0  # fp32 master copy; fp32 training updates the weights in place
     fp32_grads = 4 if s.half else 0
-    frozen = shape.parameters if s.lora_parameters else 0
+    frozen = lora_base_bytes(shape, s) if s.lora_parameters else 0  # a LoRA base, 16-bit or quantized (ZeRO-1/2 only)
     psi = s.lora_parameters or shape.parameters
     largest = 2 * w * shape.largest_module_parameters
     stage = s.zero_stage
     if stage == 0:  # DeepSpeed's bf16 optimizer without sharding
-        params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi, (master + 8) * psi
+        params, grads, optim = w * psi + frozen, (w + fp32_grads) * psi, (master + 8) * psi
     elif stage == 1:  # bf16 accumulates in fp32 (trainers/ds_config.py): DeepSpeed's BF16 optimizer keeps a full fp32 copy
-        params, grads, optim = w * (psi + frozen), (w * psi + (4 * psi if s.precision == "bf16" else fp32_grads * psi / n)), (master + 8) * psi / n
+        params, grads, optim = w * psi + frozen, (w * psi + (4 * psi if s.precision == "bf16" else fp32_grads * psi / n)), (master + 8) * psi / n
     elif stage == 2:
-        params, grads, optim = w * (psi + frozen), (w + fp32_grads) * psi / n, (master + 8) * psi / n
+        params, grads, optim = w * psi + frozen, (w + fp32_grads) * psi / n, (master + 8) * psi / n
     else:  # 16-bit weights sharded; the gradient partition is reduced into fp32
-        params, grads, optim = w * (psi + frozen) / n + largest, 4 * psi / n, (master + 8) * psi / n
+        params, grads, optim = (w * psi + frozen) / n + largest, 4 * psi / n, (master + 8) * psi / n
     # each rank's fp32 copy while the engine starts, or under zero.Init one gathered module per rank
-    loading = 4 * (shape.largest_module_parameters if stage == 3 and s.sharded_load else shape.parameters) * per_node
+    if s.lora_parameters and s.base_bits < 16:  # quantized as loaded, each tensor straight onto the rank's device
+        loading = w * shape.largest_module_parameters * per_node
+    else:
+        loading = 4 * (shape.largest_module_parameters if stage == 3 and s.sharded_load else shape.parameters) * per_node
     cpu = loading * DS_BUFFER_FACTOR
     if s.offload != "none":
         grads = optim = 0
         if stage == 3:  # fp32 master + moments (+ 16-bit weights with "all") of the whole model, per node
             if s.offload == "all":
                 params = largest
-            offloaded = psi * (18 if s.offload == "all" else 16) + (w * frozen if s.offload == "all" else 0)  # + a frozen LoRA base
+            offloaded = psi * (18 if s.offload == "all" else 16) + (frozen if s.offload == "all" else 0)  # + a frozen LoRA base
             cpu = max(loading, offloaded / nodes) * DS_BUFFER_FACTOR
         else:  # DeepSpeed's ZeRO-2 estimate counts a copy per rank of the whole job
             cpu = max(4 * n * shape.parameters, 16 * psi) * DS_BUFFER_FACTOR

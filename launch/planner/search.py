@@ -36,6 +36,7 @@ SAFETY_MARGIN = 0.10  # of the device memory left unplanned
 MAX_MICRO_BATCH = 64  # a micro batch beyond this buys no speed and starves the accumulation
 ASSUMED_MFU = 0.40  # compute time estimate: the bf16 sheet rate x 0.4 (measured MFU: 57-58% torchtitan Llama 3 8B, ~60% llm.c GPT-2 on A100; 0.4 leaves room for smaller runs)
 CPU_ADAM_PARAMS_PER_CORE_S = 5e7  # DeepSpeedCPUAdam, ~1e9 parameters/s on a 20-core host
+TIME_TIE = 0.01  # candidates whose estimated time per sequence is within 1% of the fastest count as equally fast
 CPU_FLOPS = 1e11  # CPU ranks: only the ordering of strategies matters there
 
 
@@ -157,8 +158,8 @@ def strategies(req: Request) -> list[tuple[bool, int, str]]:
             continue
         if req.optimizer != "adamw" and ds:
             continue  # torch.optim.Muon needs whole matrices, bitsandbytes' 8-bit AdamW is not ZeRO's: runs without DeepSpeed
-        if req.base_bits < 16 and ds:
-            continue  # a quantized base runs under DDP or one process (trainers/quantization.py)
+        if req.base_bits < 16 and ds and (stage == 3 or offload != "none"):
+            continue  # a quantized base: DDP, ZeRO-1/2 or one process; ZeRO-3 partitions what bitsandbytes packs
         if req.hardware.gpu is None and offload != "none":
             continue  # offloading to the RAM the CPU ranks already use saves nothing
         if req.zero_stage != "auto" and (stage if ds else 0) != int(req.zero_stage):
@@ -175,7 +176,7 @@ def conflicting_flags(req: Request) -> str:
     if req.optimizer != "adamw":
         said.append(f"--optimizer {req.optimizer} (runs without ZeRO)")
     if req.base_bits < 16:
-        said.append(f"--load_in_{req.base_bits}bit (runs without ZeRO)")
+        said.append(f"--load_in_{req.base_bits}bit (runs without ZeRO-3 and offload)")
     if req.hardware.gpu is None and req.offload not in ("auto", "none"):
         said.append("CPU ranks (nothing to offload to)")
     return ", ".join(said) or "the request"
@@ -290,7 +291,10 @@ def plan(req: Request, explain: bool = True) -> Plan:
         raise UsageError(f"no strategy satisfies these flags together: {conflicting_flags(req)}; drop one of them")
     fitting = [c for c in candidates if c.fits]
     if fitting:
-        chosen = min(fitting, key=lambda c: c.seconds_per_sequence)  # min keeps the first of equals: least machinery
+        fastest = min(c.seconds_per_sequence for c in fitting)
+        # the first within TIME_TIE of the fastest: the least machinery (candidates go from DDP up), since the
+        # time model cannot rank closer than that (a 1-ulp difference once put ZeRO-1 on a single GPU)
+        chosen = next(c for c in fitting if c.seconds_per_sequence <= fastest * (1 + TIME_TIE))
     else:
         chosen = min(candidates, key=lambda c: c.memory.total)
     result = Plan(req, chosen, candidates, budget)
