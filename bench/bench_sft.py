@@ -27,20 +27,22 @@ SFT_HELDOUT_SEED = 6  # the held-out conversations' make_chat_set seed; the trai
 
 
 def trainrig_sft(chat, model_dir, cache_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, out, packing: bool,
-                 run_steps: int = 0) -> dict:
+                 run_steps: int = 0, extra: list[str] = ()) -> dict:
     """`python launch/sft.py` as a user runs it, in its own process, logging every `warmup` steps. Its
     metrics lines carry running totals (`trained_tokens`, `tokens`) and wall time (`elapsed_s`); the
     rates are the deltas between the line at step `warmup` and the one at step `steps`, so the warmup
     steps are excluded.
     The loss is the mean over the last `loss_steps` of those steps (a multiple of `warmup`, dividing `steps`).
     With run_steps > steps the run goes on to run_steps after the timed ones (an equal-token run);
-    steps_taken, tokens_reached (trained tokens since step 0) and model (its final/) are the whole run's."""
+    steps_taken, tokens_reached (trained tokens since step 0) and model (its final/) are the whole run's.
+    `extra`: more flags (section (f)'s LoRA and base); peak_gb is the run's peak_memory_gb, predicted_gb
+    its plan.json estimate of it."""
     assert steps % warmup == 0 and loss_steps % warmup == 0 and loss_steps <= steps - warmup
     argv = ["--train_files", str(chat), "--model_name_or_path", str(model_dir), "--max_seq_length", str(max_len),
             "--per_device_train_batch_size", str(micro), "--max_steps", str(max(steps, run_steps)), "--logging_steps", str(warmup),
             "--learning_rate", str(lr), "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--seed", str(seed),
             "--output_dir", str(out), "--resume", "never", "--data_cache_dir", str(cache_dir),
-            "--validation_split_ratio", "0", "--packing" if packing else "--no-packing"]
+            "--validation_split_ratio", "0", "--packing" if packing else "--no-packing", *extra]
     run_quietly([sys.executable, str(REPO / "launch" / "sft.py"), *argv])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "trained_tokens" in r]
@@ -51,7 +53,8 @@ def trainrig_sft(chat, model_dir, cache_dir, max_len, micro, steps, warmup, loss
     return {"trained_tok_s": (last["trained_tokens"] - first["trained_tokens"]) / seconds,
             "tok_s": (last["tokens"] - first["tokens"]) / seconds, "loss": sum(tail) / len(tail), "batch_fill": plan["batch_fill"],
             "trained_tokens": last["trained_tokens"] - first["trained_tokens"], "steps_taken": timed[-1]["step"],
-            "tokens_reached": timed[-1]["trained_tokens"], "model": str(out / "final")}
+            "tokens_reached": timed[-1]["trained_tokens"], "model": str(out / "final"),
+            "peak_gb": max(r.get("peak_memory_gb", 0.0) for r in records), "predicted_gb": plan["memory_gb"]["total"]}
 
 
 def trainrig_steps_to(samples, max_len, micro, seed, packing: bool, budget: int, at_least: int) -> int:

@@ -131,7 +131,7 @@ class AssistantCounter:
 
 
 def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant="defaults", token_budget=0,
-            save_dir=None) -> dict:
+            save_dir=None, lora_r=0, base_bits=16, optimizer="adamw", precision="fp32") -> dict:
     """One SFTTrainer run on the chat set; see the module docstring for the settings of each variant.
     Returns trained_tok_s, tok_s (non-pad input tokens/s), loss (mean of the last loss_steps timed steps),
     trained_tokens and non_pad_tokens (in the timed window), non_pad (the non-pad share of the input
@@ -139,7 +139,13 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
     dataset_trained_tokens (labels over the prepared set, after the one-token shift).
     With token_budget the run goes on after `steps` until it has trained that many tokens since
     step 0, then saves its model to save_dir (an equal-token run); steps_taken and tokens_reached
-    are the whole run's."""
+    are the whole run's.
+    lora_r > 0: PEFT LoRA (alpha 32, dropout 0.05, all-linear: trainrig's defaults) passed as
+    `peft_config`; base_bits 4: the base loaded through BitsAndBytesConfig (NF4, double quantization,
+    compute in the run's precision), as TRL's QLoRA recipe does -- SFTTrainer then runs PEFT's
+    prepare_model_for_kbit_training. optimizer adamw8bit: Trainer's `adamw_bnb_8bit`. precision bf16:
+    `bf16=True` (autocast) and the base loaded in bf16. peak_rss_gb: this process's VmHWM at the end,
+    the figure trainrig's metrics.jsonl reports on CPU."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     assert 0 < warmup < steps and 0 < loss_steps <= steps
@@ -166,12 +172,26 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
 
         # with a budget, a bound the run never reaches (every step trains >= 1 token); the Stop callback ends it
         max_steps = max(steps, token_budget)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model_kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+        peft_config = None
+        if lora_r:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=lora_r, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        if base_bits == 4:
+            from transformers import BitsAndBytesConfig
+
+            model_kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+                                device_map={"": "cpu"} if not torch.cuda.is_available() else {"": 0})
         config = SFTConfig(
             output_dir=str(Path(tmp) / "out"), max_steps=max_steps, per_device_train_batch_size=micro,
             gradient_accumulation_steps=1, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
-            max_grad_norm=1.0, seed=seed, data_seed=seed, bf16=False, fp16=False, activation_checkpointing=False,
-            model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
+            optim="adamw_bnb_8bit" if optimizer == "adamw8bit" else "adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.95,
+            adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, seed=seed, data_seed=seed, bf16=precision == "bf16", fp16=False,
+            activation_checkpointing=False, model_init_kwargs=model_kwargs,
+            **({"use_cpu": True} if precision == "bf16" and not torch.cuda.is_available() else {}),  # Trainer's bf16 on CPU
             max_length=None if variant == "padding_free" else max_len,
             packing=variant == "packing", padding_free=variant == "padding_free",
             assistant_only_loss=assistant_only, chat_template_path=str(template_path) if template_path else None,
@@ -218,7 +238,7 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
 
         assistant_tokens = AssistantCounter(AutoTokenizer.from_pretrained(str(model_dir)))
         trainer = CountingSFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(records),
-                                     callbacks=[Timer(), Stop()])
+                                     callbacks=[Timer(), Stop()], peft_config=peft_config)
         labels = trainer.train_dataset["labels"]
         dataset_trained = sum(sum(1 for t in row[1:] if t != -100) for row in labels)
         rows = len(trainer.train_dataset)
@@ -234,7 +254,14 @@ def trl_sft(chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed
             "seconds": seconds, "step_seconds": [round(t, 4) for t in timing["steps"]], "rows": rows,
             "samples_per_row": len(records) / rows,
             "dataset_trained_tokens": dataset_trained, "assistant_only_loss": assistant_only,
-            "steps_taken": len(losses), "tokens_reached": counts["reached"], "model": str(save_dir) if save_dir else None}
+            "steps_taken": len(losses), "tokens_reached": counts["reached"], "model": str(save_dir) if save_dir else None,
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM), GiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
 
 
 def trl_sft_in_process(*args) -> dict:
@@ -251,12 +278,16 @@ def trl_sft_in_process(*args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="JSON list: chat, model_dir, max_len, micro, steps, warmup, "
-                                                     "loss_steps, lr, seed, variant, token_budget, save_dir ('': none)")
+                                                     "loss_steps, lr, seed, variant, token_budget, save_dir ('': none), "
+                                                     "and optionally lora_r, base_bits, optimizer, precision")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant, token_budget, save_dir = json.loads(args.run)
+    values = json.loads(args.run)
+    chat, model_dir, max_len, micro, steps, warmup, loss_steps, lr, seed, variant, token_budget, save_dir = values[:12]
+    lora_r, base_bits, optimizer, precision = (values[12:] + ["0", "16", "adamw", "fp32"][len(values) - 12:])[:4]
     result = trl_sft(Path(chat), Path(model_dir), int(max_len), int(micro), int(steps), int(warmup), int(loss_steps),
-                     float(lr), int(seed), variant, int(token_budget), Path(save_dir) if save_dir else None)
+                     float(lr), int(seed), variant, int(token_budget), Path(save_dir) if save_dir else None,
+                     int(lora_r), int(base_bits), optimizer, precision)
     print(json.dumps(result))
 
 

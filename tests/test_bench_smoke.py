@@ -237,3 +237,23 @@ def test_chat_masking_pipelines_train_the_same_tokens(corpus, tokenizer_dir, tmp
     result = bench_chat_masking(chat, tokenizer, 128, repeats=1, chunk=16)
     assert result["same_labels"] and result["trainrig"]["trained_tokens"] > 0
     assert result["trainrig"]["samples_s"] > 0 and result["hf_apply_chat_template"]["samples_s"] > 0
+
+
+def test_bench_qlora_runs_and_renders(corpus, tokenizer_dir, tmp_path):
+    """Section (f) on the tiny preset, one repeat of 2 timed steps: trainrig's three bases and, where
+    TRL is installed, SFTTrainer + PEFT with the same ones; the report renders its rows and targets."""
+    from bench_qlora import QLORA_CASES, bench_qlora, render_qlora
+    from trl_sft import trl_available
+
+    result = bench_qlora(corpus, tokenizer_dir, tmp_path, preset="tiny", max_len=64, micro=2, steps=3, warmup=1, samples=24, repeats=1)
+    assert [r["name"] for r in result["rows"]] == [c[0] for c in QLORA_CASES]
+    for row in result["rows"]:
+        t = row["trainrig"]
+        assert t["trained_tok_s"] > 0 and t["peak_gb"] > 0.3 and 0.3 < t["predicted_gb"] / t["peak_gb"] < 3, row
+        if trl_available():
+            assert row["trl"]["trained_tok_s"] > 0 and row["trl"]["peak_gb"] > 0.3
+            assert row["speed_ratio"] == t["trained_tok_s"] / row["trl"]["trained_tok_s"]
+    assert result["rows"][1]["trainrig"]["predicted_gb"] < result["rows"][0]["trainrig"]["predicted_gb"]  # the 4-bit base is smaller
+    text = "\n".join(render_qlora(result))
+    assert "## (f) QLoRA on CPU" in text and "| QLoRA, NF4 base + 8-bit AdamW |" in text
+    assert ("Targets, on the QLoRA rows" in text) == trl_available()
