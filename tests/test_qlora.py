@@ -354,22 +354,25 @@ def test_the_planner_plans_qlora_continued_pretraining_and_suggests_it(tmp_path,
 
 def test_quantization_auto_takes_16_bits_where_they_fit_on_the_device_and_4_where_not(tmp_path):
     """7B LoRA on a 5090: 16 bits fit on the card. 14B: 16 bits fit only with every weight offloaded
-    to host RAM, and under --deepspeed none not at all: 4 bits, and the launch command pins the choice,
-    so the run does not choose again."""
+    to host RAM, under --deepspeed none not at all, and on 4x4090 only sharded by ZeRO-3: 4 bits, and
+    the launch command pins the choice, so the run does not choose again."""
     from launch.plan import main_plan
 
-    def planned(model, *extra):
-        out = tmp_path / f"{model}{len(extra)}"
-        main_plan(["--stage", "sft", "--hardware", "rtx5090", "--model_name_or_path", model, "--lora_r", "16",
+    def planned(model, *extra, hardware="rtx5090"):
+        out = tmp_path / f"{model}{len(extra)}{hardware}"
+        main_plan(["--stage", "sft", "--hardware", hardware, "--model_name_or_path", model, "--lora_r", "16",
                    "--quantization", "auto", "--max_seq_length", "2048", "--output_dir", str(out), *extra])
         return json.loads((out / "plan.json").read_text())
 
     seven = planned("qwen2.5-7b")
     assert seven["base_bits"] == 16 and seven["notes"][0].startswith("--quantization auto: the 16-bit base fits (single+ckpt")
     assert seven["command"].endswith("--quantization none --no-load_in_4bit")
-    for extra, why in (((), "fits only offloaded to host RAM (zero3+offload-all+ckpt)"), (("--deepspeed", "none"), "does not fit")):
-        fourteen = planned("qwen2.5-14b", *extra)
-        assert fourteen["base_bits"] == 4 and fourteen["fits"] and fourteen["strategy"]["name"] == "single+ckpt"
+    cases = (((), "rtx5090", "fits only sharded or offloaded (zero3+offload-all+ckpt)", "single+ckpt"),
+             (("--deepspeed", "none"), "rtx5090", "does not fit", "single+ckpt"),
+             ((), "4x4090", "fits only sharded or offloaded (zero3", "ddp+ckpt"))
+    for extra, hardware, why, strategy in cases:
+        fourteen = planned("qwen2.5-14b", *extra, hardware=hardware)
+        assert fourteen["base_bits"] == 4 and fourteen["fits"] and fourteen["strategy"]["name"] == strategy, fourteen["strategy"]
         assert f"--quantization auto: a 16-bit base {why}" in fourteen["notes"][0], fourteen["notes"]
         assert fourteen["command"].endswith("--quantization none --load_in_4bit")
 

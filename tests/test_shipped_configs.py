@@ -119,8 +119,11 @@ def test_recipes_plan_and_fit_the_target_machines(path, profile):
         return  # the CPU recipes
     stage = "sft" if path.name.startswith("sft") else "pretrain"
     argv = ["--config", str(path), "--hardware", profile]
-    if "qwen2.5-0.5b" in path.name:
-        argv += ["--model_name_or_path", "qwen2.5-0.5b"]
+    from launch.planner.memory import shipped_shape_names
+
+    shape = next((name for name in shipped_shape_names() if f"{name}." in path.name), None)
+    if shape:
+        argv += ["--model_name_or_path", shape]
     run = parse_run(SFTConfig if stage == "sft" else PretrainConfig, argv, prog="t")
     cfg = run.cfg
     result = make_plan(run, stage, local_only=False, plan_everything=True)

@@ -126,12 +126,8 @@ def build_model(model_cfg, config, tokenizer, attn_implementation: str, seed: in
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     else:
         path = model_cfg.model_name_or_path
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
-                                                     attn_implementation=attn_implementation,
-                                                     trust_remote_code=model_cfg.trust_remote_code,
-                                                     **quantized_loading(quantization, device))
-        if quantization is not None:
-            keep_training_layout(model, device)
+        model = load_pretrained(AutoModelForCausalLM, path, dtype, attn_implementation, model_cfg.trust_remote_code,
+                                quantization, device, config=config)
         weight = model.get_input_embeddings().weight
         rows = getattr(weight, "ds_shape", weight.shape)[0]  # ds_shape: the full size under ZeRO-3
         if len(tokenizer) > rows:
@@ -150,11 +146,18 @@ def base_loading(lora_cfg, precision: str, device: torch.device) -> dict:
     return {"dtype": precision, "quantization": bnb_config(lora_cfg, precision), "device": device}
 
 
-def quantized_loading(quantization, device: torch.device | None) -> dict:
-    """from_pretrained's arguments for a quantized base: the config, and every weight on this
-    rank's device (bitsandbytes quantizes as it places them; accelerate then refuses a model on
-    another device than the rank's)."""
-    return {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+def load_pretrained(auto_class, path: str, dtype: str, attn_implementation: str, trust_remote_code: bool,
+                    quantization=None, device: torch.device | None = None, **kwargs):
+    """`auto_class.from_pretrained(path)` for training, its weights in `dtype`. With `quantization`
+    (a BitsAndBytesConfig) every weight goes straight onto this rank's device (bitsandbytes quantizes
+    as it places them; accelerate then refuses a model on another device than the rank's), in the
+    layout training needs (keep_training_layout)."""
+    quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+    model = auto_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation,
+                                       trust_remote_code=trust_remote_code, **quantized, **kwargs)
+    if quantization is not None:
+        keep_training_layout(model, device)
+    return model
 
 
 def enable_checkpointing(model, enabled: bool) -> None:

@@ -30,8 +30,8 @@ from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
 from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
-from trainers.models import TORCH_DTYPES, count_parameters, enable_checkpointing, quantized_loading, resolve_model_config, tokenizer_for
-from trainers.quantization import base_bits, bnb_config, keep_training_layout
+from trainers.models import base_loading, count_parameters, enable_checkpointing, load_pretrained, resolve_model_config, tokenizer_for
+from trainers.quantization import base_bits
 
 log = logging.getLogger("trainrig.reward")
 
@@ -128,12 +128,8 @@ def train(run: Run) -> dict:
 
     torch.manual_seed(cfg.run.seed)  # the new score head's init: the same on every rank and rerun
     with runtime.model_init_context(sharded=True):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            m.model_name_or_path, num_labels=1, dtype=TORCH_DTYPES[runtime.precision if lora.lora_r > 0 else "fp32"],
-            attn_implementation=attn, trust_remote_code=m.trust_remote_code,
-            **quantized_loading(bnb_config(lora, runtime.precision), runtime.device))
-    if lora.load_in_4bit:
-        keep_training_layout(model, runtime.device)
+        model = load_pretrained(AutoModelForSequenceClassification, m.model_name_or_path, attn_implementation=attn,
+                                trust_remote_code=m.trust_remote_code, num_labels=1, **base_loading(lora, runtime.precision, runtime.device))
     model.config.pad_token_id = pad_id  # where each row's last real token is
     enable_checkpointing(model, m.gradient_checkpointing)
     if lora.lora_r > 0:
