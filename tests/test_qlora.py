@@ -167,33 +167,47 @@ def test_refusals_exit_2_naming_the_flag(flags, message, chat_dir, sft_model_dir
 # ------------------------------------------------------------------------------ the planner
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_the_4bit_base_term_is_a_real_quantized_models_bytes(sft_model_dir, double_quant):
+QUANTIZED_SHAPES = [(128, 384, 4, 4, 2), (320, 896, 3, 5, 1)]  # (hidden, intermediate, layers, heads, kv heads)
+
+
+@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (8, False)], ids=["nf4-double-quant", "nf4", "int8"])
+@pytest.mark.parametrize("dims", QUANTIZED_SHAPES, ids=["h128", "h320"])
+def test_the_quantized_base_term_is_a_real_quantized_models_bytes(dims, bits, double_quant, tmp_path):
     """lora_base_bytes without its dequantization workspace against the bytes of every tensor of
-    the model loaded in 4 bits: packed weights, block scales (and their own scales), the rest."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    the model loaded quantized, at two shapes: 4-bit packed weights, block scales (and their own
+    scales); 8-bit weights and their per-row scales (SCB); the unquantized rest."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
 
     from launch.planner.memory import Setup, lora_base_bytes, shape_from_config
 
-    config = AutoConfig.from_pretrained(sft_model_dir)
-    shape = shape_from_config(config, "tiny")
-    model = AutoModelForCausalLM.from_pretrained(
-        sft_model_dir, dtype=torch.float32, device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                               bnb_4bit_compute_dtype=torch.float32))
+    hidden, intermediate, layers, heads, kv = dims
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, vocab_size=1000)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    quantization = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+                    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                       bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, device_map={"": "cpu"}, quantization_config=quantization)
     real, quantized_tensors = 0, 0
     for p in model.parameters():
         real += p.numel() * p.element_size()
-        state = getattr(p, "quant_state", None)
+        state, row_scales = getattr(p, "quant_state", None), getattr(p, "SCB", None)
         if state is not None:
             quantized_tensors += 1
             real += state.absmax.numel() * state.absmax.element_size()
             if state.state2 is not None:
                 real += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    setup = Setup(precision="fp32", lora_parameters=1, base_bits=4, double_quant=double_quant, on_gpu=False)
+        if row_scales is not None:
+            quantized_tensors += 1
+            real += row_scales.numel() * row_scales.element_size()
+    assert quantized_tensors == 7 * layers
+    shape = shape_from_config(config, "t")
+    setup = Setup(precision="fp32", lora_parameters=1, base_bits=bits, double_quant=double_quant, on_gpu=False)
     predicted = lora_base_bytes(shape, setup) - 4 * shape.hidden * shape.intermediate
-    # the per-tensor rounding of the block counts up (a tensor's last block, its last 256-block group)
-    assert abs(predicted - real) <= 8 * quantized_tensors, (predicted, real)
+    if bits == 4:  # exact but for the per-tensor rounding of the block counts (a tensor's last block, its last 256-block group)
+        assert abs(predicted - real) <= 8 * quantized_tensors, (predicted, real)
+    else:  # a scale per output row, counted as 4 / hidden per weight: at most that, measured 0.1-0.2% over
+        assert 0 <= predicted - real < 0.01 * real, (predicted, real)
     sixteen = lora_base_bytes(shape, Setup(precision="fp32", lora_parameters=1, on_gpu=False))
     assert sixteen == 4 * shape.parameters and predicted < sixteen
 
