@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_common import REPO, flops_per_token, matmul_peak_flops, run_quietly
+from bench_common import REPO, flops_per_token, make_chat_set, matmul_peak_flops, run_quietly
 
 QWEN_VOCAB_ROWS = 151_936  # Qwen2.5-0.5B's embedding rows; such a head is 23% of 0.5b's FLOPs/token at block 2048, 51% of 125m's
 MFU_TARGET = 0.40  # for 0.5b on an H100 (the issue's target)
@@ -234,6 +234,68 @@ def measure_run(preset: str, out: Path, tokenizer_dir: Path, block_size: int) ->
             "model_flops": tok_s * flops["per_token"], **memory_vs_plan(plan, records)}
 
 
+# ------------------------------------------------------------------------------- QLoRA SFT runs
+
+# A model of a shipped shape with random weights, saved where launch/sft.py loads it (a lent GPU machine
+# reaches no hub). Made in a child process, so this one holds no CUDA context while the runs plan for the
+# GPU's memory; on the GPU when it has room for the bf16 weights twice over, else on the CPU.
+RANDOM_MODEL = """
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+shape, tokenizer_dir, out = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+config = Qwen2Config(**{"vocab_size": -(-len(tokenizer) // 64) * 64, **json.loads(Path(shape).read_text())})
+config.vocab_size = max(config.vocab_size, len(tokenizer))
+torch.manual_seed(0)
+with torch.device("meta"):
+    size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * 2
+device = "cuda" if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 2 * size else "cpu"
+with torch.device(device):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(json.dumps({"parameters": size // 2, "made_on": device}))
+"""
+
+
+def run_qlora(shape: str, corpus: Path, tokenizer_dir: Path, work: Path, max_len: int, steps: int, warmup: int,
+              precision: str) -> dict:
+    """QLoRA SFT of a `shape` model (configs/models/<shape>.json, random weights) as a user runs it:
+    `launch/sft.py --lora_r 16 --load_in_4bit --per_device_train_batch_size auto` (the planner decides
+    micro batch and checkpointing), `--max_seq_length max_len`, packed chat rows; its tokens/s and its
+    memory against the plan, as the pretraining runs'. The model directory is removed afterwards (14B
+    is 30 GB of disk)."""
+    import shutil
+
+    from trainers.models import load_tokenizer
+    from trainers.tracking import read_metrics
+
+    model_dir, out, chat = work / f"qlora_model_{shape}", work / f"qlora_{shape}", work / "qlora_chat.jsonl"
+    if not chat.is_file():
+        make_chat_set(chat, corpus, load_tokenizer(str(tokenizer_dir), False, "--tokenizer_name_or_path"), 2000, max_len, seed=5)
+    proc = subprocess.run([sys.executable, "-c", RANDOM_MODEL, str(REPO / "configs" / "models" / f"{shape}.json"), str(tokenizer_dir),
+                           str(model_dir)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"making the {shape} model failed:\n{proc.stderr[-3000:]}")
+    made = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        run_quietly([sys.executable, str(REPO / "launch" / "sft.py"), "--train_files", str(chat), "--model_name_or_path", str(model_dir),
+                     "--max_seq_length", str(max_len), "--lora_r", "16", "--load_in_4bit", "--no-lora_train_chat_tokens",
+                     "--per_device_train_batch_size", "auto", "--precision", precision, "--max_steps", str(steps),
+                     "--logging_steps", str(warmup), "--output_dir", str(out), "--resume", "never", "--no-save_final",
+                     "--validation_split_ratio", "0", "--data_cache_dir", str(work / "chat_cache")])
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    plan = json.loads((out / "plan.json").read_text())
+    records = read_metrics(out / "metrics.jsonl")
+    tok_s, timed = steady_tokens_per_s(records)
+    return {"shape": shape, "parameters": made["parameters"], "device": plan["hardware"]["device"], "max_seq_length": max_len,
+            "micro_batch": plan["micro_batch_size"], "strategy": plan["strategy"]["name"], "base_bits": plan["base_bits"],
+            "precision": plan["precision"], "steps": records[-1]["step"], "timed_tokens": timed, "tok_s": tok_s,
+            **memory_vs_plan(plan, records)}
+
+
 # ------------------------------------------------------------------------------ the device's peak
 
 
@@ -295,7 +357,7 @@ def device_info(on_gpu: bool) -> dict:
 
 
 def bench_gpu(presets: list[str], block_size: int, steps: int, warmup: int, vocab_size: int, documents: int, work: Path,
-              on_gpu: bool, search_limit: float = SEARCH_LIMIT) -> dict:
+              on_gpu: bool, search_limit: float = SEARCH_LIMIT, qlora: tuple[str, ...] = (), qlora_steps: int = 6) -> dict:
     """Corpus, tokenizer, one run per preset and the search above its micro batch, then, in this
     process (which held no CUDA context while the runs planned for the GPU's memory), the
     FlashAttention check, the peak and the device. A run that fails (out of memory: the plan promised
@@ -317,6 +379,16 @@ def bench_gpu(presets: list[str], block_size: int, steps: int, warmup: int, voca
             print(f"(e) {preset}: {err}", file=sys.stderr, flush=True)
             last = next((line for line in reversed(str(err).splitlines()) if line.strip()), str(err))
             runs.append({"preset": preset, "block_size": block_size, "error": last.strip()[:300]})
+    qlora_runs = []
+    for shape in qlora:
+        try:
+            # chat rows of the pretraining block size, at least 128 tokens (a smoke run's blocks are shorter than a conversation)
+            qlora_runs.append(run_qlora(shape, corpus, work / "tokenizer", work, max(block_size, 128), qlora_steps, max(1, qlora_steps // 3),
+                                        precision))
+        except RuntimeError as err:
+            print(f"(e) QLoRA {shape}: {err}", file=sys.stderr, flush=True)
+            last = next((line for line in reversed(str(err).splitlines()) if line.strip()), str(err))
+            qlora_runs.append({"shape": shape, "error": last.strip()[:300]})
     first = work / f"run_{presets[0]}" / "final"
     flash = flash_check(first, work / "tokenizer", work, on_gpu) if first.is_dir() else {"skipped": f"the {presets[0]} run failed"}
     peak = measure_peak(on_gpu)
@@ -327,7 +399,7 @@ def bench_gpu(presets: list[str], block_size: int, steps: int, warmup: int, voca
             r["mfu"] = r["model_flops"] / peak["flops"]
             r["mfu_spec"] = r["model_flops"] / spec if spec else None
     return {"device": device, "peak": {**peak, "spec_flops": spec}, "corpus": corpus_stats, "tokenizer": tokenizer, "steps": steps,
-            "warmup": warmup, "block_size": block_size, "runs": runs, "flash": flash}
+            "warmup": warmup, "block_size": block_size, "runs": runs, "flash": flash, "qlora": qlora_runs}
 
 
 def spec_flops(device_name: str) -> float | None:
@@ -407,6 +479,23 @@ def render_gpu(result: dict) -> list[str]:
     flash = flash_lines(result.get("flash"))
     if flash:
         lines += ["", *flash]
+    if result.get("qlora"):
+        lines += ["", *qlora_lines(result["qlora"])]
+    return lines
+
+
+def qlora_lines(runs: list[dict]) -> list[str]:
+    """The QLoRA SFT runs: the planner's micro batch, tokens/s and its memory estimate against the run."""
+    lines = ["QLoRA SFT (`launch/sft.py --lora_r 16 --load_in_4bit --per_device_train_batch_size auto`, a random-weight model of "
+             "the shipped shape, packed chat rows):", "",
+             f"| model | micro x tokens | strategy | tokens/s | predicted (GiB) | measured (GiB) | predicted / measured "
+             f"(target {MEMORY_BAND[0]:.2f}-{MEMORY_BAND[1]:.2f}) |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | failed: {r['error'].replace('|', '/')} | | | | | **NOT met** |")
+            continue
+        lines.append(f"| {r['shape']} ({r['parameters'] / 1e9:.1f}B) | {r['micro_batch']} x {r['max_seq_length']} | {r['strategy']} | "
+                     f"{r['tok_s']:,.0f} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | {r['ratio']:.3f} {memory_verdict(r)} |")
     return lines
 
 

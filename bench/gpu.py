@@ -18,7 +18,9 @@ hub. Measured:
   planned >= 90% of the largest);
 - FlashAttention (where flash-attn passes trainers/attention.py's probe): packed SFT rows through
   flash-attn in trainrig's flat layout, each sample's logits against the sample alone through SDPA,
-  at micro 1, 2 and 8, with the first preset's trained model.
+  at micro 1, 2 and 8, with the first preset's trained model;
+- with --qlora qwen2.5-7b,qwen2.5-14b: QLoRA SFT (`--lora_r 16 --load_in_4bit`, the planner's micro batch)
+  of a random-weight model of each shape, its tokens/s and its memory against the plan.
 
 The figures go to results/gpu.json beside --output (bench/run.py's format), and --output is
 re-rendered from every JSON there with bench_report.py's `write_report`. Without a CUDA GPU the script
@@ -70,9 +72,18 @@ def parse_args(argv: list[str] | None):
                         help="auto: the CUDA GPU, or skip without one; cpu: a smoke run of the pipeline (needs its own --output)")
     parser.add_argument("--search_limit", type=float, default=SEARCH_LIMIT,
                         help="micro batches are tried above the planned one up to this multiple of it")
+    parser.add_argument("--qlora", default="", help="comma-separated shipped shapes (configs/models/, e.g. qwen2.5-7b,qwen2.5-14b) "
+                        "to run QLoRA SFT on, random weights, after the pretraining runs (default: none)")
+    parser.add_argument("--qlora_steps", type=int, default=6, help="optimizer steps per QLoRA run, the first third the warmup")
     parser.add_argument("--workdir", default="", help="keep corpus, tokenizer and runs here (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    args.qlora = tuple(p.strip() for p in args.qlora.split(",") if p.strip())
+    bad = [p for p in args.qlora if not (REPO / "configs" / "models" / f"{p}.json").is_file()]
+    if bad:
+        parser.error(f"--qlora {','.join(bad)}: not a shape in configs/models/; pass e.g. qwen2.5-7b,qwen2.5-14b")
+    if args.qlora and args.qlora_steps < 3:
+        parser.error(f"--qlora_steps {args.qlora_steps}: tokens/s needs a window after the warmup; pass at least 3")
     unknown = [p for p in args.presets if not (REPO / "configs" / "models" / f"{p}.json").is_file()]
     if unknown or not args.presets:
         known = sorted(p.stem for p in (REPO / "configs" / "models").glob("*.json"))
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         result = bench_gpu(args.presets, args.block_size, args.steps, args.warmup, args.vocab_size, args.docs, work, on_gpu,
-                           args.search_limit)
+                           args.search_limit, args.qlora, args.qlora_steps)
     result["seconds"] = round(time.perf_counter() - started, 1)
     save_result(results_dir, "gpu", machine(), result)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     work, output = tmp_path / "work", tmp_path / "report" / "RESULTS.md"
     proc = run_gpu_script("--device", "cpu", "--presets", "tiny", "--steps", "3", "--warmup", "1", "--block_size", "16",
                           "--vocab_size", "1024", "--docs", "200", "--search_limit", "1.1", "--output", str(output),
-                          "--workdir", str(work))
+                          "--workdir", str(work), "--qlora", "tiny", "--qlora_steps", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((output.parent / "results" / "gpu.json").read_text())
     assert output.is_file() and result["machine"]["date"] and result["device"]["name"] == "cpu"
@@ -58,6 +58,14 @@ def test_cpu_smoke_run_end_to_end(tmp_path):
     search = r["search"]
     assert search["tried"] == [f"{r['micro_batch']}: ran", f"{r['micro_batch'] + max(1, r['micro_batch'] // 10)}: ran"]
     assert search["largest_micro"] == r["micro_batch"] + max(1, r["micro_batch"] // 10)
+
+    # the QLoRA run: a random-weight tiny model, 4-bit base, the planner's micro batch, its memory against the plan
+    (q,) = result["qlora"]
+    assert "error" not in q and q["base_bits"] == 4 and q["steps"] == 3 and q["tok_s"] > 0, q
+    qplan = json.loads((work / "qlora_tiny" / "plan.json").read_text())
+    assert q["micro_batch"] == qplan["micro_batch_size"] and q["predicted_gb"] == qplan["memory_gb"]["total"]
+    assert not (work / "qlora_model_tiny").exists()  # the model is removed after its run
+    assert "QLoRA SFT (`launch/sft.py --lora_r 16 --load_in_4bit" in output.read_text()
     assert search["planned_share"] == round(r["micro_batch"] / search["largest_micro"], 3)
     assert result["flash"] == {"skipped": "needs a CUDA GPU (the CPU tests check the flat layout with fake kernels)"}
 
