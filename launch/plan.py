@@ -91,7 +91,7 @@ def _deepspeed_constraint(dist, plan_everything: bool, hidden: int) -> tuple[str
         return "auto", zero_stage, offload, ()
     if path is None:
         return "none", "auto", "auto", ()
-    stage, offload = zero_setup(dist)
+    stage, offload, _ = zero_setup(dist)
     zero = load_ds_json(path).get("zero_optimization", {})
     return f"{stage}:{offload}", "auto", "auto", buffer_keys({**zero, "stage": stage}, hidden)
 

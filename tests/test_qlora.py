@@ -430,3 +430,24 @@ def test_quantization_auto_refusals(flags, message, chat_dir, sft_model_dir, tmp
     with pytest.raises(SystemExit) as exit_info:
         sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", **flags))
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_a_ds_json_that_shards_or_offloads_is_named_and_auto_plans_16_bits_under_it(chat_dir, sft_model_dir, tmp_path, capsys):
+    """A user's ZeRO-3 JSON with a 4-bit base: the refusal names the file (--zero_stage would not
+    override it). Under it, --quantization auto plans the 16-bit base: 4 bits cannot run there.
+    An offload section whose device is "none" offloads nothing, as DeepSpeed reads it."""
+    from launch.plan import main_plan
+    from trainers.ds_config import DS_CONFIG_DIR, ds_offload
+
+    zero3 = DS_CONFIG_DIR / "zero3.json"
+    with pytest.raises(SystemExit) as exit_info:
+        sft_main(sft_args(chat_dir, sft_model_dir, tmp_path / "run", lora_r=8, load_in_4bit=True, deepspeed=str(zero3)))
+    assert exit_info.value.code == 2
+    assert f"--load_in_4bit under ZeRO-3 (the DS JSON {zero3} sets it): " in capsys.readouterr().err
+    out = tmp_path / "auto"
+    main_plan(["--stage", "sft", "--hardware", "4x4090", "--model_name_or_path", "qwen2.5-14b", "--lora_r", "16", "--quantization", "auto",
+               "--deepspeed", str(zero3), "--max_seq_length", "2048", "--output_dir", str(out)])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["base_bits"] == 16 and plan["strategy"]["zero_stage"] == 3 and plan["command"].endswith("--no-load_in_4bit")
+    assert ds_offload({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}) == "none"
+    assert ds_offload({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}) == "all"

@@ -146,7 +146,8 @@ class LoraConfig:
                                 "and with --lora_dropout > 0 a second base matmul whose dequantized weight is kept for the backward, so --lora_dropout defaults to 0 with it. "
                                 "On a 16-bit or 4-bit base (not 8-bit).")
     use_rslora: bool = opt(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning (PEFT use_rslora).")
-    quantization: str = opt("none", "auto: the planner loads the base in 4 bits (QLoRA) when no 16-bit LoRA plan fits this hardware, in 16 bits when one does "
+    quantization: str = opt("none", "auto: the planner keeps the base in 16 bits where every GPU holds it whole (one process, DDP, ZeRO-1/2) and loads it "
+                                    "in 4 bits (QLoRA) where 16 would be sharded by ZeRO-3, offloaded or not fit "
                                     "(needs --lora_r; not with --load_in_4bit/--load_in_8bit, which decide it themselves); none: as those flags say.",
                             ("none", "auto"))
 

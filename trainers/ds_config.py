@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def deepspeed_json(dist_cfg) -> tuple[Path | None, str, str]:
     """(the DS JSON this run uses, or None for DDP / one process; --zero_stage; --offload), the
     flags completed from `accelerate launch --use_deepspeed [--zero_stage N | --deepspeed_config_file
     F]`, which counts as asking for DeepSpeed. The planner (launch/plan.py) reads the same answer."""
-    import os
-
     by_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     zero_stage, offload = dist_cfg.zero_stage, dist_cfg.offload
     if dist_cfg.deepspeed == "none":
@@ -139,17 +138,19 @@ def deepspeed_json(dist_cfg) -> tuple[Path | None, str, str]:
     return template_for(zero_stage, offload), zero_stage, offload
 
 
-def zero_setup(dist_cfg) -> tuple[int | None, str]:
-    """(ZeRO stage, offload) this run will use -- (None, "none") for DDP / one process -- known
-    before the engine starts: a DS JSON's own stage (its "auto" is --zero_stage, 2 when that is
-    auto too) and offload, else the flags."""
+def zero_setup(dist_cfg) -> tuple[int | None, str, str]:
+    """(ZeRO stage, offload, the user's DS JSON) this run will use -- (None, "none", "") for DDP / one
+    process -- known before the engine starts: a DS JSON's own stage (its "auto" is --zero_stage, 2
+    when that is auto too) and offload, else the flags. The JSON is "" when trainrig picks its own
+    template from the flags (an error then names the flag, not the file)."""
     path, zero_stage, offload = deepspeed_json(dist_cfg)
     if path is None:
-        return None, "none"
+        return None, "none", ""
     ds = load_ds_json(path)
     stage = ds.get("zero_optimization", {}).get("stage", 2)
     stage = int(zero_stage) if stage == "auto" and zero_stage != "auto" else 2 if stage == "auto" else int(stage)
-    return stage, ds_offload(ds)
+    chosen_by_user = dist_cfg.deepspeed not in ("auto", "none") or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    return stage, ds_offload(ds), str(path) if chosen_by_user else ""
 
 
 def load_ds_json(path: Path, flag: str = "--deepspeed") -> dict:
@@ -224,8 +225,15 @@ def fill_ds_config(ds: dict, s: DeepSpeedSettings, name: str) -> dict:
 
 
 def ds_offload(ds: dict) -> str:
+    """all, optimizer or none, as DeepSpeed reads the JSON: an offload section whose device is "none",
+    or gives none (DeepSpeed's default), offloads nothing -- HF-style JSONs often carry one."""
     zero = ds.get("zero_optimization", {})
-    return "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else "none"
+
+    def offloads(key: str) -> bool:
+        section = zero.get(key)
+        return isinstance(section, dict) and str(section.get("device", "none")).lower() != "none"
+
+    return "all" if offloads("offload_param") else "optimizer" if offloads("offload_optimizer") else "none"
 
 
 # ------------------------------------------------------------------------- what it costs

@@ -16,10 +16,10 @@ from trainers.quantization import BNB_INSTALL, base_bits
 log = logging.getLogger("trainrig.lora")
 
 
-def check_lora_flags(lora_cfg, zero: tuple[int | None, str], from_scratch: bool = False, needs_library: bool = True) -> None:
+def check_lora_flags(lora_cfg, zero: tuple[int | None, str, str], from_scratch: bool = False, needs_library: bool = True) -> None:
     """The refusals of a run's LoRA and quantized-base flags, before any data or model work (and
-    before planning), each naming the flag and the fix. zero: the run's (ZeRO stage or None, offload),
-    trainers.ds_config.zero_setup. from_scratch: a --model_preset run, whose weights all train from
+    before planning), each naming the flag and the fix. zero: the run's (ZeRO stage or None, offload,
+    the user's DS JSON or ""), trainers.ds_config.zero_setup. from_scratch: a --model_preset run, whose weights all train from
     their init. needs_library: also that bitsandbytes imports here (not when planning another machine)."""
     bits = base_bits(lora_cfg)
     if from_scratch and (lora_cfg.lora_r or bits < 16):
@@ -44,13 +44,15 @@ def check_lora_flags(lora_cfg, zero: tuple[int | None, str], from_scratch: bool 
     flag = f"--load_in_{bits}bit"
     if lora_cfg.lora_r == 0:
         raise UsageError(f"{flag} quantizes a frozen base, so it needs LoRA (--lora_r 16, say); a quantized weight cannot be trained")
-    stage, offload = zero
+    stage, offload, ds_json = zero
     if stage == 3:
-        raise UsageError(f"{flag} under ZeRO-3: ZeRO-3 partitions parameters, and bitsandbytes packs them; "
-                         f"use --zero_stage 2, or DDP (--deepspeed none)")
+        fix = "use a ZeRO-2 JSON (ds_configs/zero2.json)" if ds_json else "use --zero_stage 2"
+        raise UsageError(f"{flag} under ZeRO-3{f' (the DS JSON {ds_json} sets it)' if ds_json else ''}: ZeRO-3 partitions parameters, "
+                         f"and bitsandbytes packs them; {fix}, or DDP (--deepspeed none)")
     if offload != "none":
-        raise UsageError(f"{flag} with --offload {offload}: a quantized base trains only its adapters, whose optimizer states "
-                         f"are small; drop --offload (--offload none)")
+        fix = "use a DS JSON without offload (ds_configs/zero2.json)" if ds_json else "drop --offload (--offload none)"
+        where = f"the DS JSON {ds_json}, which offloads {offload}" if ds_json else f"--offload {offload}"
+        raise UsageError(f"{flag} with {where}: a quantized base trains only its adapters, whose optimizer states are small; {fix}")
     if not needs_library:
         return
     try:

@@ -56,7 +56,7 @@ class Request:
     lora_rank: int = 0
     lora_dropout: bool = True
     dora: bool = False  # --use_dora
-    quantization_auto: bool = False  # --quantization auto: a 16-bit LoRA base if a plan with it fits, else a 4-bit one
+    quantization_auto: bool = False  # --quantization auto: a 16-bit base where every GPU holds it whole, else 4 bits if they fit
     base_bits: int = 16  # the frozen LoRA base's linear layers: 4 or 8 (bitsandbytes), 16 (not quantized)
     double_quant: bool = True  # 4-bit: the blocks' scales quantized too
     gradient_checkpointing: bool | None = None
@@ -148,6 +148,8 @@ def strategies(req: Request) -> list[tuple[bool, int, str]]:
              (True, 2, "optimizer"), (True, 3, "optimizer"), (True, 3, "all")]
     if req.deepspeed.count(":") == 1:  # a DS JSON fixes stage and offload
         stage, offload = req.deepspeed.split(":")
+        if req.base_bits < 16 and (stage == "3" or offload != "none"):
+            return []  # a quantized base under ZeRO-3 or offload: the trainer refuses it (trainers/lora.py)
         return [(True, int(stage), offload)]
     cpu_default = req.hardware.gpu is None and req.deepspeed == "auto" and req.zero_stage == "auto" and req.offload in ("auto", "none")
     keep = []
@@ -332,6 +334,8 @@ def plan_base_bits(req: Request, explain: bool) -> Plan:
     whole = sixteen.fits and sixteen.setup.offload == "none" and sixteen.setup.zero_stage < 3
     if not sixteen.fits and not (four and four.fits):
         result, note = plan(sixteen_req, explain), "--quantization auto: neither a 16-bit nor a 4-bit base fits"
+        # a QLoRA tip is one this run already tried, and --load_in_4bit beside --quantization auto is refused
+        result.notes[:] = [n for n in result.notes if not n.startswith("QLoRA (")]
     elif whole or not (four and four.fits):
         result, note = sixteen, f"--quantization auto: the 16-bit base fits ({sixteen.setup.name}, micro batch {sixteen.setup.micro_batch})"
     else:
