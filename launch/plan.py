@@ -27,7 +27,6 @@ from launch.planner.memory import GiB
 from launch.planner.search import SAFETY_MARGIN, Plan, Request, accumulation_for, plan
 from trainers.config import Run, parse_run, redact
 from trainers.errors import UsageError, exit_on_usage_error
-from trainers.ds_config import zero_setup
 from trainers.quantization import base_bits
 from trainers.stages import REPO, plan_names, stage_named
 
@@ -111,11 +110,10 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
         accumulation = None if accumulation == "auto" else accumulation
     if accumulation is None and micro is not None and not batch.global_batch_size:
         accumulation = 1
-    from trainers.lora import apply_lora_defaults, check_lora_flags  # imports torch, which `trainrig plan --help` need not
+    from trainers.lora import settle_lora_flags  # imports torch, which `trainrig plan --help` need not
 
     lora = cfg.lora  # the trainer's own defaults and refusals (a quantized base without LoRA, under ZeRO-3), before a plan
-    apply_lora_defaults(run)
-    check_lora_flags(lora, zero_setup(cfg.dist), from_scratch=bool(getattr(cfg.model, "model_preset", "")), needs_library=False)
+    settle_lora_flags(run, from_scratch=bool(getattr(cfg.model, "model_preset", "")), needs_library=False)
     shape = model_shape(cfg, notes)
     deepspeed, zero_stage, offload, ds_zero = _deepspeed_constraint(cfg.dist, plan_everything, shape.hidden)
     ckpt = cfg.model.gradient_checkpointing if (run.given("gradient_checkpointing") or not plan_everything) else None

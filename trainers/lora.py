@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.quantization import BNB_INSTALL, base_bits
 
@@ -59,6 +60,17 @@ def check_lora_flags(lora_cfg, zero: tuple[int | None, str, str], from_scratch: 
         importlib.import_module("bitsandbytes")
     except ImportError as err:
         raise UsageError(f"{flag} needs bitsandbytes, which does not import here ({err}); {BNB_INSTALL}") from None
+
+
+def settle_lora_flags(run, lora_learning_rate: float | None = None, from_scratch: bool = False, needs_library: bool = True) -> None:
+    """A stage's LoRA flags before any data or model work: the defaults that depend on other flags
+    (`lora_learning_rate`, the stage's rate with LoRA, where --learning_rate is not given; DoRA's
+    dropout), then check_lora_flags' refusals."""
+    lora = run.cfg.lora
+    if lora_learning_rate is not None and lora.lora_r > 0 and not run.given("learning_rate"):
+        run.cfg.optim.learning_rate = lora_learning_rate
+    apply_lora_defaults(run)
+    check_lora_flags(lora, zero_setup(run.cfg.dist), from_scratch=from_scratch, needs_library=needs_library)
 
 
 def apply_lora_defaults(run) -> None:

@@ -19,10 +19,9 @@ from trainers import setup
 from trainers.config import Run
 from trainers.data.collate import ResumableSampler, collate_blocks
 from trainers.data.packing import prepare_blocks
-from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
-from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
+from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.quantization import base_bits
 from trainers.step import describe_lm_eval, evaluate_lm
@@ -37,8 +36,7 @@ def train(run: Run) -> dict:
     m, d, lora = cfg.model, cfg.data, cfg.lora
     if bool(m.model_preset) == bool(m.model_name_or_path):
         raise UsageError("pass exactly one of --model_preset (from scratch) or --model_name_or_path (continued pretraining)")
-    apply_lora_defaults(run)
-    check_lora_flags(lora, zero_setup(cfg.dist), from_scratch=bool(m.model_preset))
+    settle_lora_flags(run, from_scratch=bool(m.model_preset))
     model_config = resolve_model_config(m, d.block_size)  # before any data work: bad paths and sizes fail fast
 
     # ----------------------------------------------------------------------- runtime

@@ -26,10 +26,9 @@ from trainers.config import Run
 from trainers.data.chat import ensure_chat_template
 from trainers.data.collate import ResumableSampler, model_inputs
 from trainers.data.pairs import PairDataset, collate_pairs, encode_pairs
-from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
-from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
+from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.models import base_loading, count_parameters, enable_checkpointing, load_pretrained, resolve_model_config, tokenizer_for
 from trainers.quantization import base_bits
 
@@ -89,10 +88,7 @@ def train(run: Run) -> dict:
     if lora.merge_lora:
         raise UsageError("--merge_lora is not available for the reward model; its final/ holds the adapter and the score head "
                          "(PeftModel.from_pretrained on AutoModelForSequenceClassification loads it)")
-    if lora.lora_r > 0 and not run.given("learning_rate"):
-        cfg.optim.learning_rate = LORA_LEARNING_RATE
-    apply_lora_defaults(run)
-    check_lora_flags(lora, zero_setup(cfg.dist))
+    settle_lora_flags(run, LORA_LEARNING_RATE)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime

@@ -27,10 +27,9 @@ from trainers.config import Run
 from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
-from trainers.ds_config import zero_setup
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
-from trainers.lora import apply_lora, apply_lora_defaults, check_lora_flags, lora_description
+from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.quantization import base_bits
 from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
@@ -64,10 +63,7 @@ def train(run: Run) -> dict:
     m, d, lora = cfg.model, cfg.data, cfg.lora
     if not m.model_name_or_path:
         raise UsageError("--model_name_or_path is required: the model to fine-tune (a directory written by save_pretrained, e.g. <pretrain output>/final)")
-    if lora.lora_r > 0 and not run.given("learning_rate"):
-        cfg.optim.learning_rate = LORA_LEARNING_RATE
-    apply_lora_defaults(run)
-    check_lora_flags(lora, zero_setup(cfg.dist))
+    settle_lora_flags(run, LORA_LEARNING_RATE)
     model_config = resolve_model_config(m, d.max_seq_length, "--max_seq_length")  # bad paths and sizes fail before data work
 
     # ----------------------------------------------------------------------- runtime
