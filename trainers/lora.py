@@ -63,25 +63,19 @@ def check_lora_flags(lora_cfg, zero: tuple[int | None, str, str], from_scratch: 
 
 
 def settle_lora_flags(run, lora_learning_rate: float | None = None, from_scratch: bool = False, needs_library: bool = True) -> None:
-    """A stage's LoRA flags before any data or model work: the defaults that depend on other flags
-    (`lora_learning_rate`, the stage's rate with LoRA, where --learning_rate is not given; DoRA's
-    dropout), then check_lora_flags' refusals."""
+    """A stage's LoRA flags before any data or model work, and before planning (so the plan and the
+    run agree): the defaults that depend on other flags, where the user left them, then
+    check_lora_flags' refusals. The defaults: `lora_learning_rate`, the stage's rate with LoRA; with
+    --use_dora, --lora_dropout 0 -- PEFT's DoRA reuses the base layer's output only without dropout;
+    with it, each adapted layer runs its base matmul a second time on the dropped-out input and
+    autograd keeps that dequantized weight for the backward: for every layer, in the compute dtype
+    (14B in bf16: 26 GB), which undoes QLoRA."""
     lora = run.cfg.lora
     if lora_learning_rate is not None and lora.lora_r > 0 and not run.given("learning_rate"):
         run.cfg.optim.learning_rate = lora_learning_rate
-    apply_lora_defaults(run)
-    check_lora_flags(lora, zero_setup(run.cfg.dist), from_scratch=from_scratch, needs_library=needs_library)
-
-
-def apply_lora_defaults(run) -> None:
-    """The LoRA defaults that depend on other flags, applied where the user left them (before
-    planning, so the plan and the run agree): with --use_dora, --lora_dropout 0. PEFT's DoRA
-    reuses the base layer's output only without dropout; with it, each adapted layer runs its base
-    matmul a second time on the dropped-out input and autograd keeps that dequantized weight for
-    the backward: for every layer, in the compute dtype (14B in bf16: 26 GB), which undoes QLoRA."""
-    lora = getattr(run.cfg, "lora", None)
-    if lora is not None and lora.use_dora and not run.given("lora_dropout"):
+    if lora.use_dora and not run.given("lora_dropout"):
         lora.lora_dropout = 0.0
+    check_lora_flags(lora, zero_setup(run.cfg.dist), from_scratch=from_scratch, needs_library=needs_library)
 
 
 def apply_lora(model, lora_cfg, seed: int, trainable_token_ids: list[int] | None = None, task_type: str = "CAUSAL_LM"):

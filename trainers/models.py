@@ -141,7 +141,7 @@ def base_loading(lora_cfg, precision: str, device: torch.device) -> dict:
     """build_model's weight arguments: fp32 master weights for a model that trains in full; a
     frozen LoRA base needs no fp32 copy, so it loads in the training precision (7B: 15 GB, not 30),
     its linear layers quantized with --load_in_4bit/--load_in_8bit straight onto `device`."""
-    if lora_cfg is None or not lora_cfg.lora_r:
+    if not lora_cfg.lora_r:
         return {"dtype": "fp32"}
     return {"dtype": precision, "quantization": bnb_config(lora_cfg, precision), "device": device}
 

@@ -23,7 +23,6 @@ from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
 from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
-from trainers.quantization import base_bits
 from trainers.step import describe_lm_eval, evaluate_lm
 
 log = logging.getLogger("trainrig.pretrain")
@@ -85,7 +84,7 @@ def train(run: Run) -> dict:
              steps_per_epoch, len(train_blocks))
     if runtime.is_main:
         setup.write_plan(run, runtime, attn, why,
-                         extra={"lora_r": lora.lora_r, "base_bits": base_bits(lora), "trainable_parameters": n_trainable, **facts})
+                         extra={"trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)

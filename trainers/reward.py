@@ -30,7 +30,6 @@ from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
 from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.models import base_loading, count_parameters, enable_checkpointing, load_pretrained, resolve_model_config, tokenizer_for
-from trainers.quantization import base_bits
 
 log = logging.getLogger("trainrig.reward")
 
@@ -143,8 +142,7 @@ def train(run: Run) -> dict:
              micro, accumulation, runtime.world_size, global_batch, total_steps, steps_per_epoch, len(train_set))
     if runtime.is_main:
         setup.write_plan(run, runtime, attn, why,
-                         extra={"max_seq_length": d.max_seq_length, "lora_r": lora.lora_r, "base_bits": base_bits(lora),
-                                "trainable_parameters": n_trainable, **facts})
+                         extra={"max_seq_length": d.max_seq_length, "trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)

@@ -22,6 +22,7 @@ from trainers.config import Run, save_resolved_config
 from trainers.errors import UsageError, check_output_dir
 from trainers.models import check_torch_compile, compile_decoder_layers
 from trainers.optim import build_optimizer
+from trainers.quantization import base_bits
 from trainers.runtime import Runtime, launcher_world
 
 log = logging.getLogger("trainrig.setup")
@@ -176,7 +177,8 @@ def write_plan(run: Run, runtime, attn: str, why: str, extra: dict | None = None
         "micro_batch_size": cfg.batch.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.batch.gradient_accumulation_steps,
         "global_batch_size": global_batch, "world_size": runtime.world_size,
-        "precision": runtime.precision, "attn_implementation": attn, "attn_reason": why, **(extra or {}),
+        "precision": runtime.precision, "attn_implementation": attn, "attn_reason": why,
+        "lora_r": cfg.lora.lora_r, "base_bits": base_bits(cfg.lora), **(extra or {}),
     }
     planned = run.plan
     if planned:

@@ -30,7 +30,6 @@ from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final_model
 from trainers.lora import apply_lora, lora_description, settle_lora_flags
-from trainers.quantization import base_bits
 from trainers.models import base_loading, build_model, count_parameters, resolve_model_config, tokenizer_for
 from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
 
@@ -130,7 +129,7 @@ def train(run: Run) -> dict:
     if runtime.is_main:
         setup.write_plan(run, runtime, attn, why,
                          extra={"packing": d.packing, "batch_layout": layout, "max_seq_length": d.max_seq_length, "batch_fill": round(fill, 4),
-                                "lora_r": lora.lora_r, "base_bits": base_bits(lora), "trainable_parameters": n_trainable, **facts})
+                                "trainable_parameters": n_trainable, **facts})
 
     # ---------------------------------------------------------------------- training
     out = Path(cfg.run.output_dir)

@@ -129,7 +129,7 @@ class Setup:
     optimizer: str = "adamw"  # adamw | muon
     lora_parameters: int = 0  # 0: full fine-tuning
     lora_dropout: bool = True
-    dora: bool = False  # DoRA (PEFT use_dora): magnitude vectors, and what its forward keeps (dora_activation_bytes)
+    dora: bool = False  # DoRA (PEFT use_dora): magnitude vectors, and what its forward keeps (dora_token_bytes, dora_layer_bytes)
     base_bits: int = 16  # a LoRA base's linear layers quantized to 4 or 8 bits (bitsandbytes), or 16: not
     double_quant: bool = True  # 4-bit: the blocks' fp32 scales themselves quantized to 8 bits
     gradient_checkpointing: bool = False
