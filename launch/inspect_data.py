@@ -7,7 +7,9 @@ statistics, and with --output writes `{"input_ids": [...], "labels": [...]}` per
 convention: labels unshifted, -100 where untrained): one line per sample, or with packing one per
 packed row (with its `position_ids`), i.e. what one row of a batch holds. For the reward model a
 line is one pair: `{"chosen_input_ids": [...], "rejected_input_ids": [...]}`, the two conversations
-whose last tokens the score head reads.
+whose last tokens the score head reads. For DPO a line is one pair with each side's ids and labels
+(`chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, `rejected_labels`): the labels mark
+the answer tokens whose log-probs are compared.
 """
 
 from __future__ import annotations
@@ -126,6 +128,34 @@ def inspect_reward(run: Run, num_samples: int, output: str, color: bool) -> dict
                 fh.write(json.dumps({"chosen_input_ids": chosen, "rejected_input_ids": rejected}) + "\n")
         print(f"wrote {len(pairs)} pairs to {output}")
     return {"read": stats.read, "kept": stats.kept, "too_long": stats.too_long, "identical": stats.identical}
+
+
+def inspect_dpo(run: Run, num_samples: int, output: str, color: bool) -> dict:
+    from trainers.data.chat import ensure_chat_template
+    from trainers.data.pairs import encode_preferences, preference_summary
+    from trainers.models import tokenizer_for
+
+    cfg = run.cfg
+    d = cfg.data
+    tokenizer, tokenizer_flag = tokenizer_for(cfg.model)
+    ensure_chat_template(tokenizer)
+    pairs, stats = encode_preferences(d.train_files, "--train_files", tokenizer, d.max_seq_length, d.default_system_prompt, tokenizer_flag)
+    for i, pair in enumerate(pairs[:num_samples]):
+        dropped = f", {pair.dropped_turns} earliest context turns dropped to fit" if pair.dropped_turns else ""
+        for name, ids, labels in (("chosen", pair.chosen, pair.chosen_labels), ("rejected", pair.rejected, pair.rejected_labels)):
+            scored = int((labels != IGNORE_INDEX).sum())
+            print(f"--- pair {i} ({pair.where}), {name}: {len(ids)} tokens, {scored} scored (marked){dropped}")
+            print(marked_text(tokenizer, ids, labels, color))
+    print("=== data")
+    for line in preference_summary(stats):
+        print(line)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            for pair in pairs:
+                fh.write(json.dumps({"where": pair.where, "chosen_input_ids": pair.chosen.tolist(), "chosen_labels": pair.chosen_labels.tolist(),
+                                     "rejected_input_ids": pair.rejected.tolist(), "rejected_labels": pair.rejected_labels.tolist()}) + "\n")
+        print(f"wrote {len(pairs)} pairs to {output}")
+    return {"read": stats.read, "kept": stats.kept, "truncated": stats.truncated, "skipped": dict(stats.skipped)}
 
 
 def inspect_pretrain(run: Run, num_samples: int, output: str, color: bool) -> dict:

@@ -175,6 +175,16 @@ def reward_args(pairs_file, model_dir, output_dir, **overrides) -> list[str]:
     return _argv(flags)
 
 
+def dpo_args(pairs_file, model_dir, output_dir, **overrides) -> list[str]:
+    """A tiny, fast DPO command line; overrides are flag=value (None drops the flag)."""
+    flags = {"train_files": str(pairs_file), "model_name_or_path": str(model_dir), "max_seq_length": "64",
+             "per_device_train_batch_size": "4", "max_steps": "6", "logging_steps": "1", "learning_rate": "1e-3",
+             "output_dir": str(output_dir), "resume": "never", "seed": "3", "validation_split_ratio": "0.05",
+             "data_cache_dir": str(Path(output_dir).parent / "reference-cache")}
+    flags.update(overrides)
+    return _argv(flags)
+
+
 # ------------------------------------------------------------------------ every training stage
 
 # stage -> (entry script, the session fixtures its command line is built from, that builder,
@@ -183,6 +193,7 @@ _STAGE_SPECS = {
     "pretrain": ("launch/pretrain.py", ("corpus", "tokenizer_dir"), pretrain_args, lambda corpus, tok: corpus, {}),
     "sft": ("launch/sft.py", ("chat_dir", "sft_model_dir"), sft_args, lambda chat, model: chat / "sft.jsonl", {"strict": True}),
     "reward": ("launch/reward.py", ("preference_pairs", "sft_model_dir"), reward_args, lambda pairs, model: pairs, {}),
+    "dpo": ("launch/dpo.py", ("preference_pairs", "sft_model_dir"), dpo_args, lambda pairs, model: pairs, {}),
 }
 
 

@@ -30,13 +30,16 @@ def test_heldout_people_never_appear_in_the_training_data(tmp_path):
 
 
 def test_demo_at_reduced_size(tmp_path):
-    report = run_demo(DemoArgs(output_dir=str(tmp_path), max_steps=20, sft_steps=10, reward_steps=5))
+    report = run_demo(DemoArgs(output_dir=str(tmp_path), max_steps=20, sft_steps=10, reward_steps=5, dpo_steps=4))
     saved = json.loads((tmp_path / "report.json").read_text())
     for key in ("em_before_sft", "em_after_sft", "f1_before_sft", "f1_after_sft"):
         assert 0.0 <= saved[key] <= 1.0 and saved[key] == report[key]
     after = json.loads((tmp_path / "eval_after_sft" / "report.json").read_text())
     assert saved["em_after_sft"] == after["em"] and saved["n"] == after["n"] == report["chat_data"]["held_out"]
     assert saved["reward"]["step"] == 5 and 0.0 <= saved["reward"]["eval_accuracy"] <= 1.0
+    dpo = saved["dpo"]
+    assert dpo["step"] == 4 and dpo["eval_pairs"] == saved["reward"]["eval_pairs"] > 0 and all(0.0 <= dpo[k] <= 1.0 for k in ("pair_accuracy_before", "pair_accuracy_after", "em_after"))
+    assert dpo["em_after"] == json.loads((tmp_path / "eval_after_dpo" / "report.json").read_text())["em"]
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
     assert f"{saved['em_after_sft']:.3f}" in summary and "![losses](loss.png)" in summary

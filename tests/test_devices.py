@@ -58,6 +58,8 @@ def test_every_entry_script_refuses_a_torch_blind_to_the_gpus(corpus, tokenizer_
         "sft": ["launch/sft.py", *sft_args(chat_dir, sft_model_dir, tmp_path / "sft")],
         "reward": ["launch/reward.py", "--model_name_or_path", str(sft_model_dir), "--train_files", str(chat_dir / "sft.jsonl"),
                    "--output_dir", str(tmp_path / "rm")],
+        "dpo": ["launch/dpo.py", "--model_name_or_path", str(sft_model_dir), "--train_files", str(chat_dir / "sft.jsonl"),
+                "--output_dir", str(tmp_path / "dpo")],
         "evaluate": ["launch/evaluate.py", "--model_name_or_path", str(sft_model_dir), "--eval_files", str(chat_dir / "heldout.jsonl"),
                      "--output_dir", str(tmp_path / "eval")],
         "plan": ["-m", "launch.cli", "plan", "--stage", "sft", "--model_name_or_path", "qwen2.5-0.5b", "--output_dir", str(tmp_path / "plan")],

@@ -152,6 +152,18 @@ def test_reward_pairs_count_two_sequences(qwen05b):
     assert reward.chosen.memory.logits == 0 < sft.chosen.memory.logits
 
 
+def test_dpo_pairs_are_two_sequences_with_a_vocabulary_head_and_no_resident_reference(qwen05b):
+    hw = hardware.profile("4090")
+    sft = plan(Request("sft", qwen05b, 1024, hw, deepspeed="none", gradient_checkpointing=False))
+    dpo = plan(Request("dpo", qwen05b, 1024, hw, deepspeed="none", gradient_checkpointing=False))
+    # micro m pairs cost what 2m SFT rows cost, logits (the chunked head's buffers) included; the
+    # precomputed reference adds nothing: the weights are the policy's alone
+    rows = dataclasses.replace(sft.setup, micro_batch=2 * dpo.setup.micro_batch)
+    assert dpo.chosen.memory == memory.estimate(qwen05b, rows)
+    assert dpo.chosen.memory.parameters == sft.chosen.memory.parameters
+    assert 2 * dpo.setup.micro_batch <= sft.setup.micro_batch and "dpo: a micro batch of N pairs runs 2N sequences" in dpo.notes
+
+
 # --------------------------------------------------------------------------- config files
 
 

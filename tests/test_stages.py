@@ -43,13 +43,13 @@ def test_the_cli_help_lists_every_stage_from_the_registry():
 
 def test_planner_names_are_the_stages_and_their_from_checkpoint_variants():
     names = plan_names()
-    assert list(names) == ["pretrain", "cpt", "sft", "reward"]
+    assert list(names) == ["pretrain", "cpt", "sft", "reward", "dpo"]
     assert names["cpt"] is STAGES["pretrain"]
     pretrain = STAGES["pretrain"]
     assert [pretrain.loads_weights(n) for n in ("pretrain", "cpt")] == [False, True] and STAGES["sft"].loads_weights("sft")
     assert pretrain.plan_name(parse_run(pretrain.config, ["--model_name_or_path", "m"], "p").cfg) == "cpt"
     assert pretrain.plan_name(parse_run(pretrain.config, ["--model_preset", "tiny"], "p").cfg) == "pretrain"
-    with pytest.raises(UsageError, match="one of launch/pretrain.py, launch/sft.py, launch/reward.py"):
+    with pytest.raises(UsageError, match="one of launch/pretrain.py, launch/sft.py, launch/reward.py, launch/dpo.py"):
         stage_of_script("launch/evaluate.py")
 
 

@@ -20,10 +20,11 @@ different losses; this is plain PyTorch and runs wherever the model does.
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 IGNORE_INDEX = -100
 # Model types whose causal-LM forward is decoder -> lm_head -> ForCausalLMLoss and nothing else
@@ -123,18 +124,90 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return total / denominator
 
 
-def _head_forward(head, hidden, labels=None, denominator=None):
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[label] per token (0 where the label is ignored), a chunk at a
+    time. Unlike the cross-entropy above, the gradient of each token's log-prob is weighted by what
+    the loss makes of it (a preference loss's sigmoid of the pair's margin), known only after the
+    forward; so the backward recomputes each chunk's logits: one head matmul more, and still no
+    (tokens x vocab) buffer beyond one chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows):
+        dtype = _compute_dtype(weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], rows):
+                y = labels[start:start + rows]
+                valid = y != IGNORE_INDEX
+                logits = (hidden[start:start + rows].to(dtype) @ w.t()).float()
+                picked = logits.gather(1, y.masked_fill(~valid, 0)[:, None]).squeeze(1)
+                out[start:start + rows] = (picked - torch.logsumexp(logits, dim=-1)) * valid
+                del logits
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.rows, ctx.dtype = rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels = ctx.saved_tensors
+        rows, dtype = ctx.rows, ctx.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+            for start in range(0, hidden.shape[0], rows):
+                h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
+                valid = y != IGNORE_INDEX
+                g = grad_out[start:start + rows].float() * valid
+                logits = (h @ w.t()).float()
+                # d logp / d logits = one_hot - softmax, built in the logits' own buffer
+                grad_logits = logits.sub_(logits.max(dim=-1, keepdim=True).values).exp_()
+                grad_logits.div_(grad_logits.sum(dim=-1, keepdim=True)).neg_()
+                grad_logits.scatter_add_(1, y.masked_fill(~valid, 0)[:, None], valid[:, None].float())
+                grad_logits.mul_(g[:, None])
+                if grad_hidden is not None:
+                    grad_hidden[start:start + rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t(), h.float())
+                del logits, grad_logits
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Each token's log-prob of its label under the logits hidden @ weight.T (fp32; 0 where the
+    label is -100). hidden: (tokens, d); weight: (vocab, d); labels: (tokens,). Equal to
+    F.log_softmax(F.linear(hidden, weight).float(), -1).gather(label) and its gradients, to float
+    rounding, without the whole logits."""
+    rows = rows or chunk_rows(weight.shape[0], hidden.device.type)
+    return _LinearTokenLogps.apply(hidden, weight, labels, rows)
+
+
+def _head_forward(head, hidden, labels=None, denominator=None, token_logps=False):
     """The output head's forward: the logits as nn.Linear gives them, or, with `labels`, the
-    chunked loss. It runs as the head's own forward so ZeRO-3 gathers the head's weight for it."""
+    chunked loss (token_logps: each label's log-prob instead). It runs as the head's own forward
+    so ZeRO-3 gathers the head's weight for it."""
     if labels is None:
         return F.linear(hidden, head.weight)
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1), denominator)
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if token_logps:
+        return linear_token_logps(flat_hidden, head.weight, flat_labels).view(labels.shape)
+    return linear_cross_entropy(flat_hidden, head.weight, flat_labels, denominator)
+
+
+@dataclass
+class TokenLogpsOutput(ModelOutput):
+    """What the forward returns with token_logps=True: each position's log-prob of the next
+    token's label, (batch, length) fp32, 0 where the label is -100 (and at the last position)."""
+
+    token_logps: torch.Tensor | None = None
 
 
 def _causal_lm_forward(model, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                       num_items_in_batch=None, shift_labels=None, **kwargs):
-    """The model's forward with labels through the chunked loss (no logits returned); anything
-    else, or a head PEFT has wrapped (trainable token rows), through the model's own forward."""
+                       num_items_in_batch=None, shift_labels=None, token_logps=False, **kwargs):
+    """The model's forward with labels through the chunked loss (no logits returned), or with
+    token_logps=True through linear_token_logps (TokenLogpsOutput); anything else, or a head PEFT
+    has wrapped (trainable token rows), through the model's own forward."""
     chunked = labels is not None and kwargs.get("past_key_values") is None and not kwargs.get("output_hidden_states") \
         and getattr(model.lm_head, "_trainrig_chunked", False)
     if not chunked:
@@ -146,6 +219,8 @@ def _causal_lm_forward(model, input_ids=None, attention_mask=None, position_ids=
                          use_cache=False, **kwargs).last_hidden_state
     if shift_labels is None:  # transformers' shift: position t predicts t + 1, the last predicts nothing
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if token_logps:
+        return TokenLogpsOutput(token_logps=model.lm_head(hidden, shift_labels.to(hidden.device), None, True))
     loss = model.lm_head(hidden, shift_labels.to(hidden.device), num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss)
 

@@ -221,6 +221,45 @@ class RewardConfig:
 
 
 @dataclass
+class PreferenceDataConfig:
+    train_files: list[str] = opt(None, "Preference pairs: records with prompt (or question, or a messages list of earlier turns), chosen and rejected (strings, or TRL's conversational lists); .jsonl/.json, .parquet or a `datasets` directory.", factory=list)
+    validation_files: list[str] = opt(None, "Validation pairs in the same forms (default: --validation_split_ratio of the training pairs).", factory=list)
+    validation_split_ratio: float = opt(0.05, "Without --validation_files, hold out this fraction of the training pairs for the reward accuracy.", minimum=0)
+    max_seq_length: int = opt(2048, "Longest side of a pair in tokens. A longer pair loses its earliest context turns (whole user/assistant turns, the system prompt and the last user turn kept); one that still does not fit is dropped, counted with its place.", minimum=8)
+    default_system_prompt: str = opt("", "System prompt for pairs without one (default: the one the tokenizer's chat template adds, if any).")
+    data_cache_dir: str = opt("", "Directory for the reference log-prob caches (default: $TRAINRIG_CACHE/reference, $TRAINRIG_CACHE defaulting to ~/.cache/trainrig).")
+
+
+@dataclass
+class PreferenceLossConfig:
+    loss_type: str = opt("sigmoid", "sigmoid: DPO; ipo: IPO's squared loss on the per-token log-ratio margin; hinge: SLiC's hinge; simpo: SimPO, reference-free, "
+                                     "length-normalised log-probs with a target margin --simpo_gamma; orpo: ORPO, reference-free, the chosen answer's NLL plus --beta x the odds-ratio term.",
+                         ("sigmoid", "ipo", "hinge", "simpo", "orpo"))
+    beta: float = opt(0.1, "DPO/hinge/SimPO: the inverse temperature on the log-ratio margin (SimPO's paper uses 2-2.5); IPO: the regularisation tau (target margin 1/(2 tau)); ORPO: the weight lambda of the odds-ratio term.", minimum=0)
+    label_smoothing: float = opt(0.0, "sigmoid and simpo: the assumed share of pairs whose preference is flipped (conservative DPO); 0 elsewhere.", minimum=0)
+    simpo_gamma: float = opt(0.5, "SimPO: the target margin gamma between the chosen and rejected answers' average log-probs, times beta.", minimum=0)
+    reference: str = opt("precomputed", "Where the reference log-probs of the DPO-family losses come from. precomputed: one pass of the starting model over the "
+                                        "pairs before training (shared over ranks, cached on disk), so no reference model is held and each step runs the policy alone; "
+                                        "adapter_disabled (LoRA only): the policy with its adapter switched off, each step (one more forward per step, nothing cached). "
+                                        "Unused by simpo and orpo.", ("precomputed", "adapter_disabled"))
+
+
+@dataclass
+class DPOConfig:
+    """Everything `launch/dpo.py` takes. Defaults: learning rate 5e-7 for full training (5e-6 with
+    LoRA unless --learning_rate is given), 10% warmup, no weight decay, DPO's beta 0.1."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=5e-7, warmup_ratio=0.1, weight_decay=0.0))
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class EvalRunConfig:
     output_dir: str = opt("outputs/eval", "Directory for report.json and predictions.jsonl.")
     precision: str = opt("auto", "auto: bf16 on GPUs that support it, fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))

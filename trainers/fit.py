@@ -90,6 +90,7 @@ class Training:
     unit: str = "trained_tokens"  # the TrainState counter the trained units add to
     samples: str = "samples"  # what a sample of this stage's data is, in the log ("rows", "pairs")
     evaluate: Callable[[], dict] | None = None  # the validation figures, eval_loss first; None without a validation set
+    step_figures: Callable[[], dict] | None = None  # the stage's own training figures since the last record, reduced over ranks (every rank calls it at the same steps)
     describe_eval: Callable[[dict], str] = lambda e: f"eval_loss {e['eval_loss']:.4f}"
 
 
@@ -131,7 +132,8 @@ def fit(run, runtime, t: Training) -> dict:
         account_step(runtime, state, result, window, tracker, cfg.run.max_bad_steps, out)
         if report.due(step):
             report.log(step, lr, result.grad_norm, t.log_counts(state),
-                       epoch=state.epoch + state.samples_in_epoch / t.sampler.num_samples, skipped_steps=state.skipped_steps)
+                       epoch=state.epoch + state.samples_in_epoch / t.sampler.num_samples, skipped_steps=state.skipped_steps,
+                       figures=t.step_figures() if t.step_figures is not None else None)
 
         evaluated = None
         if t.evaluate is not None and cfg.run.eval_steps > 0 and step % cfg.run.eval_steps == 0 and step < t.total_steps:

@@ -30,6 +30,7 @@ from trainers.errors import UsageError
 from trainers.fit import Training, fit, save_final
 from trainers.lora import apply_lora, lora_description, settle_lora_flags
 from trainers.models import base_loading, count_parameters, enable_checkpointing, load_pretrained, resolve_model_config, tokenizer_for
+from trainers.step import pair_counts
 
 log = logging.getLogger("trainrig.reward")
 
@@ -49,10 +50,6 @@ def pairwise_loss(model, batch: dict, device, denominator: torch.Tensor, mask_dt
     r = rewards(model, batch, device, mask_dtype)
     n = batch["pairs"]
     return -F.logsigmoid(r[:n] - r[n:]).sum() / denominator
-
-
-def pair_counts(batch: dict) -> tuple[int, int]:
-    return batch["pairs"], batch["num_tokens"]
 
 
 @torch.no_grad()

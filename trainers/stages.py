@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.config import PretrainConfig, RewardConfig, SFTConfig
+from trainers.config import DPOConfig, PretrainConfig, RewardConfig, SFTConfig
 from trainers.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]  # entry scripts and job scripts are named relative to it
@@ -66,6 +66,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("reward", "a reward model (scalar head) on chosen/rejected pairs, full or LoRA",
           RewardConfig, "trainers.reward", "launch/reward.py", "slurm/reward.sbatch",
           "launch.inspect_data:inspect_reward",           samples="pairs", sequences_per_sample=2, vocab_head=False),
+    Stage("dpo", "preference optimisation of an SFT model on chosen/rejected pairs: DPO, IPO, hinge, SimPO or ORPO, full or LoRA",
+          DPOConfig, "trainers.dpo", "launch/dpo.py", "slurm/dpo.sbatch",
+          "launch.inspect_data:inspect_dpo",              samples="pairs", sequences_per_sample=2),
 )}
 
 

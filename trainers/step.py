@@ -29,6 +29,11 @@ def lm_counts(batch: dict) -> tuple[int, int]:
     return trained_tokens(batch["labels"]), num_tokens(batch)
 
 
+def pair_counts(batch: dict) -> tuple[int, int]:
+    """(pairs, input tokens, padding excluded) of a micro batch of preference pairs."""
+    return batch["pairs"], batch["num_tokens"]
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did, the same on every rank except `finite_here`."""

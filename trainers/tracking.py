@@ -110,7 +110,19 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or metrics_path.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    rewards = [(name, [(r["step"], r[key]) for r in records if r.get(key) is not None])
+               for name, key in (("train reward accuracy", "rewards/accuracy"), ("eval reward accuracy", "eval_rewards/accuracy"),
+                                 ("train reward margin", "rewards/margin"), ("eval reward margin", "eval_rewards/margin"))]
+    if any(points for _, points in rewards):  # preference optimisation: its implicit rewards on a second axis
+        right = ax.twinx()
+        for (name, points), style in zip(rewards, ("--", "s--", ":", "^:")):
+            if points:
+                right.plot(*zip(*points), style, label=name, lw=1.0, ms=3, color="tab:green" if "accuracy" in name else "tab:red")
+        right.set_ylabel("reward accuracy / margin")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
@@ -155,10 +167,12 @@ class StepLog:
     def due(self, step: int) -> bool:
         return step % self.logging_steps == 0 or step == self.total_steps
 
-    def log(self, step: int, lr: float, grad_norm: float | None, counts: dict[str, int], epoch: float, skipped_steps: int = 0) -> dict:
+    def log(self, step: int, lr: float, grad_norm: float | None, counts: dict[str, int], epoch: float, skipped_steps: int = 0,
+            figures: dict | None = None) -> dict:
         """Write the record for `step`; `counts` are running totals (e.g. tokens), reported with
         their rate over the window as `<name>_per_sec`. The first count is the headline rate.
-        `loss` is the mean over the window's applied steps (None if every one was skipped)."""
+        `loss` is the mean over the window's applied steps (None if every one was skipped).
+        `figures`: the stage's own (DPO's rewards), in the record and the line."""
         window = max(self._window_seconds, 1e-9)
         rates = {f"{k}_per_sec": round((v - self._counts[k]) / window, 1) for k, v in counts.items()}
         loss = sum(self._losses) / len(self._losses) if self._losses else None
@@ -167,7 +181,7 @@ class StepLog:
         self.last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      **rates, "elapsed_s": round(time.perf_counter() - self.started, 2), **counts,
                      "epoch": round(epoch, 4), "peak_memory_gb": round(self.runtime.peak_memory_gb(), 3),
-                     "skipped_steps": skipped_steps}
+                     "skipped_steps": skipped_steps, **(figures or {})}
         self._counts, self._losses, self._window_seconds = dict(counts), [], 0.0
         used = self.runtime.device_memory_used_gb()
         if used is not None:
@@ -180,8 +194,9 @@ class StepLog:
             eta = (self.total_steps - step) * self.train_seconds / max(step - self.start_step, 1)
             norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
             skipped = f" skipped {skipped_steps}" if skipped_steps else ""
+            own = "".join(f" {k} {v:.4g}" for k, v in (figures or {}).items())
             self.progress.write(f"step {step}/{self.total_steps} loss {shown} lr {lr:.3e} grad_norm {norm} "
-                                f"tok/s {headline:,.0f} mem {self.last['peak_memory_gb']:.2f} GB eta {eta / 60:.1f} min{skipped}")
+                                f"tok/s {headline:,.0f} mem {self.last['peak_memory_gb']:.2f} GB eta {eta / 60:.1f} min{skipped}{own}")
         return self.last
 
     def close(self) -> None:

@@ -35,8 +35,9 @@ def on_training_forward(after, setattr=setattr, before=None) -> None:
     """Hook the n-th training forward pass of every model kind the stages train (counted from 1 in
     this process, model.training only, so evaluation passes do not count): `before(n)` runs as it
     starts, `after(n, out, kind)` may change its output, kind "loss" for a causal LM (pretraining,
-    SFT) and "logits" for a sequence classifier (the reward model: its loss is made from the scores
-    by the trainer). Every way the causal LM's loss is made is wrapped: the class's own forward and
+    SFT), "logits" for a sequence classifier (the reward model: its loss is made from the scores
+    by the trainer), and for DPO, whose loss the trainer makes from log-probs, "token_logps" (the
+    chunked head's) or "logits". Every way the causal LM's loss is made is wrapped: the class's own forward and
     the chunked loss's routing, which use_chunked_loss binds to the model later and which calls the
     class's forward where it does not apply; only the outermost wrapper of a call counts it.
     `setattr`: pytest's monkeypatch.setattr in a test, so the patches are undone after it."""
@@ -59,7 +60,10 @@ def on_training_forward(after, setattr=setattr, before=None) -> None:
                 out = original(self, *args, **kwargs)
             finally:
                 depth[0] -= 1
-            return after(n, out, kind) if counted else out
+            if not counted:
+                return out
+            # DPO's causal LM returns token log-probs (chunked head) or logits, from which its loss is made
+            return after(n, out, kind if out.get(kind) is not None else next(k for k in ("token_logps", "logits") if out.get(k) is not None))
         return forward
 
     setattr(Qwen2ForCausalLM, "forward", hooked(Qwen2ForCausalLM.forward, "loss"))
@@ -69,8 +73,8 @@ def on_training_forward(after, setattr=setattr, before=None) -> None:
 
 def poison_loss(factor_for_call, setattr=setattr) -> None:
     """Multiply the loss by factor_for_call(n) in the n-th training forward (None leaves it): the
-    causal LM's out["loss"], or the sequence classifier's scores (out["logits"]), from which the
-    reward model's pairwise loss is made. See on_training_forward."""
+    causal LM's out["loss"], the sequence classifier's scores (out["logits"]), from which the
+    reward model's pairwise loss is made, or DPO's log-probs. See on_training_forward."""
 
     def poison(call, out, kind):
         factor = factor_for_call(call)

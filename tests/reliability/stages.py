@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-TRAINING_STAGES = ("pretrain", "sft", "reward")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo")
 
 
 class StageRun(NamedTuple):
