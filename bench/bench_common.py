@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SECTIONS = {"data": "(a)", "pretrain": "(b)", "sft": "(c)", "memory": "(d)", "gpu": "(e)", "qlora": "(f)"}  # results/<name>.json -> RESULTS.md section
+SECTIONS = {"data": "(a)", "pretrain": "(b)", "sft": "(c)", "memory": "(d)", "gpu": "(e)", "qlora": "(f)", "dpo": "(g)"}  # results/<name>.json -> RESULTS.md section
 
 
 def machine() -> dict:

@@ -21,9 +21,11 @@
 (f) QLoRA: `launch/sft.py` with a 16-bit LoRA base, an NF4 base, and NF4 + 8-bit AdamW, beside TRL's
     `SFTTrainer` + PEFT with the same bases (BitsAndBytesConfig) and optimizers, on the 0.5b preset in
     bf16: trained tokens/s, peak RSS, and the planner's predicted peak (bench_qlora.py).
+(g) DPO: `launch/dpo.py` (reference precomputed) beside TRL's `DPOTrainer` (resident reference) on
+    the same pairs, model, micro batch and steps: pairs/s, peak RSS, held-out reward accuracy (bench_dpo.py).
 Every figure in RESULTS.md comes from this script's measurements (medians of --repeats runs).
 
-    python bench/run.py --only sft [--repeats 3]     # one section: data, pretrain, sft, memory or qlora
+    python bench/run.py --only sft [--repeats 3]     # one section: data, pretrain, sft, memory, qlora or dpo
     python bench/run.py --only report                # re-render RESULTS.md from the JSONs, nothing measured
 
 Results: each section writes its figures to results/<section>.json beside --output (data.json,
@@ -35,7 +37,7 @@ that the existing RESULTS.md has (measured before the JSONs existed) is carried 
 marked as carried over, until that section is run again.
 
 Layout: this file is the command line; each section is a module beside it (bench_data.py (a),
-bench_pretrain.py (b), bench_sft.py (c), bench_memory.py (d), bench_gpu.py (e), run by bench/gpu.py, bench_qlora.py (f)),
+bench_pretrain.py (b), bench_sft.py (c), bench_memory.py (d), bench_gpu.py (e), run by bench/gpu.py, bench_qlora.py (f), bench_dpo.py (g)),
 with its measurements and its part of RESULTS.md; bench_report.py renders RESULTS.md from the
 JSONs, and bench_common.py holds what they share.
 """
@@ -53,6 +55,7 @@ from pathlib import Path
 
 from bench_common import REPO, SECTIONS, load_results, machine, make_chat_set, matmul_peak_flops, save_result
 from bench_data import bench_chat_masking, bench_data
+from bench_dpo import bench_dpo
 from bench_memory import bench_memory
 from bench_pretrain import bare_loop_tokens_per_s, bench_training, hf_trainer_tokens_per_s
 from bench_qlora import bench_qlora
@@ -149,6 +152,8 @@ def main() -> None:
             save_result(results_dir, "memory", info, cases)
         if "qlora" in run:
             save_result(results_dir, "qlora", info, bench_qlora(corpus, work / "tok", work, repeats=args.repeats))
+        if "dpo" in run:
+            save_result(results_dir, "dpo", info, bench_dpo(corpus, work / "tok", work, repeats=args.repeats))
     write_report(output, load_results(results_dir), results_dir)
     print(f"wrote {output} from {results_dir}")
 

@@ -257,3 +257,21 @@ def test_bench_qlora_runs_and_renders(corpus, tokenizer_dir, tmp_path):
     text = "\n".join(render_qlora(result))
     assert "## (f) QLoRA on CPU" in text and "| QLoRA, NF4 base + 8-bit AdamW |" in text
     assert ("Targets, on the QLoRA rows" in text) == trl_available()
+
+
+def test_bench_dpo_runs_and_renders(corpus, tokenizer_dir, tmp_path):
+    """Section (g) on the tiny preset, one repeat of 2 timed steps: trainrig's DPO and, where TRL is
+    installed, its DPOTrainer on the same pairs; the report renders both rows and the targets."""
+    from bench_dpo import bench_dpo, render_dpo
+    from trl_sft import trl_available
+
+    result = bench_dpo(corpus, tokenizer_dir, tmp_path, preset="tiny", max_len=128, micro=2, steps=3, warmup=1, repeats=1, n_train=40)
+    t = result["trainrig"]
+    assert t["pairs_s"] > 0 and t["peak_gb"] > 0.3 and 0 <= t["eval_reward_accuracy"] <= 1 and t["reference_s"] > 0
+    assert t["whole_pairs_s"] < t["pairs_s"] * 3 / 2  # the reference pass and the first step are counted in it
+    if trl_available():
+        assert result["trl"]["pairs_s"] > 0 and result["trl"]["peak_rss_gb"] > 0.3
+        assert result["speed_ratio"] == t["pairs_s"] / result["trl"]["pairs_s"]
+    text = "\n".join(render_dpo(result))
+    assert "## (g) DPO on CPU" in text and "| trainrig `launch/dpo.py` |" in text
+    assert ("Targets: >= 1.5x TRL's pairs/s" in text) == trl_available()
