@@ -2,7 +2,7 @@
 (--loss_type sigmoid), IPO, hinge, SimPO or ORPO; full or LoRA (--lora_r > 0), QLoRA with --load_in_4bit.
 
 Runs unchanged under every launcher:
-    python launch/dpo.py --model_name_or_path outputs/sft/final --train_files data/pairs.jsonl
+    python launch/dpo.py --model_name_or_path outputs/sft/final/merged --train_files data/pairs.jsonl
     torchrun --nproc_per_node 2 launch/dpo.py --config ...
     deepspeed --num_gpus 4 launch/dpo.py --zero_stage 2 --config ...
 """

@@ -129,12 +129,18 @@ def test_label_smoothing_and_the_closed_forms():
     assert torch.allclose(loss, expected) and torch.allclose(chosen, torch.tensor([0.05, 0.1]))
     loss, _, _ = pair_losses(Objective("hinge", 0.5), policy, reference)
     assert torch.allclose(loss, torch.relu(1 - 0.5 * delta))
-    loss, _, _ = pair_losses(Objective("ipo", 0.5), policy, reference)
+    loss, chosen, rejected = pair_losses(Objective("ipo", 0.5), policy, reference)
     assert torch.allclose(loss, (torch.tensor([0.1 / 4 - 0.4 / 2, 0.2 / 3 + 1.4 / 6]) - 1.0) ** 2)
+    assert torch.allclose(chosen, 0.5 * torch.tensor([0.1 / 4, 0.2 / 3])) and torch.allclose(rejected, 0.5 * torch.tensor([0.4 / 2, -1.4 / 6]))
     loss, chosen, _ = pair_losses(Objective("orpo", 0.25), policy, None)
     a_c, a_r = torch.tensor([-1.0, -2.0]), torch.tensor([-2.5, -0.5])
     odds = lambda a: a - torch.log1p(-torch.exp(a))  # noqa: E731  log(p / (1 - p)) of p = exp(a)
     assert torch.allclose(loss, -a_c - 0.25 * F.logsigmoid(odds(a_c) - odds(a_r))) and torch.allclose(chosen, 0.25 * a_c)
+    # a memorised answer (average log-prob 0 in fp32) keeps ORPO's loss and gradient finite
+    avg = torch.tensor([0.0, -1e-8, -0.3, -5.0], requires_grad=True)
+    loss, _, _ = pair_losses(Objective("orpo", 0.25), PairLogps(avg, torch.full((4,), -2.0), torch.ones(4), torch.ones(4)), None)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(avg.grad).all()
     with pytest.raises(UsageError, match="--label_smoothing 0.1 is defined for --loss_type sigmoid or simpo, not ipo"):
         from trainers.preference import objective_from
 
@@ -276,12 +282,15 @@ def test_first_step_loss_of_a_run(loss_type, preference_pairs, sft_model_dir, to
 
 
 class OneProcess:
-    """The collectives compute_reference needs, for one process."""
+    """The collectives compute_reference and RewardTotals need, for one process."""
 
     device, world_size, rank, is_main = torch.device("cpu"), 1, 0, True
 
     def gather_objects(self, items):
         return list(items)
+
+    def all_reduce_sum(self, values):
+        return list(values)
 
 
 def test_the_precomputed_reference_equals_a_resident_reference(sft_model_dir, few_pairs):
@@ -337,6 +346,23 @@ def test_lora_reference_with_the_adapter_disabled_equals_the_precomputed_one(pre
     a, b = read_losses(tmp_path / "pre"), read_losses(tmp_path / "live")
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a) and a[4] < a[1]
     assert (tmp_path / "live" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_lora_adapter_directory_is_refused_naming_final_merged(preference_pairs, sft_model_dir, tmp_path, capsys):
+    adapter = tmp_path / "sft" / "final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        dpo_main(dpo_args(preference_pairs, adapter, tmp_path / "x"))
+    assert exit_info.value.code == 2 and "a LoRA adapter, not a whole model; pass the run's final/merged" in capsys.readouterr().err
+
+
+def test_reward_totals_leave_out_non_finite_pairs():
+    from trainers.preference import RewardTotals
+
+    totals = RewardTotals(torch.device("cpu"))
+    totals.add(torch.tensor([1.0, float("nan"), 0.5]), torch.tensor([0.0, 0.0, 1.0]))
+    assert totals.take(OneProcess()) == {"rewards/chosen": 0.75, "rewards/rejected": 0.5, "rewards/accuracy": 0.5, "rewards/margin": 0.25}
 
 
 def test_qlora_dpo_trains(preference_pairs, sft_model_dir, tmp_path):

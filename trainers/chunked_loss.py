@@ -161,15 +161,17 @@ class _LinearTokenLogps(torch.autograd.Function):
                 valid = y != IGNORE_INDEX
                 g = grad_out[start:start + rows].float() * valid
                 logits = (h @ w.t()).float()
-                # d logp / d logits = one_hot - softmax, built in the logits' own buffer
+                # d logp / d logits = one_hot - softmax (zero on ignored rows), built in the logits' own buffer
                 grad_logits = logits.sub_(logits.max(dim=-1, keepdim=True).values).exp_()
                 grad_logits.div_(grad_logits.sum(dim=-1, keepdim=True)).neg_()
                 grad_logits.scatter_add_(1, y.masked_fill(~valid, 0)[:, None], valid[:, None].float())
-                grad_logits.mul_(g[:, None])
+                grad_logits.mul_(valid[:, None])
                 if grad_hidden is not None:
-                    grad_hidden[start:start + rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+                    # the token's weight g is applied after the 16-bit matmul, in fp32: p x g (g small
+                    # under fp16's loss scale) would underflow in the 16-bit copy, one_hot - softmax does not
+                    grad_hidden[start:start + rows] = ((grad_logits.to(dtype) @ w).float() * g[:, None]).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.t(), h.float())
+                    grad_weight.addmm_(grad_logits.mul_(g[:, None]).t(), h.float())
                 del logits, grad_logits
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
 

@@ -114,19 +114,37 @@ def describe_preference_eval(figures: dict) -> str:
             f"margin {figures['eval_rewards/margin']:.4f} over {figures['eval_pairs']} pairs")
 
 
+def model_fingerprint(model_path: str) -> list[dict]:
+    """The starting model's files (path, size, mtime) as the cache key sees them: the local
+    directory, or for a hub id its snapshot in the local cache (whose path names the commit);
+    the id alone only where no snapshot can be found."""
+    local = Path(model_path)
+    if not local.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(model_path, local_files_only=True))
+        except Exception:  # noqa: BLE001  (no snapshot, or no huggingface_hub: the id is all there is)
+            return [{"hub_id": model_path}]
+    return fingerprint([local])
+
+
 def reference_table(runtime, model, pairs, what: str, settings: dict, model_path: str, cache_dir: str, batch_size: int,
                     collate, mask_dtype, chunked: bool, lora: bool) -> tuple[np.ndarray, dict]:
     """The reference log-probs of every pair of `pairs` (rows as in `pairs`), from the cache or
     computed now and cached (rank 0 writes; every rank gets rank 0's table); (table, facts)."""
-    local = Path(model_path)
-    model_files = fingerprint([local]) if local.exists() else [{"hub_id": model_path}]
-    key = reference_cache_key(pairs_digest(pairs), model_files, settings)
+    key = reference_cache_key(pairs_digest(pairs), model_fingerprint(model_path), settings)
     path = cache_root(cache_dir, "reference") / f"{key}.npy"
-    cached = runtime.broadcast_object(path.is_file() if runtime.is_main else None)
     start = time.perf_counter()
-    if cached:
-        table = runtime.broadcast_object(np.load(path) if runtime.is_main else None)
-    else:
+    table = None
+    if runtime.is_main and path.is_file():
+        try:
+            table = np.load(path)
+        except (OSError, ValueError) as err:  # unreadable: computed again below, on every rank
+            log.warning("reference cache %s unreadable (%s); computing the table again", path, err)
+    table = runtime.broadcast_object(table)
+    cached = table is not None
+    if not cached:
         switched_off = runtime.unwrap(model).disable_adapter() if lora else contextlib.nullcontext()
         with switched_off:
             table = compute_reference(runtime, model, PreferenceDataset(pairs, np.arange(len(pairs))), batch_size, collate, mask_dtype, chunked)
@@ -219,8 +237,12 @@ def train(run: Run) -> dict:
     reference = {"source": source}
     if objective.needs_reference and not live:
         # before fit() loads a checkpoint: the weights are still the starting model's
-        settings = {"precision": runtime.precision, "base_bits": base_bits(lora), "quant_type": lora.bnb_4bit_quant_type,
-                    "attention": attn, "chunked": chunked}
+        # everything that changes the reference's numerics: the weights' dtype (fp32 masters under autocast, a 16-bit
+        # LoRA base, DeepSpeed's 16-bit engine weights), the engine, quantization, attention kernel and head path
+        weights = runtime.unwrap(model).get_input_embeddings().weight.dtype
+        settings = {"precision": runtime.precision, "weights": str(weights), "strategy": runtime.strategy, "lora": lora.lora_r > 0,
+                    "base_bits": base_bits(lora), "quant_type": lora.bnb_4bit_quant_type, "double_quant": lora.bnb_4bit_use_double_quant,
+                    "attention": attn, "chunked": chunked, "compiled": facts["compiled_layers"]}
         table_args = (settings, m.model_name_or_path, d.data_cache_dir, eval_batch, collate, masks, chunked, lora.lora_r > 0)
         train_set.reference, reference["train"] = reference_table(runtime, model, pairs, "training", *table_args)
         if eval_set is not None:

@@ -38,6 +38,9 @@ def _check_model_dir(path: str, trust_remote_code: bool, flag: str) -> None:
     local = Path(path).expanduser()
     if local.exists():
         config = local / "config.json"
+        if not config.is_file() and (local / "adapter_config.json").is_file():
+            raise UsageError(f"{flag} {path}: a LoRA adapter, not a whole model; pass the run's final/merged (written with --merge_lora), "
+                             f"or merge the adapter into its base first")
         if not config.is_file():
             raise UsageError(f"{flag} {path}: not a model directory (no config.json); pass a directory written by save_pretrained, e.g. <output_dir>/final")
         try:

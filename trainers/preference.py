@@ -20,10 +20,12 @@ Every loss returns one value per pair; the stage sums them and divides by the gl
            plus lambda (--beta) times -log s(log odds(a_c) - log odds(a_r)), odds(p) = p / (1 - p)
            on the average log-probs. The NLL is each pair's mean over its tokens, then the mean
            over pairs (the paper's expectation); TRL's ORPOTrainer takes one mean over the batch's
-           tokens instead, which equals this for one pair, or answers of one length.
+           tokens and counts the prompt's tokens too, so the two agree only for a single pair
+           scored on its answer alone.
 Implicit rewards (logged as rewards/chosen, rewards/rejected; accuracy = share of pairs with
-chosen > rejected, margin = their mean difference): beta x log-ratio for the DPO family (as TRL
-logs them), beta x average log-prob for simpo and orpo (as TRL's CPO/ORPO trainers log them).
+chosen > rejected, margin = their mean difference): beta x log-ratio for sigmoid and hinge (as TRL
+logs them), beta x per-token log-ratio for ipo (the quantity its loss compares), beta x average
+log-prob for simpo and orpo (as TRL's CPO/ORPO trainers log them).
 """
 
 from __future__ import annotations
@@ -69,9 +71,17 @@ def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+LOG1MEXP_MAX = -1e-6  # an average log-prob of 0 (p = 1 in fp32: a memorised answer) would make log(1 - p) -inf
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, without cancellation at either end (Maechler 2012)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x < 0, without cancellation at either end (Maechler 2012). x is capped at
+    LOG1MEXP_MAX, and each branch is evaluated only on its own side of -log 2 (the other side gets
+    a harmless -1), so neither the unused branch's infinite derivative nor x = 0 puts a NaN in the
+    gradient."""
+    x = x.clamp(max=LOG1MEXP_MAX)
+    near = x > -math.log(2)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))), torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
 
 
 def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, weight: float) -> torch.Tensor:
@@ -134,6 +144,7 @@ def pair_losses(objective: Objective, policy: PairLogps, reference: tuple[torch.
         loss = sigmoid_loss(delta_c - delta_r, o.beta, o.label_smoothing)
     elif o.loss_type == "ipo":
         loss = ipo_loss(delta_c, delta_r, policy.chosen_tokens, policy.rejected_tokens, o.beta)
+        delta_c, delta_r = delta_c / policy.chosen_tokens.clamp(min=1), delta_r / policy.rejected_tokens.clamp(min=1)
     else:
         loss = hinge_loss(delta_c - delta_r, o.beta)
     return loss, o.beta * delta_c.detach(), o.beta * delta_r.detach()
@@ -175,9 +186,13 @@ class RewardTotals:
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     def add(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Only the pairs whose rewards are finite count: a NaN step (which the loop skips) leaves the
+        figures as they were. Masked, not indexed, so nothing waits for the device."""
         chosen, rejected = chosen.detach().double(), rejected.detach().double()
-        self.sums += torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).double().sum(),
-                                  (chosen - rejected).sum(), torch.tensor(float(len(chosen)), dtype=torch.float64, device=self.device)])
+        finite = torch.isfinite(chosen) & torch.isfinite(rejected)
+        chosen, rejected = chosen.where(finite, 0.0), rejected.where(finite, 0.0)
+        self.sums += torch.stack([chosen.sum(), rejected.sum(), ((chosen > rejected) & finite).double().sum(),
+                                  (chosen - rejected).sum(), finite.double().sum()])
 
     def take(self, runtime, prefix: str = "") -> dict:
         totals = runtime.all_reduce_sum(self.sums.tolist())
