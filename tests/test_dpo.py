@@ -382,3 +382,18 @@ def test_bad_settings_exit_2_naming_the_flag(flags, message, preference_pairs, s
     with pytest.raises(SystemExit) as exit_info:
         dpo_main(dpo_args(preference_pairs, sft_model_dir, tmp_path / "x", **flags))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inspect_dpo_marks_the_scored_answer_and_writes_what_training_reads(sft_model_dir, tokenizer_dir, tmp_path, capsys):
+    from launch.inspect_data import main as inspect_main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "It is 4.", "rejected": "It is 5."},
+                                                  {"prompt": "q", "chosen": "same", "rejected": "same"}])
+    out = tmp_path / "pairs_ids.jsonl"
+    stats = inspect_main(["dpo", "--model_name_or_path", str(sft_model_dir), "--train_files", str(data), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "[[It is 4.<|im_end|>]]" in printed and "[[It is 5.<|im_end|>]]" in printed  # only the answers are scored
+    assert "skipped 1 x identical_answers" in printed and stats["kept"] == 1
+    line = json.loads(out.read_text().splitlines()[0])
+    pairs, _ = encode_preferences([str(data)], "--train_files", tokenizer_at(tokenizer_dir), 2048)
+    assert line["chosen_input_ids"] == pairs[0].chosen.tolist() and line["rejected_labels"] == pairs[0].rejected_labels.tolist()
