@@ -68,6 +68,15 @@ def read_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+def assert_same_losses(reference: dict[int, float], out: Path, tolerance: float = 1e-5) -> None:
+    """The run in `out` logged the steps of `reference` and each step's loss within `tolerance`
+    (the multi-rank tests: a missing 1/world or an unsynced rank moves the loss 1e-3 or more)."""
+    got = read_losses(out)
+    assert sorted(got) == sorted(reference), (got, reference)
+    worst = max(abs(got[s] - reference[s]) for s in reference)
+    assert worst < tolerance, f"max |loss difference| {worst:.2e}\nsingle {reference}\nmulti  {got}"
+
+
 def free_port() -> int:
     """A free TCP port for a launcher's rendezvous (each test its own: no clash with a lingering one)."""
     with socket.socket() as s:

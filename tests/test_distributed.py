@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, free_port, pretrain_args, read_losses, run_launcher
+from conftest import VENV_BIN, assert_same_losses, free_port, pretrain_args, read_losses, run_launcher
 from launch.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,6 @@ def single_run(corpus, tokenizer_dir, tmp_path_factory):
     pretrain_main(pretrain_args(corpus, tokenizer_dir, out, per_device_train_batch_size=8, max_steps=STEPS))
     return read_losses(out)
 
-
-def assert_same_losses(reference: dict, out) -> None:
-    got = read_losses(out)
-    assert sorted(got) == sorted(reference), (got, reference)
-    worst = max(abs(got[s] - reference[s]) for s in reference)
-    assert worst < TOLERANCE, f"max |loss difference| {worst:.2e}\nsingle {reference}\nmulti  {got}"
 
 
 def script_args(corpus, tokenizer_dir, out, **kw):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import VENV_BIN, free_port, read_losses, run_launcher, sft_args
+from conftest import VENV_BIN, assert_same_losses, free_port, read_losses, run_launcher, sft_args
 from launch.sft import main as sft_main
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,6 @@ def single(chat_dir, sft_model_dir, tmp_path_factory):
     return refs
 
 
-def assert_same(reference, out):
-    got = read_losses(out)
-    assert sorted(got) == sorted(reference)
-    worst = max(abs(got[s] - reference[s]) for s in reference)
-    assert worst < TOLERANCE, f"max |loss difference| {worst:.2e}\nsingle {reference}\nmulti  {got}"
-
 
 def script(chat_dir, model_dir, out, **kw):
     return ["launch/sft.py", *args(chat_dir, model_dir, out, per_device_train_batch_size=2, **kw)]
@@ -49,14 +43,14 @@ def test_ddp_full(single, chat_dir, sft_model_dir, tmp_path):
     out = tmp_path / "ddp"
     run_launcher([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                   *script(chat_dir, sft_model_dir, out)])
-    assert_same(single["full"], out)
+    assert_same_losses(single["full"], out)
 
 
 def test_zero2_lora_deepspeed_launcher_and_resume(single, chat_dir, sft_model_dir, tmp_path):
     out = tmp_path / "zero2_lora"
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     run_launcher([*cmd, *script(chat_dir, sft_model_dir, out, lora_r=4, zero_stage=2, save_steps=3)])
-    assert_same(single["lora"], out)
+    assert_same_losses(single["lora"], out)
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
     # the engine's checkpoint holds only the trainable weights; resuming rebuilds the frozen base
@@ -79,7 +73,7 @@ def test_zero3_lora_accelerate_saves_a_loadable_adapter(single, chat_dir, sft_mo
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                   "--use_deepspeed", "--zero_stage", "3",
                   *script(chat_dir, sft_model_dir, out, lora_r=4, merge_lora=True, save_steps=STEPS)])
-    assert_same(single["lora_no_tokens"], out)  # CPU: trained without the chat-token rows (logged)
+    assert_same_losses(single["lora_no_tokens"], out)  # CPU: trained without the chat-token rows (logged)
     base = AutoModelForCausalLM.from_pretrained(sft_model_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, str(out / "final")).eval()
     assert all(p.numel() > 0 for n, p in adapted.named_parameters() if "lora_" in n)  # gathered, not empty shards
@@ -95,7 +89,7 @@ def test_zero3_full_deepspeed_launcher(single, chat_dir, sft_model_dir, tmp_path
     out = tmp_path / "zero3_full"
     run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                   *script(chat_dir, sft_model_dir, out, zero_stage=3)])
-    assert_same(single["full"], out)
+    assert_same_losses(single["full"], out)
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(p.numel() > 0 for p in model.parameters())
 
@@ -107,4 +101,4 @@ def test_zero3_dora(single, chat_dir, sft_model_dir, tmp_path):
     out = tmp_path / "zero3_dora"
     run_launcher([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                   *script(chat_dir, sft_model_dir, out, lora_r=4, use_dora=True, lora_train_chat_tokens=False, zero_stage=3)])
-    assert_same(single["dora"], out)
+    assert_same_losses(single["dora"], out)
