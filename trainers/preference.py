@@ -153,25 +153,21 @@ def pair_losses(objective: Objective, policy: PairLogps, reference: tuple[torch.
 # ---------------------------------------------------------------------------- the log-probs
 
 
-def sequence_logps(model, batch: dict, device, mask_dtype: torch.dtype | None, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each row's scored tokens, their count), fp32, for the 2B rows of a pair
-    batch. chunked: the model's head computes the token log-probs a chunk at a time
-    (trainers/chunked_loss.py); else from the model's whole logits."""
+def batch_logps(model, batch: dict, device, mask_dtype: torch.dtype | None, chunked: bool) -> PairLogps:
+    """Each pair's summed log-prob of its scored tokens and their count, fp32, from the 2B rows of
+    a pair batch (chosen first). chunked: the model's head computes the token log-probs a chunk at
+    a time (trainers/chunked_loss.py); else from the model's whole logits."""
     inputs = model_inputs({k: batch[k] for k in ("input_ids", "attention_mask")}, device, mask_dtype)
     labels = batch["labels"].to(device)
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t scores token t + 1
+    scored = shifted != IGNORE_INDEX
     if chunked:
         token_logps = model(**inputs, labels=labels, token_logps=True).token_logps
     else:
         logits = model(**inputs).logits.float()
         picked = logits.gather(2, shifted.clamp(min=0)[..., None]).squeeze(2)
-        token_logps = (picked - torch.logsumexp(logits, dim=-1)) * (shifted != IGNORE_INDEX)
-    return token_logps.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1).float()
-
-
-def batch_logps(model, batch: dict, device, mask_dtype, chunked: bool) -> PairLogps:
-    sums, counts = sequence_logps(model, batch, device, mask_dtype, chunked)
-    n = batch["pairs"]
+        token_logps = (picked - torch.logsumexp(logits, dim=-1)) * scored
+    sums, counts, n = token_logps.sum(dim=1), scored.sum(dim=1).float(), batch["pairs"]
     return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
 
 
