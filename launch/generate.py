@@ -13,16 +13,17 @@ from trainers.config import GenerateConfig, parse_config
 from trainers.errors import exit_on_usage_error
 
 
-def answer(model, tokenizer, messages: list[dict], args, stream) -> str:
-    """One assistant turn for `messages`, written to `stream` as it is generated."""
+def answer(model, renderer, messages: list[dict], args, stream) -> str:
+    """One assistant turn for `messages` (reasoning included), written to `stream` as it is generated."""
     import torch
     from transformers import GenerationConfig, TextStreamer
 
-    from trainers.evaluate import stop_token_ids
+    from trainers.evaluate import generation_prompt, stop_token_ids
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    tokenizer = renderer.tokenizer
+    ids = tokenizer(generation_prompt(renderer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {"do_sample": False}
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=stop_token_ids(renderer),
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                               **sampling)
 
@@ -41,6 +42,8 @@ def answer(model, tokenizer, messages: list[dict], args, stream) -> str:
 @exit_on_usage_error
 def main(argv: list[str] | None = None, stdin=None, stdout=None) -> list[str]:
     """Answers to --prompt, or to every line typed at the prompt; returns them."""
+    from trainers.data.templates import split_reasoning
+    from trainers.evaluate import prompter
     from trainers.models import load_for_inference
     from trainers.runtime import InferenceRuntime
 
@@ -48,10 +51,7 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> list[str]:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     runtime = InferenceRuntime(cfg.generate.precision)
     model, tokenizer = load_for_inference(cfg.model, runtime.device, runtime.dtype, runtime.precision)
-    if not getattr(tokenizer, "chat_template", None):
-        from trainers.data.chat import ensure_chat_template
-
-        ensure_chat_template(tokenizer)  # a tokenizer saved without one: trainrig trains in ChatML
+    renderer = prompter(tokenizer, cfg.generate.enable_thinking)  # a tokenizer saved without a template gets ChatML's, as in training
     history = [{"role": "system", "content": cfg.generate.system_prompt}] if cfg.generate.system_prompt else []
     answers = []
     interactive = not cfg.generate.prompt
@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> list[str]:
             stdout.write("model> ")
         else:
             history.append({"role": "user", "content": cfg.generate.prompt})
-        reply = answer(model, tokenizer, history, cfg.generate, stdout)
-        history.append({"role": "assistant", "content": reply})
+        reply = answer(model, renderer, history, cfg.generate, stdout)
+        final, reasoning = split_reasoning(reply, renderer.shape)  # the template decides whether later turns see the reasoning
+        history.append({"role": "assistant", "content": final, **({"reasoning_content": reasoning} if reasoning else {})})
         answers.append(reply)
         if not interactive:
             break

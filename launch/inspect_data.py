@@ -58,7 +58,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
-    from trainers.data.chat import ChatSettings, ensure_chat_template, prepare_chat, summary_lines
+    from trainers.data.chat import chat_settings, ensure_chat_template, prepare_chat, summary_lines
     from trainers.data.collate import batch_fill, collate_rows
     from trainers.models import tokenizer_for
     from trainers.sft import make_rows, row_sampler
@@ -69,7 +69,7 @@ def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
         raise UsageError("--model_name_or_path (or --tokenizer_name_or_path) is required: the tokenizer decides the tokens")
     tokenizer, flag = tokenizer_for(m)
     ensure_chat_template(tokenizer)
-    samples = prepare_chat(d.train_files, "--train_files", tokenizer, ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt),
+    samples = prepare_chat(d.train_files, "--train_files", tokenizer, chat_settings(d),
                            d.chat_format, d.strict, d.data_cache_dir, build=True, tokenizer_flag=flag)
     meta = samples.meta
     for i in range(min(num_samples, len(samples))):

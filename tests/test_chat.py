@@ -106,10 +106,17 @@ def tokenizer_text(tokenizer, encoded):
     return tokenizer.decode(encoded.input_ids)
 
 
-def test_not_chatml_template_and_missing_special_tokens_are_refused(tokenizer_dir, tmp_path):
+def test_templates_without_turn_tokens_or_a_generation_prompt_and_missing_special_tokens_are_refused(tokenizer_dir, tmp_path):
     tok = load(tokenizer_dir)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(UsageError, match="does not render ChatML"):
+    with pytest.raises(UsageError, match=r"writes no generation prompt \(add_generation_prompt\)"):
+        ChatRenderer(tok, ChatSettings(64))
+    tok.chat_template += "{% if add_generation_prompt %}[assistant] {% endif %}"
+    with pytest.raises(UsageError, match="no special token marks the turn, so it cannot be told from content"):
+        ChatRenderer(tok, ChatSettings(64))
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+    with pytest.raises(UsageError, match="no special token closes it, so the model could not learn to stop"):
         ChatRenderer(tok, ChatSettings(64))
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -154,7 +154,7 @@ class LoraConfig:
 
 @dataclass
 class ChatLoraConfig(LoraConfig):
-    lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of <|im_start|> and <|im_end|> (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
+    lora_train_chat_tokens: bool = opt(True, "With LoRA, also train the embedding rows of the chat template's turn tokens, <|im_start|> and <|im_end|> in ChatML (PEFT trainable_token_indices): base models often never saw them (Qwen2.5 and Llama-3 bases ship them untrained), and frozen they keep the model from learning where a turn ends.")
 
 
 @dataclass
@@ -180,6 +180,8 @@ class SFTDataConfig:
     packing: bool = opt(True, "Pack samples into --max_seq_length rows, padding-free (position_ids restart per sample); --no-packing pads length-grouped batches.")
     train_on: str = opt("all_assistant", "Which assistant turns carry loss: every one, or only the last of each conversation.", ("all_assistant", "last_assistant"))
     default_system_prompt: str = opt("", "System prompt for conversations without one (default: the one the tokenizer's chat template adds, if any).")
+    train_on_reasoning: str = opt("all", "Reasoning blocks (<think>...</think>, or reasoning_content) that the chat template renders: train them all, only the last assistant turn's, or none (the answer after them is trained). Reasoning the template drops (Qwen3: before the last user turn) is never trained.", ("all", "last", "none"))
+    enable_thinking: str = opt("template", "Passed to the chat template as enable_thinking where it reads it (Qwen3): true, false (the generation prompt then writes an empty <think> block, which is not trained), or template: its own default.", ("template", "true", "false"))
     strict: bool = opt(False, "Stop at the first bad sample (exit 2) instead of skipping and counting it.")
     data_cache_dir: str = opt("", "Directory for the encoded-sample caches (default: $TRAINRIG_CACHE/chat, $TRAINRIG_CACHE defaulting to ~/.cache/trainrig).")
 
@@ -279,7 +281,8 @@ class EvalModelConfig:
 class EvalDataConfig:
     eval_files: list[str] = opt(None, "Evaluation sets, each scored on its own: questions (chat records, whose last assistant turn is the reference, or QA records question/answer(s), prompt/response) by EM/F1; text (.txt, or records with --text_field) by perplexity.", factory=list)
     chat_format: str = opt("auto", "Record layout of the question files; auto decides per record (qa: question/answer or prompt/response fields).", ("auto", "messages", "sharegpt", "alpaca", "qa"))
-    max_new_tokens: int = opt(64, "Longest generated answer in tokens; generation stops earlier at <|im_end|> or EOS.", minimum=1)
+    max_new_tokens: int = opt(64, "Longest generated answer in tokens (reasoning included); generation stops earlier at the token ending a turn (<|im_end|>) or EOS.", minimum=1)
+    enable_thinking: str = opt("template", "Passed to the chat template as enable_thinking where it reads it (Qwen3): true, false (the generation prompt then writes an empty <think> block), or template: its own default.", ("template", "true", "false"))
     batch_size: int = opt(16, "Prompts per generation batch (left-padded), or blocks per perplexity batch, per rank.", minimum=1)
     max_samples: int = opt(0, "Evaluate only the first N questions of each file (0: all).", minimum=0)
     text_field: str = opt("text", "Field holding the document text in jsonl/parquet text files.")
@@ -300,7 +303,8 @@ class EvaluateConfig:
 class GenerateArgs:
     prompt: str = opt("", "The user message to answer; without it, an interactive chat on the terminal (an empty line or Ctrl-D ends it).")
     system_prompt: str = opt("", "A system message before the conversation (default: none, or the one the chat template adds).")
-    max_new_tokens: int = opt(256, "Longest answer in tokens; generation stops earlier at <|im_end|> or EOS.", minimum=1)
+    max_new_tokens: int = opt(256, "Longest answer in tokens (reasoning included); generation stops earlier at the token ending a turn (<|im_end|>) or EOS.", minimum=1)
+    enable_thinking: str = opt("template", "Passed to the chat template as enable_thinking where it reads it (Qwen3): true, false (the generation prompt then writes an empty <think> block), or template: its own default.", ("template", "true", "false"))
     temperature: float = opt(0.0, "0: greedy (the answer evaluation scores); above 0: sampling at this temperature.", minimum=0)
     top_p: float = opt(1.0, "Nucleus sampling: sample from the smallest token set with this much probability (with --temperature > 0).", minimum=0)
     seed: int = opt(0, "Seed for sampling.")

@@ -22,10 +22,11 @@ import torch
 from trainers.setup import setup_logging
 from trainers.step import evaluate_lm
 from trainers.config import EvaluateConfig
-from trainers.data.chat import IM_END
+from trainers.data.chat import ChatRenderer, ChatSettings
 from trainers.data.collate import collate_blocks
 from trainers.data.evalsets import Question, kind_of, read_questions
 from trainers.data.packing import prepare_blocks
+from trainers.data.templates import split_reasoning
 from trainers.data.sources import resolve_files
 from trainers.errors import UsageError, check_output_dir
 from trainers.metrics import best_over_references, exact_match, token_f1
@@ -57,26 +58,37 @@ def batch_plan(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """<|im_end|> ends an answer in ChatML; EOS ends one for a tokenizer whose template uses it."""
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if im_end is not None and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
+def prompter(tokenizer, enable_thinking: str = "template") -> ChatRenderer:
+    """The chat template's renderer for generation prompts: its shape says which token ends a turn
+    and how reasoning is marked; --enable_thinking is checked against the template here."""
+    return ChatRenderer(tokenizer, ChatSettings(max_seq_length=1, enable_thinking=enable_thinking))
+
+
+def generation_prompt(renderer: ChatRenderer, messages: list[dict], tools=None) -> str:
+    kwargs = {"tools": tools} if tools else {}
+    return renderer.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                                  **kwargs, **renderer.thinking)
+
+
+def stop_token_ids(renderer: ChatRenderer) -> list[int]:
+    """The token that ends an assistant turn in the chat template (<|im_end|> in ChatML), and EOS."""
+    tokenizer = renderer.tokenizer
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(renderer.shape.end)}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
 @torch.no_grad()
-def generate_answers(runtime, model, tokenizer, questions: list[Question], batch_size: int, max_new_tokens: int,
+def generate_answers(runtime, model, renderer: ChatRenderer, questions: list[Question], batch_size: int, max_new_tokens: int,
                      label: str) -> list[str]:
-    """Greedy answers to `questions`, in their order, on every rank."""
+    """Greedy turns (reasoning included) for `questions`, in their order, on every rank."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
-    prompts = [tokenizer.apply_chat_template(list(q.messages), add_generation_prompt=True, tokenize=False) for q in questions]
+    tokenizer = renderer.tokenizer
+    prompts = [generation_prompt(renderer, q.messages, q.tools) for q in questions]
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(renderer),
                               pad_token_id=pad_id)  # a fresh config: none of the model's sampling defaults
     mine = batch_plan([len(r) for r in rows], batch_size)[runtime.rank::runtime.world_size]
     bar = tqdm(total=sum(len(b) for b in mine), desc=label, unit="sample", disable=not (runtime.is_main and sys.stderr.isatty()))
@@ -92,10 +104,16 @@ def generate_answers(runtime, model, tokenizer, questions: list[Question], batch
     return [gathered[i] for i in range(len(questions))]
 
 
-def score(questions: list[Question], answers: list[str]) -> list[dict]:
-    return [{"where": q.where, "question": q.messages[-1]["content"], "prediction": a, "references": list(q.references),
-             "em": best_over_references(exact_match, a, list(q.references)),
-             "f1": best_over_references(token_f1, a, list(q.references))} for q, a in zip(questions, answers)]
+def score(questions: list[Question], turns: list[str], shape) -> list[dict]:
+    """EM/F1 of each generated turn's answer; its reasoning, if any, is kept beside it, unscored."""
+    scored = []
+    for q, turn in zip(questions, turns):
+        answer, reasoning = split_reasoning(turn, shape)
+        scored.append({"where": q.where, "question": q.messages[-1]["content"], "prediction": answer,
+                       **({"reasoning": reasoning} if reasoning else {}), "references": list(q.references),
+                       "em": best_over_references(exact_match, answer, list(q.references)),
+                       "f1": best_over_references(token_f1, answer, list(q.references))})
+    return scored
 
 
 def dataset_names(files: list[Path]) -> list[str]:
@@ -123,6 +141,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     # ------------------------------------------------------------------------- model
     model, tokenizer = load_for_inference(cfg.model, runtime.device, runtime.dtype, runtime.precision)
+    renderer = prompter(tokenizer, d.enable_thinking) if question_sets else None  # the chat template's prompts and stop token
     positions = getattr(model.config, "max_position_embeddings", None)
     if "text" in kinds and positions is not None and d.block_size > positions:
         raise UsageError(f"--block_size {d.block_size} exceeds the model's {positions} positions; use --block_size {positions} or less")
@@ -136,8 +155,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         start = time.perf_counter()
         if kind == "questions":
             questions = question_sets[path]
-            answers = generate_answers(runtime, model, tokenizer, questions, d.batch_size, d.max_new_tokens, name)
-            scored = score(questions, answers)
+            turns = generate_answers(runtime, model, renderer, questions, d.batch_size, d.max_new_tokens, name)
+            scored = score(questions, turns, renderer.shape)
             seconds = time.perf_counter() - start
             result = {"kind": "questions", "file": str(path), "n": len(scored),
                       "em": sum(s["em"] for s in scored) / len(scored), "f1": sum(s["f1"] for s in scored) / len(scored),

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from trainers import setup
 from trainers.attention import mask_dtype, row_layout
 from trainers.config import Run
-from trainers.data.chat import IM_END, IM_START, ChatSettings, ensure_chat_template, prepare_chat
+from trainers.data.chat import ChatRenderer, chat_settings, ensure_chat_template, prepare_chat
 from trainers.data.collate import ResumableSampler, batch_fill, collate_rows
 from trainers.data.packing import RowDataset, pack_rows
 from trainers.errors import UsageError
@@ -73,7 +73,7 @@ def train(run: Run) -> dict:
     # -------------------------------------------------------------------------- data
     tokenizer, tokenizer_flag = tokenizer_for(m)
     ensure_chat_template(tokenizer)
-    settings = ChatSettings(d.max_seq_length, d.train_on, d.default_system_prompt)
+    settings = chat_settings(d)
 
     def samples_for(patterns, flag):
         return runtime.main_first(lambda: prepare_chat(patterns, flag, tokenizer, settings, d.chat_format, d.strict,
@@ -108,7 +108,8 @@ def train(run: Run) -> dict:
     with runtime.model_init_context(sharded=True):
         model = build_model(m, model_config, tokenizer, attn, cfg.run.seed, **base_loading(lora, runtime.precision, runtime.device))
     if lora.lora_r > 0:
-        chat_tokens = tokenizer.convert_tokens_to_ids([IM_START, IM_END]) if lora.lora_train_chat_tokens else None
+        turn_tokens = ChatRenderer(tokenizer, settings, tokenizer_flag).shape.structure_tokens  # <|im_start|>, <|im_end|> in ChatML
+        chat_tokens = tokenizer.convert_tokens_to_ids(list(turn_tokens)) if lora.lora_train_chat_tokens else None
         if chat_tokens and runtime.zero_stage == 3 and runtime.device.type != "cuda":
             # peft 0.21 gathers the token rows under ZeRO-3 into a CUDA tensor; without a GPU it cannot
             log.warning("--lora_train_chat_tokens needs a GPU under ZeRO-3 (PEFT gathers the rows on CUDA); "

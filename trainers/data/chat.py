@@ -1,23 +1,30 @@
-"""Chat samples -> ChatML `input_ids` + `labels` with assistant-only loss, computed by trainrig.
+"""Chat samples -> `input_ids` + `labels` with assistant-only loss, rendered by the model's own
+chat template and masked exactly.
 
 Formats in (`--chat_format auto` decides per file from its first record):
-  messages   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}   (OpenAI style)
-  sharegpt   {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}]}
+  messages   {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}], "tools": [...]}  (OpenAI style)
+  sharegpt   {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": "..."}], "tools": ...}
   alpaca     {"instruction": "...", "input": "...", "output": "..."} (+ optional "system")
 
-Rendering is ChatML, `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn, which is what
-Qwen's chat template and tokenizer/train.py's produce. The whole rendered string is tokenised in
-one piece (so content starting with spaces or newlines, CJK and emoji tokenise exactly as the
-template's `apply_chat_template(tokenize=True)` would), and a token is trained when its character
-offsets overlap an assistant span: the assistant's content plus its closing `<|im_end|>`, so the
-model learns to stop. This is the rule HF uses for `{% generation %}` spans; here the spans come
-from the ChatML structure, so stock templates without those markers work too. A token can cross
-into a span only at its start (the header's "\\n" merged with content that starts with a newline);
-special tokens split everything else.
+An assistant turn may carry `reasoning_content` (also read from `reasoning` or `thinking`, or
+written in its content as <think>...</think>) and `tool_calls` (OpenAI form; JSON-string arguments
+are parsed); `tool` turns are results. A content may be a list of text parts, joined with newlines;
+image, audio and video parts are refused (multimodal training is not supported). `tools` (OpenAI
+function schemas, or a JSON string of them) go to the template.
 
-`ChatRenderer` checks once per tokenizer that its own chat template renders exactly this ChatML
-(adopting a default system prompt the template injects, as Qwen2.5's does), and again on the
-first samples of every file, so `input_ids` always equal the template's.
+Two ways to render, one result: the `input_ids` of `apply_chat_template(tokenize=True)`.
+- Plain ChatML conversations (system/user/assistant text only) under a template that renders
+  ChatML (Qwen2.5's, trainrig's own) are rendered here, `<|im_start|>{role}\n{content}<|im_end|>\n`
+  per turn, with the assistant spans known as they are written: the fast path, checked against
+  the template on the first samples of every file.
+- Everything else (any other template; tools, tool calls, tool results, reasoning) is rendered by
+  the template itself, and its assistant spans are found as trainers/data/templates.py describes.
+Either way the whole text is tokenised in one piece (content starting with spaces or newlines,
+CJK and emoji tokenise as the template's own route does), and a token is trained when its
+character offsets overlap an assistant span: what the model writes after the turn's header,
+through the special token that ends the turn, so it learns to stop. Reasoning blocks inside a span
+are trained or not by --train_on_reasoning; text the template drops (Qwen3 drops the reasoning of
+turns before the last user message) is never trained, and counted. Tool results are not trained.
 
 Every sample problem has a reason; the default is to skip and count it, `--strict` stops at the
 first one. Samples over `--max_seq_length` are cut only after a whole assistant turn, keeping at
@@ -50,17 +57,28 @@ CHATML_TEMPLATE = (
 )
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+PLAIN_ROLES = frozenset(ROLES)
+MESSAGE_ROLES = {r: r for r in ROLES + ("tool",)}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # what datasets call it; templates read reasoning_content
+MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
 
 # Why a sample is skipped (the key is what the summary and `trainrig inspect` print).
 REASONS = {
     "bad_json": "not valid JSON",
     "unknown_format": "no messages / conversations / instruction+output fields for this file's format",
     "malformed_turn": "a turn is not an object with role/content (from/value)",
-    "unknown_role": "a role other than system, user, assistant (sharegpt: system, human, gpt)",
-    "wrong_order": "turns not in the order [system] user assistant (user assistant)*",
-    "non_string_content": "a content that is not a string",
-    "empty_assistant": "an assistant turn with empty content",
+    "unknown_role": "a role other than system, user, assistant, tool (sharegpt: system, human, gpt, function_call, observation)",
+    "wrong_order": "turns not in the order [system] user assistant (user assistant)*, tool results aside, ending with assistant",
+    "non_string_content": "a content that is neither a string nor a list of text parts",
+    "multimodal_content": "an image, audio or video part: multimodal training is not supported",
+    "malformed_tools": "'tools' is not a list of function schemas (objects with a name)",
+    "malformed_tool_call": "a tool call without a function name, or with arguments that are not a JSON object",
+    "tool_result_without_call": "a tool result that does not follow an assistant turn's tool calls",
+    "unanswered_tool_call": "an assistant's tool calls not each followed by a tool result before the next turn",
+    "tools_not_rendered": "the sample has tools or tool calls, and the chat template does not render them",
+    "empty_assistant": "an assistant turn with empty content and no tool calls",
     "no_assistant_turn": "no assistant turn to train on",
     "special_token_in_content": "content contains a special token's text, e.g. <|im_end|> (it would forge a turn boundary or an EOS)",
     "too_long": "not even the first assistant turn fits in --max_seq_length",
@@ -73,6 +91,28 @@ class SampleError(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+@dataclass
+class Conversation:
+    """Validated turns (role, content and, where given, reasoning_content, tool_calls, name,
+    tool_call_id) and the record's tools (None when it has none)."""
+
+    messages: list
+    tools: list | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Only system/user/assistant text: what the ChatML fast path renders."""
+        return self.tools is None and plain_turns(self.messages)
+
+
+def plain_turns(messages: list[dict]) -> bool:
+    """Every turn is role + text content, and the role system, user or assistant."""
+    for m in messages:
+        if len(m) != 2 or m["role"] not in PLAIN_ROLES:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------- formats
@@ -91,8 +131,8 @@ def detect_format(record, where: str) -> str:
                      f"'conversations' (ShareGPT) or 'instruction'/'output' (Alpaca), or set --chat_format")
 
 
-def to_messages(record, chat_format: str) -> list[dict]:
-    """One record in `chat_format` -> [{"role", "content"}], validated (SampleError otherwise)."""
+def to_conversation(record, chat_format: str) -> Conversation:
+    """One record in `chat_format` -> a validated Conversation (SampleError otherwise)."""
     if not isinstance(record, dict):
         raise SampleError("unknown_format", f"a {type(record).__name__}, not a JSON object")
     if chat_format == "alpaca":
@@ -105,47 +145,151 @@ def to_messages(record, chat_format: str) -> list[dict]:
                     {"role": "assistant", "content": record["output"]}]
         if record.get("system"):
             messages.insert(0, {"role": "system", "content": record["system"]})
+        tools = None
     else:
         key = "messages" if chat_format == "messages" else "conversations"
         turns = record.get(key)
         if not isinstance(turns, list):
             raise SampleError("unknown_format", f"no '{key}' list (found {list(record)[:6]})")
         messages = [normalize_turn(t, i, chat_format) for i, t in enumerate(turns)]
+        tools = normalize_tools(record.get("tools"))
     validate_messages(messages)
-    return messages
+    return Conversation(messages, tools)
+
+
+def to_messages(record, chat_format: str) -> list[dict]:
+    """One record's validated turns (its tools aside)."""
+    return to_conversation(record, chat_format).messages
 
 
 def normalize_turn(turn, index: int, chat_format: str) -> dict:
-    """A turn of either style; ShareGPT files often use role/content too, and vice versa."""
+    """A turn of either style (ShareGPT files often use role/content too, and vice versa), with
+    its content joined to a string and its reasoning and tool calls in the form templates read."""
     if not isinstance(turn, dict):
         raise SampleError("malformed_turn", f"turn {index} is a {type(turn).__name__}, not an object")
-    if "role" in turn and "content" in turn:
-        role, content = turn["role"], turn["content"]
+    if "role" in turn and ("content" in turn or "tool_calls" in turn):
+        role, content = turn["role"], turn.get("content")
     elif "from" in turn and "value" in turn:
         role, content = turn["from"], turn["value"]
     else:
         raise SampleError("malformed_turn", f"turn {index} has no role/content (or from/value): {list(turn)[:4]}")
-    names = SHAREGPT_ROLES if chat_format == "sharegpt" or "from" in turn else {r: r for r in ROLES}
+    names = SHAREGPT_ROLES if chat_format == "sharegpt" or "from" in turn else MESSAGE_ROLES
     if role not in names:
         raise SampleError("unknown_role", f"turn {index} has role {role!r}; use one of {', '.join(names)}")
-    return {"role": names[role], "content": content}
+    if role == "function_call":  # ShareGPT's tool call turn: its value is the call(s) as JSON
+        return {"role": "assistant", "content": "", "tool_calls": normalize_tool_calls(_json_value(content, index), index)}
+    message = {"role": names[role], "content": _text(content, index, names[role], "tool_calls" in turn)}
+    if message["role"] == "assistant":
+        reasoning = next((turn[k] for k in REASONING_KEYS if turn.get(k) is not None), None)
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise SampleError("non_string_content", f"turn {index} (assistant) reasoning is {type(reasoning).__name__}, not a string")
+            if reasoning.strip():
+                message["reasoning_content"] = reasoning
+        if turn.get("tool_calls"):
+            message["tool_calls"] = normalize_tool_calls(turn["tool_calls"], index)
+    elif message["role"] == "tool":
+        for key in ("name", "tool_call_id"):
+            if isinstance(turn.get(key), str):
+                message[key] = turn[key]
+    return message
+
+
+def _text(content, index: int, role: str, has_calls: bool) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and has_calls:
+        return ""  # OpenAI's assistant turn that only calls tools
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            kind = part.get("type", "text")
+            if kind in MEDIA_PARTS or any(k in part for k in MEDIA_PARTS):
+                raise SampleError("multimodal_content", f"turn {index} ({role}) has a {kind!r} part; only text is supported")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise SampleError("non_string_content", f"turn {index} ({role}) has a part {list(part)[:3]} that is not text")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise SampleError("non_string_content", f"turn {index} ({role}) content is {type(content).__name__}, not a string or text parts")
+
+
+def _json_value(value, index: int):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise SampleError("malformed_tool_call", f"turn {index}: {value[:60]!r} is not JSON") from None
+    return value
+
+
+def normalize_tool_calls(calls, index: int) -> list[dict]:
+    """[{"type": "function", "function": {"name", "arguments": {...}}}]: the form HF documents
+    for templates; bare {"name", "arguments"} calls are wrapped, JSON-string arguments parsed."""
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise SampleError("malformed_tool_call", f"turn {index}: a tool call without a function name ({str(call)[:60]})")
+        arguments = _json_value(function.get("arguments", function.get("parameters", {})), index)
+        if not isinstance(arguments, dict):
+            raise SampleError("malformed_tool_call", f"turn {index}: {name}'s arguments are not a JSON object")
+        normalized = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            normalized["id"] = call["id"]
+        out.append(normalized)
+    return out
+
+
+def normalize_tools(tools) -> list[dict] | None:
+    """A record's tools as OpenAI function schemas ({"type": "function", "function": {...}}), or None."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise SampleError("malformed_tools", f"'tools' is a string that is not JSON: {tools[:60]!r}") from None
+    if not isinstance(tools, list):
+        raise SampleError("malformed_tools", f"'tools' is a {type(tools).__name__}, not a list")
+    out = []
+    for tool in tools:
+        schema = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise SampleError("malformed_tools", f"a tool without a name: {str(tool)[:60]}")
+        out.append({"type": "function", "function": schema})
+    return out or None
 
 
 def validate_messages(messages: list[dict]) -> None:
-    """[system] user assistant (user assistant)*, string contents, no empty assistant turn."""
-    for i, m in enumerate(messages):
-        if not isinstance(m["content"], str):
-            raise SampleError("non_string_content", f"turn {i} ({m['role']}) content is {type(m['content']).__name__}, not a string")
+    """[system] user assistant (user assistant)*, where an assistant turn with k tool calls is
+    followed by k tool results and then by the assistant's next turn; the last turn is the
+    assistant's; no empty assistant turn."""
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         raise SampleError("no_assistant_turn", f"roles {roles}: no assistant turn")
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(body) // 2 + 1)
-    if body != expected[:len(body)] or len(body) % 2:
-        raise SampleError("wrong_order", f"roles {roles}; expected [system] user assistant (user assistant)..., ending with assistant")
+    order = f"roles {roles}; expected [system] user assistant (user assistant)..., ending with assistant"
+    previous, pending = None, 0  # the role before, and tool calls still awaiting their results
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise SampleError("empty_assistant", f"turn {i} (assistant) is empty")
+        role = m["role"]
+        if role == "tool":
+            if not pending:
+                raise SampleError("tool_result_without_call", f"turn {i} is a tool result with no tool call before it awaiting one")
+            pending -= 1
+        elif pending:
+            raise SampleError("unanswered_tool_call", f"turn {i} ({role}) comes while {pending} tool call(s) of the assistant "
+                                                      f"turn before have no result")
+        elif role == "system" and i or role == "user" and previous not in (None, "system", "assistant") \
+                or role == "assistant" and previous not in ("user", "tool"):
+            raise SampleError("wrong_order", order)
+        if role == "assistant":
+            pending = len(m.get("tool_calls", ()))
+            if not m["content"].strip() and not pending:
+                raise SampleError("empty_assistant", f"turn {i} (assistant) is empty")
+        previous = role
+    if previous != "assistant":
+        raise SampleError("wrong_order", order)
 
 
 # ------------------------------------------------------------------------------ records
@@ -209,11 +353,25 @@ def trained_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarra
     return mask
 
 
+TRAIN_ON_REASONING = ("all", "last", "none")
+
+
 @dataclass
 class ChatSettings:
     max_seq_length: int
     train_on: str = "all_assistant"  # or last_assistant
     default_system_prompt: str = ""
+    train_on_reasoning: str = "all"  # reasoning blocks the template renders: all, the last assistant turn's, none
+    enable_thinking: str = "template"  # "template": its own default; "true"/"false": passed to it as enable_thinking
+
+    def thinking(self) -> dict:
+        """The template keyword for enable_thinking ({} to leave the template's default)."""
+        return {} if self.enable_thinking == "template" else {"enable_thinking": self.enable_thinking == "true"}
+
+
+def chat_settings(data) -> ChatSettings:
+    """The ChatSettings of an SFT data config (SFTDataConfig)."""
+    return ChatSettings(data.max_seq_length, data.train_on, data.default_system_prompt, data.train_on_reasoning, data.enable_thinking)
 
 
 @dataclass
@@ -221,82 +379,159 @@ class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where untrained (unshifted: the model shifts)
     truncated: bool
+    notes: Counter | None = None  # turns by kind (NOTE_LINES' keys), for the summary; None: plain text turns only
+
+
+# What the summary says about the turns of the kept samples (Encoded.notes' keys).
+NOTE_LINES = {
+    "reasoning_trained": "assistant turns with their reasoning trained",
+    "reasoning_context": "with their reasoning rendered but not trained (--train_on_reasoning)",
+    "reasoning_dropped": "whose reasoning the chat template does not render (never trained; Qwen3's keeps only the turns after the last user message)",
+    "tool_calls": "assistant turns with tool calls (trained)",
+    "tool_results": "tool results (never trained)",
+}
 
 
 class ChatRenderer:
-    """Renders ChatML for one tokenizer and turns batches of conversations into ids and labels."""
+    """Renders conversations for one tokenizer's chat template and turns batches of them into ids
+    and labels (the module docstring says how)."""
 
     def __init__(self, tokenizer, settings: ChatSettings, tokenizer_flag: str = "--model_name_or_path"):
-        self.tokenizer, self.settings = tokenizer, settings
-        vocab = tokenizer.get_vocab()
+        from trainers.data.templates import template_shape
+
+        self.tokenizer, self.settings, self.flag = tokenizer, settings, tokenizer_flag
         specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-        missing = [t for t in (IM_START, IM_END) if t not in vocab or t not in specials]
-        if missing:
-            named = f"{tokenizer_flag} {tokenizer.name_or_path}" if getattr(tokenizer, "name_or_path", "") else tokenizer_flag
-            raise UsageError(f"{named}: the tokenizer has no special token {' '.join(missing)}; SFT renders ChatML. "
-                             f"Use a ChatML tokenizer (Qwen's, or one from tokenizer/train.py), or add them as special tokens")
-        self.system_prompt = settings.default_system_prompt or self._template_default_system()
         # the tokenizer turns these texts into special tokens wherever they appear
         self._specials = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        ensure_chat_template(tokenizer)
+        self.thinking = settings.thinking()
+        if self.thinking and "enable_thinking" not in tokenizer.chat_template:
+            raise UsageError(f"--enable_thinking {settings.enable_thinking}: the chat template of {tokenizer_flag} "
+                             f"{getattr(tokenizer, 'name_or_path', '')} does not read enable_thinking; drop the flag")
+        template_system = self._chatml_default_system()
+        self.chatml = template_system is not None and not self.thinking  # the fast path renders these
+        if self.chatml:
+            vocab = tokenizer.get_vocab()
+            missing = [t for t in (IM_START, IM_END) if t not in vocab or t not in specials]
+            if missing:
+                raise UsageError(f"{tokenizer_flag} {getattr(tokenizer, 'name_or_path', '')}: the tokenizer has no special "
+                                 f"token {' '.join(missing)}, which its ChatML template writes; add them as special tokens "
+                                 f"(tokenizer/train.py's tokenizers have them)")
+        self.shape = template_shape(tokenizer, self._specials, self.thinking, tokenizer_flag)
+        # the fast path writes the template's default system prompt itself; the template path lets the template do it
+        self.system_prompt = settings.default_system_prompt or (template_system or "")
 
-    def check_content(self, messages: list[dict]) -> None:
+    def check_content(self, conversation: Conversation | list[dict]) -> None:
+        """Special-token text anywhere the sample's own text goes: content, reasoning, tool calls, tools."""
+        messages, tools = (conversation.messages, conversation.tools) if isinstance(conversation, Conversation) else (conversation, None)
         for i, m in enumerate(messages):
-            found = self._specials.search(m["content"])
+            for key, value in m.items():
+                if key == "role":
+                    continue
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                found = self._specials.search(text)
+                if found:
+                    raise SampleError("special_token_in_content", f"turn {i} ({m['role']}) {key} contains {found.group()!r}")
+        if tools:
+            found = self._specials.search(json.dumps(tools, ensure_ascii=False))
             if found:
-                raise SampleError("special_token_in_content", f"turn {i} ({m['role']}) contains {found.group()!r}")
+                raise SampleError("special_token_in_content", f"'tools' contains {found.group()!r}")
+        if tools and not self.shape.renders_tools or not self.shape.renders_tool_calls and any("tool_calls" in m for m in messages):
+            raise SampleError("tools_not_rendered", "the sample has tools or tool calls, and the chat template of "
+                                                    f"{self.flag} drops them; use a template with tool support (e.g. Qwen2.5's)")
 
-    def _template_default_system(self) -> str:
-        """The system prompt the tokenizer's chat template adds when a conversation has none
-        ("" if none); raises if the template does not render plain ChatML at all."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            return ""
+    def _chatml_default_system(self) -> str | None:
+        """The system prompt the template adds to a plain ChatML conversation without one ("" if
+        none), or None if the template does not render plain ChatML."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        rendered = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        try:
+            rendered = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:
+            return None  # template_shape reports why
         plain = render_chatml(probe)[0]
         if rendered == plain:
             return ""
         prefix = f"{IM_START}system\n"
         if rendered.startswith(prefix) and rendered.endswith(plain):
             system = rendered[len(prefix):-len(plain)]
-            if system.endswith(f"{IM_END}\n"):
+            if system.endswith(f"{IM_END}\n") and IM_END not in system[:-len(IM_END) - 1]:
                 return system[:-len(IM_END) - 1]
-        raise UsageError(f"the tokenizer's chat template does not render ChatML (<|im_start|>role\\ncontent<|im_end|>\\n): it gives "
-                         f"{rendered[:120]!r}; use a ChatML tokenizer, or remove chat_template from its tokenizer_config.json")
+        return None
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt and messages[0]["role"] != "system":
             return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 
-    def check_against_template(self, messages: list[dict], where: str) -> None:
-        """The rendering must equal the tokenizer's own template output for this conversation."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return
-        conversation = self.with_system(messages)  # an added default system prompt is part of it
-        ours = render_chatml(conversation)[0]
-        theirs = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+    def fast(self, conversation: Conversation | list[dict]) -> bool:
+        """Whether the ChatML fast path renders this conversation (a list: turns without tools)."""
+        if isinstance(conversation, list):
+            return self.chatml and plain_turns(conversation)
+        return self.chatml and conversation.plain
+
+    def check_against_template(self, conversation: Conversation, where: str) -> bool:
+        """The fast path's rendering must equal the tokenizer's own template output (the template
+        path is that output); True when a comparison was made."""
+        if not self.fast(conversation):
+            return False
+        messages = self.with_system(conversation.messages)  # an added default system prompt is part of it
+        ours = render_chatml(messages)[0]
+        theirs = self.tokenizer.apply_chat_template(messages, tokenize=False)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             raise UsageError(f"{where}: the tokenizer's chat template renders this sample differently from ChatML at character "
-                             f"{at} ({theirs[max(0, at - 20):at + 40]!r}); use a plain ChatML template")
+                             f"{at} ({theirs[max(0, at - 20):at + 40]!r}); trainrig takes a template for ChatML when it renders "
+                             f"a plain exchange as ChatML, so this one must be fixed (or made to differ on every exchange)")
+        return True
 
-    def encode_batch(self, conversations: list[list[dict]]) -> list[Encoded | SampleError]:
-        """Conversations (validated) -> Encoded, or a SampleError("too_long") for each."""
-        rendered = [render_chatml(self.with_system(m)) for m in conversations]
+    def render(self, conversation: Conversation, where: str = "this sample"):
+        """(text, assistant spans, cuts, reasoning blocks, notes) for one conversation; the fast
+        path gives no cuts (ChatML's: one past each span), blocks or notes (None)."""
+        from trainers.data.templates import render_conversation
+
+        if self.fast(conversation):  # cuts and notes are derived only where needed: this path is the bench's (a)
+            text, spans, _ = render_chatml(self.with_system(conversation if isinstance(conversation, list) else conversation.messages))
+            return text, spans, None, None, None
+        if isinstance(conversation, list):
+            conversation = Conversation(conversation)
+        messages = conversation.messages
+        if self.settings.default_system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.settings.default_system_prompt}] + messages
+        rendered = render_conversation(self.tokenizer, self.shape, messages, conversation.tools, self.thinking, where)
+        notes, spans = Counter(), list(rendered.spans)
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        last = len(spans) - 1
+        for k, (m, block) in enumerate(zip(assistants, rendered.reasoning)):
+            notes["tool_calls"] += "tool_calls" in m
+            written = m.get("reasoning_content") or (self.shape.think_close in m["content"] and m["content"])
+            if block and block[2]:
+                keep = self.settings.train_on_reasoning == "all" or self.settings.train_on_reasoning == "last" and k == last
+                notes["reasoning_trained" if keep else "reasoning_context"] += 1
+            elif written:
+                notes["reasoning_dropped"] += 1
+            if block and not (self.settings.train_on_reasoning == "all" or self.settings.train_on_reasoning == "last" and k == last):
+                spans[k] = (block[1], spans[k][1])  # the block is context: train from the answer on
+        notes["tool_results"] += sum(m["role"] == "tool" for m in messages)
+        return rendered.text, spans, rendered.cuts, rendered.reasoning, +notes
+
+    def encode_batch(self, conversations: list, wheres: list[str] | None = None) -> list[Encoded | SampleError]:
+        """Conversations (validated; a Conversation or a list of turns) -> Encoded, or a
+        SampleError("too_long") for each; `wheres` name them in a template error."""
+        rendered = [self.render(c, w) for c, w in zip(conversations, wheres or ["this sample"] * len(conversations))]
         encodings = self.tokenizer.backend_tokenizer.encode_batch([r[0] for r in rendered], add_special_tokens=False)
-        return [self._labelled(enc, spans, ends) for enc, (_, spans, ends) in zip(encodings, rendered)]
+        return [self._labelled(enc, spans, cuts, notes) for enc, (_, spans, cuts, _, notes) in zip(encodings, rendered)]
 
-    def _labelled(self, encoding, spans, turn_ends) -> Encoded | SampleError:
+    def _labelled(self, encoding, spans, cuts, notes) -> Encoded | SampleError:
         ids = np.asarray(encoding.ids, dtype=np.int32)
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         limit, truncated = len(ids), False
         if len(ids) > self.settings.max_seq_length:
-            # cut after the last whole assistant turn that fits (its "\n" included)
-            cuts = [int(np.searchsorted(offsets[:, 1], span_end + 1, side="right")) for _, span_end in spans]
-            fitting = [c for c in cuts if c <= self.settings.max_seq_length]
+            # cut after the last whole assistant turn that fits (what the template writes after its end token included)
+            cuts = cuts or [end + 1 for _, end in spans]  # ChatML's fast path: the "\n" after <|im_end|>
+            ends = [int(np.searchsorted(offsets[:, 1], cut, side="right")) for cut in cuts]
+            fitting = [c for c in ends if c <= self.settings.max_seq_length]
             if not fitting:
-                return SampleError("too_long", f"{len(ids)} tokens; the first assistant turn ends at token {cuts[0]}, "
+                return SampleError("too_long", f"{len(ids)} tokens; the first assistant turn ends at token {ends[0]}, "
                                                f"beyond --max_seq_length {self.settings.max_seq_length}")
             limit, truncated = fitting[-1], True
             spans = spans[:len(fitting)]
@@ -304,7 +539,7 @@ class ChatRenderer:
             spans = spans[-1:]
         ids, offsets = ids[:limit], offsets[:limit]
         labels = np.where(trained_mask(offsets, spans), ids, IGNORE_INDEX).astype(np.int32)
-        return Encoded(ids, labels, truncated)
+        return Encoded(ids, labels, truncated, notes)
 
 
 # ------------------------------------------------------------------------------- a whole set
@@ -322,6 +557,7 @@ class ChatStats:
     skipped: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)  # [{"reason", "where", "detail"}], first 3 per reason
     formats: dict = field(default_factory=dict)  # file -> format
+    notes: Counter = field(default_factory=Counter)  # turns of the kept samples by kind (NOTE_LINES' keys)
 
     def skip(self, reason: str, where: str, detail: str) -> None:
         self.skipped[reason] += 1
@@ -331,7 +567,7 @@ class ChatStats:
     def to_dict(self) -> dict:
         return {"read": self.read, "kept": self.kept, "truncated": self.truncated, "tokens": self.tokens,
                 "trained_tokens": self.trained_tokens, "skipped": dict(self.skipped), "examples": self.examples,
-                "formats": self.formats}
+                "formats": self.formats, "notes": dict(self.notes)}
 
 
 def summary_lines(stats: dict) -> list[str]:
@@ -343,6 +579,9 @@ def summary_lines(stats: dict) -> list[str]:
     for reason, count in sorted(stats["skipped"].items(), key=lambda kv: -kv[1]):
         places = ", ".join(e["where"] for e in stats["examples"] if e["reason"] == reason)
         lines.append(f"  skipped {count} x {reason} ({REASONS[reason]}): first at {places}")
+    for key, text in NOTE_LINES.items():
+        if stats.get("notes", {}).get(key):
+            lines.append(f"  {stats['notes'][key]:,} {text}")
     return lines
 
 
@@ -360,10 +599,10 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
             raise UsageError(STRICT_MESSAGE.format(where=where, detail=err, reason=err.reason))
         stats.skip(err.reason, where, str(err))
 
-    pending: list[tuple[str, list[dict]]] = []
+    pending: list[tuple[str, Conversation]] = []
 
     def flush():
-        results = renderer.encode_batch([m for _, m in pending])
+        results = renderer.encode_batch([c for _, c in pending], [w for w, _ in pending])
         for (where, _), result in zip(pending, results):
             if isinstance(result, SampleError):
                 problem(where, result)
@@ -372,6 +611,8 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
             stats.truncated += result.truncated
             stats.tokens += len(result.input_ids)
             stats.trained_tokens += int((result.labels[1:] != IGNORE_INDEX).sum())
+            if result.notes:
+                stats.notes.update(result.notes)
             yield where, result
         pending.clear()
 
@@ -387,15 +628,14 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
                 file_format = detect_format(record, where)
             stats.formats[str(path)] = file_format
             try:
-                messages = to_messages(record, file_format)
-                renderer.check_content(messages)
+                conversation = to_conversation(record, file_format)
+                renderer.check_content(conversation)
             except SampleError as err:
                 problem(where, err)
                 continue
             if checked < CHECKED_PER_FILE:
-                renderer.check_against_template(messages, where)
-                checked += 1
-            pending.append((where, messages))
+                checked += renderer.check_against_template(conversation, where)
+            pending.append((where, conversation))
             if len(pending) == batch_size:
                 yield from flush()
     if pending:
@@ -404,7 +644,7 @@ def iter_encoded(files: list[Path], chat_format: str, renderer: ChatRenderer, st
 
 # ------------------------------------------------------------------------------- the cache
 
-CHAT_CACHE_VERSION = 1  # bump when rendering or masking changes, so old caches are not reused
+CHAT_CACHE_VERSION = 2  # bump when rendering or masking changes, so old caches are not reused
 SAMPLES_FILE = "samples.arrow"
 
 

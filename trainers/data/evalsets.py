@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.data.chat import SampleError, detect_format, iter_records, to_messages
+from trainers.data.chat import SampleError, detect_format, iter_records, to_conversation
 from trainers.errors import UsageError
 
 QA_FIELDS = (("question", "answers"), ("question", "answer"), ("prompt", "response"), ("prompt", "completion"),
@@ -27,6 +27,7 @@ class Question:
     where: str  # file:line, for messages and predictions.jsonl
     messages: tuple  # the prompt: [system] user (assistant user)*
     references: tuple  # acceptable answers (SQuAD-style sets may have several)
+    tools: list | None = None  # the record's tools, for the chat template
 
 
 def _qa_fields(record) -> tuple[str, str] | None:
@@ -75,10 +76,14 @@ def question_from(record, chat_format: str, where: str) -> Question:
     if chat_format == "qa":
         raise UsageError(f"{where}: --chat_format qa needs one of the field pairs {', '.join('/'.join(p) for p in QA_FIELDS)}")
     try:
-        messages = to_messages(record, detect_format(record, where) if chat_format == "auto" else chat_format)
+        conversation = to_conversation(record, detect_format(record, where) if chat_format == "auto" else chat_format)
     except SampleError as err:
         raise UsageError(f"{where}: {err} ({err.reason}); fix the sample") from None
-    return Question(where, tuple(messages[:-1]), (messages[-1]["content"],))  # to_messages ends on an assistant turn
+    *prompt, last = conversation.messages  # a conversation ends on an assistant turn: its answer is the reference
+    if last.get("tool_calls") or not last["content"].strip():
+        raise UsageError(f"{where}: the last assistant turn has no text answer to score (tool calls are not scored); "
+                         f"end the conversation with the answer")
+    return Question(where, tuple(prompt), (last["content"],), conversation.tools)
 
 
 def read_questions(path: Path, chat_format: str, max_samples: int = 0) -> list[Question]:

@@ -10,9 +10,9 @@ context, rendered with the tokenizer's chat template, so the reward model scores
 format the SFT model writes. A pair whose longer side exceeds --max_seq_length is dropped and
 counted; a malformed record stops with its file:line (exit 2).
 
-For DPO (encode_preferences) each side is rendered by SFT's ChatML renderer
-(trainers/data/chat.py) with labels on the answer alone: its content and closing <|im_end|>, the
-prompt masked. A pair too long for --max_seq_length first loses its earliest context exchanges
+For DPO (encode_preferences) each side is rendered by SFT's renderer (trainers/data/chat.py: the
+model's own chat template) with labels on the answer alone: what the template writes for it
+through the token that ends the turn (<|im_end|> in ChatML), the prompt masked. A pair too long for --max_seq_length first loses its earliest context exchanges
 (whole user/assistant turns; the system prompt and the last user turn stay), and is skipped,
 counted with its place, only when that is not enough. Special-token text in content and
 identical answers are skipped and counted the same way.
@@ -137,6 +137,7 @@ PAIR_REASONS = {
     "too_long": "longer than --max_seq_length even with only the system prompt and the last user turn of its context",
     "identical_answers": "chosen and rejected render to the same tokens: no preference to learn",
     "special_token_in_content": "content contains a special token's text, e.g. <|im_end|> (it would forge a turn boundary or an EOS)",
+    "tools_not_rendered": "the context has tool calls, and the chat template does not render them",
 }
 CHECKED_PER_FILE = 8  # pairs per file whose rendering is compared with the tokenizer's own apply_chat_template
 
@@ -156,17 +157,19 @@ class PreferencePair:
 
 
 def _scored(encoded) -> tuple[np.ndarray, np.ndarray]:
-    """ids and labels up to the last scored token (the answer's <|im_end|>): what follows it (the
-    turn's "\\n") is never scored, so it is not run either."""
+    """ids and labels up to the last scored token (the token ending the answer's turn, e.g.
+    <|im_end|>): what follows it (ChatML's "\\n") is never scored, so it is not run either."""
     end = int(np.nonzero(encoded.labels != IGNORE_INDEX)[0][-1]) + 1
     return encoded.input_ids[:end], encoded.labels[:end]
 
 
-def _droppable(context: list[dict]) -> int:
-    """Index of the first turn that may be dropped from a context ([system] user (assistant user)*):
-    its earliest user/assistant exchange, keeping the system prompt and the last user turn."""
+def _droppable(context: list[dict]) -> tuple[int, int] | None:
+    """The turns [start, stop) that may be dropped from a context ([system] user (assistant user)*,
+    tool calls and results inside an exchange): its earliest exchange, from its user turn to the
+    next one, keeping the system prompt and the last user turn; None when only those are left."""
     first = 1 if context[0]["role"] == "system" else 0
-    return first if len(context) - first >= 3 else -1
+    users = [i for i, m in enumerate(context) if m["role"] == "user"]
+    return (first, users[1]) if len(users) > 1 else None
 
 
 def encode_preferences(patterns: list[str], flag: str, tokenizer, max_seq_length: int, default_system_prompt: str = "",
@@ -177,7 +180,7 @@ def encode_preferences(patterns: list[str], flag: str, tokenizer, max_seq_length
     with its place) when even its last user turn with the answers does not."""
     import sys
 
-    from trainers.data.chat import ChatRenderer, ChatSettings, ChatStats
+    from trainers.data.chat import ChatRenderer, ChatSettings, ChatStats, Conversation
 
     # the renderer labels the last assistant turn and cuts nothing: the fitting is done here, by whole turns
     renderer = ChatRenderer(tokenizer, ChatSettings(sys.maxsize, "last_assistant", default_system_prompt), tokenizer_flag)
@@ -196,16 +199,16 @@ def encode_preferences(patterns: list[str], flag: str, tokenizer, max_seq_length
                 stats.skip(err.reason, where, str(err))
                 continue
             if checked < CHECKED_PER_FILE:
-                renderer.check_against_template(chosen_msgs, where)
-                checked += 1
+                checked += renderer.check_against_template(Conversation(chosen_msgs), where)
             context, dropped = chosen_msgs[:-1], 0
             while True:
-                chosen, rejected = (_scored(e) for e in renderer.encode_batch([context + chosen_msgs[-1:], context + rejected_msgs[-1:]]))
+                chosen, rejected = (_scored(e) for e in renderer.encode_batch([context + chosen_msgs[-1:], context + rejected_msgs[-1:]],
+                                                                                  [where, where]))
                 longest = max(len(chosen[0]), len(rejected[0]))
                 cut = _droppable(context)
-                if longest <= max_seq_length or cut < 0:
+                if longest <= max_seq_length or cut is None:
                     break
-                context, dropped = context[:cut] + context[cut + 2:], dropped + 2
+                context, dropped = context[:cut[0]] + context[cut[1]:], dropped + cut[1] - cut[0]
             if longest > max_seq_length:
                 stats.skip("too_long", where, f"{longest} tokens with {len(context)} context turn(s) left, over --max_seq_length {max_seq_length}")
             elif np.array_equal(chosen[0], rejected[0]):
