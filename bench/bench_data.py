@@ -131,6 +131,95 @@ def bench_chat_masking(chat: Path, tokenizer, max_len: int, repeats: int, chunk:
     return result
 
 
+TEMPLATES = Path(__file__).resolve().parent.parent / "tests" / "chat_templates"  # the models' templates, sources in its README
+
+
+def with_template(tokenizer_dir: Path, name: str, marked: bool = False):
+    """The bench tokenizer with the tokens a model using template `name` has, and that template
+    (or its generation-marked copy, for HF's assistant mask)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if name == "llama3":
+        tokenizer.add_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+        tokenizer.bos_token = "<|begin_of_text|>"
+    else:
+        tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tokenizer.chat_template = (TEMPLATES / f"{name}{'.generation' if marked else ''}.jinja").read_text()
+    return tokenizer
+
+
+SEARCH_TOOL = {"type": "function", "function": {"name": "search_notes", "description": "Search the notes for a phrase",
+                                                "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                                               "required": ["query"]}}}
+
+
+def with_reasoning_and_tools(messages: list[dict], k: int) -> list[dict]:
+    """A conversation of the chat set made Qwen3-shaped: every assistant turn with reasoning (its
+    own words reversed), and every other conversation's last answer preceded by a tool call and
+    its result."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            m = {**m, "reasoning_content": " ".join(reversed(m["content"].split()))}
+            if k % 2 == 0 and m is not None and len(out) == len(messages) - 1:
+                query = " ".join(m["content"].split()[:3])
+                out += [{"role": "assistant", "content": "", "reasoning_content": f"I should search for {query}.",
+                         "tool_calls": [{"type": "function", "function": {"name": "search_notes", "arguments": {"query": query}}}]},
+                        {"role": "tool", "content": json.dumps({"hits": [m["content"][:80]]})}]
+        out.append(m)
+    return out
+
+
+def bench_template_masking(chat: Path, tokenizer_dir: Path, repeats: int, chunk: int = 1000) -> dict:
+    """Rendering + masking under templates that are not plain ChatML, with the template's own
+    Jinja: Qwen3 with reasoning on every assistant turn and tool calls (tools in the system
+    prompt), and Llama 3's header template on the plain set. trainrig's ChatRenderer.encode_batch
+    (the template renders, the assistant spans are found in its text, one batch encode with
+    offsets) against HF's route: `apply_chat_template(tokenize=True, return_assistant_tokens_mask=True)`
+    over a generation-marked copy of the same template, which renders the same text (the trained
+    tokens must agree, or the figure is void)."""
+    import numpy as np
+
+    from trainers.data.chat import IGNORE_INDEX, ChatRenderer, ChatSettings, Conversation
+
+    plain = [json.loads(line)["messages"] for line in chat.read_text().splitlines()]
+    cases = {"qwen3_reasoning_tools": ("qwen3", [with_reasoning_and_tools(m, k) for k, m in enumerate(plain)], [SEARCH_TOOL]),
+             "llama3": ("llama3", plain, None)}
+    result = {"samples": len(plain), "chunk": chunk, "repeats": repeats}
+    for case, (template, conversations, tools) in cases.items():
+        renderer = ChatRenderer(with_template(tokenizer_dir, template), ChatSettings(1 << 20))
+        marked = with_template(tokenizer_dir, template, marked=True)
+        items = [Conversation(m, tools) for m in conversations]
+
+        def trainrig_once():
+            start, trained = time.perf_counter(), 0
+            for i in range(0, len(items), chunk):
+                for encoded in renderer.encode_batch(items[i:i + chunk]):
+                    trained += int((encoded.labels != IGNORE_INDEX).sum())
+            return time.perf_counter() - start, trained
+
+        def hf_once():
+            start, trained = time.perf_counter(), 0
+            for i in range(0, len(conversations), chunk):
+                out = marked.apply_chat_template(conversations[i:i + chunk], tools=tools, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True, train_reasoning="all")
+                for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
+                    labels = np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX)
+                    trained += int((labels != IGNORE_INDEX).sum())
+            return time.perf_counter() - start, trained
+
+        rows = {"trainrig": [trainrig_once() for _ in range(repeats)], "hf_assistant_mask": [hf_once() for _ in range(repeats)]}
+        figures = {}
+        for name, runs in rows.items():
+            seconds = statistics.median(t for t, _ in runs)
+            figures[name] = {"s": seconds, "samples_s": len(items) / seconds, "trained_tokens": runs[0][1]}
+        figures["ratio"] = figures["trainrig"]["samples_s"] / figures["hf_assistant_mask"]["samples_s"]
+        figures["same_labels"] = figures["trainrig"]["trained_tokens"] == figures["hf_assistant_mask"]["trained_tokens"]
+        result[case] = figures
+    return result
+
+
 def render_data(data: dict, info: dict) -> list[str]:
     lines = [
         f"## (a) Tokenize + pack into {data['block_size']}-token blocks, jsonl file to blocks (median of {data['repeats']})",
@@ -182,5 +271,31 @@ def render_data(data: dict, info: dict) -> list[str]:
             f"not in either figure. The encode alone takes {chat['encode_alone']['s'] / chat['trainrig']['s']:.0%} of trainrig's time "
             f"and {chat['encode_alone']['s'] / chat['hf_apply_chat_template']['s']:.0%} of the HF pipeline's: with that floor shared, "
             f"no pipeline can be {chat['hf_apply_chat_template']['s'] / chat['encode_alone']['s']:.2f}x faster than HF's here.",
+        ]
+    templates = data.get("templates")
+    if templates:
+        labels = {"qwen3_reasoning_tools": "Qwen3's template, reasoning on every assistant turn, a tool call and result in every other conversation, tools in the system prompt",
+                  "llama3": "Llama 3's header template (not ChatML), the plain set"}
+        lines += [
+            "",
+            f"### Model templates rendered by their own Jinja, {templates['samples']:,} conversations to input_ids + labels "
+            f"(median of {templates['repeats']})",
+            "",
+            "| case | trainrig `ChatRenderer.encode_batch` s | samples/s | HF `apply_chat_template(return_assistant_tokens_mask=True)` s "
+            "| samples/s | trainrig's speed-up | trained tokens |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for case, label in labels.items():
+            row = templates[case]
+            same = (f"same ({row['trainrig']['trained_tokens']:,})" if row["same_labels"] else
+                    f"DIFFERENT ({row['trainrig']['trained_tokens']:,} vs. {row['hf_assistant_mask']['trained_tokens']:,}): void")
+            lines.append(f"| {label} | {row['trainrig']['s']:.2f} | {row['trainrig']['samples_s']:,.0f} | {row['hf_assistant_mask']['s']:.2f} "
+                         f"| {row['hf_assistant_mask']['samples_s']:,.0f} | {row['ratio']:.2f}x | {same} |")
+        lines += [
+            "",
+            "trainrig renders each conversation with the template itself and finds the assistant turns in the text; HF's mask needs "
+            "`{% generation %}` markers, which the models' templates lack, so its route runs over a generation-marked copy of each "
+            "(tests/chat_templates/*.generation.jinja, rendering the same text), in batches of "
+            f"{templates['chunk']:,}. Qwen3's reasoning is trained on every turn where the template renders it (--train_on_reasoning all).",
         ]
     return lines

@@ -54,7 +54,7 @@ import tempfile
 from pathlib import Path
 
 from bench_common import REPO, SECTIONS, load_results, machine, make_chat_set, matmul_peak_flops, save_result
-from bench_data import bench_chat_masking, bench_data
+from bench_data import bench_chat_masking, bench_data, bench_template_masking
 from bench_dpo import bench_dpo
 from bench_memory import bench_memory
 from bench_pretrain import bare_loop_tokens_per_s, bench_training, hf_trainer_tokens_per_s
@@ -126,6 +126,11 @@ def main() -> None:
             data["chat"] = bench_chat_masking(chat_set, tokenizer, 512, args.repeats)
             print(f"(a) chat rendering + masking: trainrig {data['chat']['trainrig']['samples_s']:,.0f} samples/s, "
                   f"{data['chat']['ratio']:.2f}x apply_chat_template + offsets", flush=True)
+            data["templates"] = bench_template_masking(chat_set, work / "tok", args.repeats)
+            for case in ("qwen3_reasoning_tools", "llama3"):
+                row = data["templates"][case]
+                print(f"(a) {case}: trainrig {row['trainrig']['samples_s']:,.0f} samples/s, {row['ratio']:.2f}x HF's assistant mask, "
+                      f"same labels: {row['same_labels']}", flush=True)
             print("(a) data:", {k: round(v["tok_s"]) for k, v in data.items() if isinstance(v, dict) and "tok_s" in v}, flush=True)
             save_result(results_dir, "data", info, data)
         if "pretrain" in run:

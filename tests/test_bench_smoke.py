@@ -7,7 +7,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_common import flops_per_token, load_results, make_chat_set, make_sft_model, save_result  # noqa: E402
-from bench_data import bench_chat_masking  # noqa: E402
+from bench_data import bench_chat_masking, bench_template_masking, render_data  # noqa: E402
 from bench_memory import measure_memory, render_memory  # noqa: E402
 from bench_pretrain import (  # noqa: E402
     bare_tokens_per_s_in_process,
@@ -237,6 +237,14 @@ def test_chat_masking_pipelines_train_the_same_tokens(corpus, tokenizer_dir, tmp
     result = bench_chat_masking(chat, tokenizer, 128, repeats=1, chunk=16)
     assert result["same_labels"] and result["trainrig"]["trained_tokens"] > 0
     assert result["trainrig"]["samples_s"] > 0 and result["hf_apply_chat_template"]["samples_s"] > 0
+    templates = bench_template_masking(chat, tokenizer_dir, repeats=1, chunk=16)  # Qwen3 with reasoning and tools, Llama 3
+    for case in ("qwen3_reasoning_tools", "llama3"):
+        assert templates[case]["same_labels"] and templates[case]["trainrig"]["trained_tokens"] > 0, case
+    row = {"s": 1.0, "tok_s": 1.0, "blocks": 1}  # section (a)'s packing rows, here only for the report to render
+    data = {"block_size": 128, "repeats": 1, "tokens": 1, "templates": templates,
+            **{k: row for k in ("trainrig", "run_clm_default", "run_clm_num_proc", "tokenizer_alone")}}
+    text = "\n".join(render_data(data, {"cores": 2}))
+    assert "### Model templates rendered by their own Jinja" in text and "DIFFERENT" not in text
 
 
 def test_bench_qlora_runs_and_renders(corpus, tokenizer_dir, tmp_path):
