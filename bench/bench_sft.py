@@ -73,7 +73,7 @@ def trainrig_steps_to(samples, max_len, micro, seed, packing: bool, budget: int,
     rows = make_rows(samples, np.arange(len(samples)), max_len, packing, seed)
     per_sample = np.array([trained_tokens(samples[i]["labels"]) for i in range(len(samples))])
     per_row = np.array([per_sample[row].sum() for row in rows.rows])
-    sampler = row_sampler(rows, samples.lengths, packing, micro, 1, 0, seed)
+    sampler = row_sampler(rows, samples.lengths, packing, micro, 1, 0, seed)  # accumulation 1: the global batch is the micro batch
     done_steps, done_tokens = 0, 0
     for epoch in count():
         sampler.set_position(epoch, 0)

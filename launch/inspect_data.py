@@ -57,6 +57,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def preview_global_batch(batch_cfg) -> int:
+    """The global batch of a one-process run with these flags: the unit of SFT's epoch and of its
+    length grouping, so the preview batches as that run would."""
+    if batch_cfg.global_batch_size > 0:
+        return batch_cfg.global_batch_size
+    accumulation = batch_cfg.gradient_accumulation_steps
+    return batch_cfg.per_device_train_batch_size * (accumulation if isinstance(accumulation, int) else 1)
+
+
 def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
     from trainers.data.chat import chat_settings, ensure_chat_template, prepare_chat, summary_lines
     from trainers.data.collate import batch_fill, collate_rows
@@ -79,7 +88,7 @@ def inspect_sft(run: Run, num_samples: int, output: str, color: bool) -> dict:
         print(marked_text(tokenizer, s["input_ids"], s["labels"], color))
     rows = make_rows(samples, np.arange(len(samples)), d.max_seq_length, d.packing, cfg.run.seed)
     micro, row_lengths = cfg.batch.per_device_train_batch_size, rows.row_lengths()
-    sampler = row_sampler(rows, samples.lengths, d.packing, micro, 1, 0, cfg.run.seed)  # one rank's first epoch, as training batches it
+    sampler = row_sampler(rows, samples.lengths, d.packing, preview_global_batch(cfg.batch), 1, 0, cfg.run.seed)  # one rank's first epoch, as training batches it
     fill = batch_fill(row_lengths, list(sampler), micro)
     if d.packing:
         layout = (f"{len(rows)} packed rows of {d.max_seq_length} ({row_lengths.sum() / (len(rows) * d.max_seq_length):.1%} used); "

@@ -190,7 +190,11 @@ def stage_main(name: str):
 
     @exit_on_usage_error
     def main(argv: list[str] | None = None) -> dict:
+        from trainers.runtime import launcher_world
+        from trainers.setup import keep_resumed_global_batch
+
         run = parse_run(stage.config, argv, prog=stage.entry_script)
+        keep_resumed_global_batch(run, launcher_world()[0])
         plan_in_process(run, stage.plan_name(run.cfg))
         return stage.train(run)
 

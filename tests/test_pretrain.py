@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -146,12 +147,25 @@ def test_wandb_offline(corpus, tokenizer_dir, tmp_path, monkeypatch):
     assert "local-test-key-not-a-secret" not in written
 
 
+def test_resume_keeps_the_global_batch_not_its_factors(corpus, tokenizer_dir, tmp_path):
+    """Micro 2 x accumulation 2 resumes a checkpoint of micro 4 x accumulation 1 (a smaller card):
+    the same global batches, the losses as the uninterrupted run's but for reduction order."""
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    run(corpus, tokenizer_dir, full, max_steps=4, save_steps=2)
+    out.mkdir()
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
+    main(pretrain_args(corpus, tokenizer_dir, out, max_steps=4, resume="auto", per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2))
+    expected, got = read_losses(full), read_losses(out)
+    assert sorted(got) == [3, 4] and all(abs(got[s] - expected[s]) < 1e-5 for s in got), (got, expected)
+
+
 def test_resume_refuses_other_batch_shape(corpus, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "r"
     run(corpus, tokenizer_dir, out, max_steps=2, save_steps=2)
     capsys.readouterr()
     _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, max_steps=4, resume="auto", per_device_train_batch_size=8),
-             r"checkpoint-2 was saved with micro_batch 4, this run uses 8")
+             r"checkpoint-2 was saved with a global batch of 4 samples per step, this run's is 8: resume with --global_batch_size 4")
     _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, model_name_or_path=out / "final"),
              r"pass exactly one of --model_preset .* or --model_name_or_path")
     _exits_2(capsys, pretrain_args(corpus, tokenizer_dir, out, resume="never"),

@@ -136,14 +136,16 @@ def test_resume_refuses_another_row_layout(chat_dir, sft_model_dir, tmp_path, ca
 
 def test_unpacked_batches_are_length_grouped(chat_dir, sft_model_dir):
     from trainers.data.collate import ResumableSampler
+    from trainers.sft import LENGTH_GROUP
 
     _, samples = load_samples(chat_dir, sft_model_dir)
     rows = RowDataset(samples, [[i] for i in range(len(samples))])
     lengths = samples.lengths
     micro = 4
 
-    def batches(world, rank, m):
-        sampler = ResumableSampler(rows, world, rank, seed=0, lengths=lengths, group_size=64 * m * world)
+    def batches(world, rank, m):  # accumulation 1: the global batch is m x world = 2 x micro
+        sampler = ResumableSampler(rows, world, rank, seed=0, global_batch=m * world, lengths=lengths,
+                                   group_size=LENGTH_GROUP * m * world)
         order = list(sampler)
         return [order[i:i + m] for i in range(0, len(order) - m + 1, m)]
 

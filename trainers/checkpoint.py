@@ -212,23 +212,52 @@ def _seal(runtime, partial: Path, step: int) -> None:
         _write_durably(partial / MANIFEST, json.dumps({"step": step, "files": entries}, indent=1))
 
 
+def resume_candidate(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint `--resume` will load, judged by sizes alone and without a message (resolve_resume
+    hashes and warns once the ranks run): for what must be settled before they start."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume) if Path(resume).is_dir() and manifest_problem(Path(resume)) is None else None
+    complete = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def saved_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, with its global batch (trainrig <= 0.14 kept only the
+    factors: micro_batch x accumulation x world_size)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    state.setdefault("global_batch", state["micro_batch"] * state["accumulation"] * state["world_size"])
+    return state
+
+
 def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict:
     """Restore model, optimizer and this rank's RNG; return trainer_state. `expect`: settings the
-    checkpoint must have been saved with (batch shape), checked before anything is loaded.
-    `path` comes from resolve_resume, which verified it."""
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["world_size"] != runtime.world_size:
-        saved = state["world_size"]
-        raise UsageError(f"{path} was saved by {saved} ranks, this run has {runtime.world_size}: resume with {saved} ranks in all "
-                         f"(e.g. torchrun --nproc_per_node {saved}, or nodes x GPUs per node = {saved}) and the same flags; the data "
-                         f"order and ZeRO's optimizer shards depend on the world size. For another world size start a new "
-                         f"--output_dir from a saved model (--model_name_or_path <run>/final)")
+    checkpoint must have been saved with (the global batch, the data's shape), checked before
+    anything is loaded. `path` comes from resolve_resume, which verified it.
+
+    Another world size is fine where the engine's files hold whole tensors (DDP, one process):
+    the data order depends on the global batch only (ResumableSampler), and the caller maps the
+    data position. A rank the saving run did not have keeps its own seeded RNG streams."""
+    state = saved_state(path)
     for key, now in expect.items():
         if state.get(key) != now:
+            if key == "global_batch":
+                raise UsageError(f"{path} was saved with a global batch of {state[key]} samples per step, this run's is {now}: "
+                                 f"resume with --global_batch_size {state[key]} (the accumulation follows from it and the world size), "
+                                 f"or start a new --output_dir")
             raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "
                              f"resume with the same batch settings or start a new --output_dir")
+    saved_world = state["world_size"]
+    if saved_world != runtime.world_size and not runtime.resumes_on_any_world_size:
+        raise UsageError(f"{path} was saved by {saved_world} ranks under DeepSpeed ZeRO, this run has {runtime.world_size}: ZeRO "
+                         f"partitions the optimizer state over the ranks that saved it and trainrig does not convert it to "
+                         f"another partitioning yet; resume with {saved_world} ranks in all (e.g. torchrun --nproc_per_node "
+                         f"{saved_world}, or nodes x GPUs per node = {saved_world}), or start a new --output_dir from a saved model "
+                         f"(--model_name_or_path <run>/final)")
     runtime.load_training_state(model, optimizer, path)
-    set_rng_state(load_plain(path / f"rng_state_{runtime.rank}.pt"))
+    if runtime.rank < saved_world:
+        set_rng_state(load_plain(path / f"rng_state_{runtime.rank}.pt"))
     return state
 
 

@@ -52,7 +52,7 @@ from trainers.step import pair_counts
 log = logging.getLogger("trainrig.dpo")
 
 LORA_LEARNING_RATE = 5e-6  # with LoRA unless --learning_rate is given: 10x full training's 5e-7, as for SFT
-LENGTH_GROUP = 64  # sort pair lengths within chunks of 64 global micro batches, as SFT does without packing
+LENGTH_GROUP = 16  # sort pair lengths within chunks of 16 global batches, as SFT does without packing
 
 
 def batch_reference(batch: dict, device, objective, live_reference=None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -201,8 +201,9 @@ def train(run: Run) -> dict:
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_preferences, pad_id=pad_id)
-    sampler = ResumableSampler(train_set, runtime.world_size, runtime.rank, seed=cfg.run.seed, lengths=train_set.lengths,
-                               group_size=LENGTH_GROUP * micro * runtime.world_size)
+    global_batch = micro * accumulation * runtime.world_size
+    sampler = ResumableSampler(train_set, runtime.world_size, runtime.rank, seed=cfg.run.seed, global_batch=global_batch,
+                               lengths=train_set.lengths, group_size=LENGTH_GROUP * global_batch)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
                         generator=setup.loader_generator(cfg.run.seed))
@@ -222,7 +223,6 @@ def train(run: Run) -> dict:
 
     # --------------------------------------------------------------------- optimizer
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
-    global_batch = micro * accumulation * runtime.world_size
     source = "none (reference-free)" if not objective.needs_reference else p.reference
     log.info("model: %s, %.2fM parameters, %.2fM trained (%s); loss %s, beta %g%s; reference: %s; strategy %s, precision %s, lr %.1e",
              m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora), objective.loss_type, objective.beta,
@@ -268,7 +268,7 @@ def train(run: Run) -> dict:
         name="dpo", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
         total_steps=total_steps, samples="pairs", unit="trained_pairs", counts=pair_counts,
         loss_sum=partial(preference_loss, objective=objective, totals=totals, mask_dtype=masks, chunked=chunked, live_reference=live_reference),
-        layout={"micro_batch": micro, "accumulation": accumulation, "pairs": len(train_set)},
+        layout={"global_batch": global_batch, "pairs": len(train_set)},
         save_final=lambda: save_final_model(runtime, model, tokenizer, out, lora, m),
         summary=lambda state: {"pairs_seen": state.trained_pairs, "parameters": n_params, "trainable_parameters": n_trainable,
                                "loss_type": objective.loss_type, "beta": objective.beta, "reference": reference,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from trainers import checkpoint as ckpt
 from trainers import stopping
-from trainers.errors import RunFailed
+from trainers.errors import RunFailed, UsageError
 from trainers.lora import merge_adapter
 from trainers.optim import set_learning_rate
 from trainers.step import StepResult, lm_counts, lm_loss, train_step
@@ -36,9 +36,9 @@ class TrainState:
     """Where a run is: saved as trainer_state.json in every checkpoint, restored on resume."""
 
     step: int = 0  # optimizer steps done (skipped ones included: they keep their place in the schedule)
-    micro_step: int = 0  # micro batches done on each rank
+    micro_step: int = 0  # micro batches done on each rank (on a resume with another world size, the new ranks' count goes on from it)
     epoch: int = 0  # the epoch the data position is in
-    samples_in_epoch: int = 0  # this rank's samples (blocks, rows, pairs) handed out in that epoch
+    samples_in_epoch: int = 0  # this rank's samples (blocks, rows, pairs) handed out in that epoch; x world_size: all ranks' 
     input_tokens: int = 0  # input tokens of all global batches so far, padding excluded
     trained_tokens: int = 0  # tokens the loss counted (the language-model stages)
     trained_pairs: int = 0  # preference pairs the loss counted (the reward model)
@@ -46,8 +46,8 @@ class TrainState:
     bad_steps_in_a_row: int = 0  # the current run of non-finite steps (--max_bad_steps)
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None  # checkpoint-<step> of best_eval_loss
-    world_size: int = 1  # ranks that saved it (the data order and ZeRO's shards depend on it)
-    layout: dict = field(default_factory=dict)  # the batch settings a resume must match (micro batch, ...)
+    world_size: int = 1  # ranks that saved it (samples_in_epoch is per rank; ZeRO's shards are partitioned over them)
+    layout: dict = field(default_factory=dict)  # the settings a resume must match (global batch, ...) and the micro batch and accumulation it ran with
 
     def to_json(self) -> dict:
         record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
@@ -104,14 +104,23 @@ def fit(run, runtime, t: Training) -> dict:
     state = TrainState(world_size=runtime.world_size)
     resume_from = ckpt.resolve_resume(cfg.run.resume, out, runtime)
     if resume_from is not None:
-        state = TrainState.from_json(ckpt.load_checkpoint(runtime, t.model, t.optimizer, resume_from, expect=t.layout))
+        record = ckpt.load_checkpoint(runtime, t.model, t.optimizer, resume_from, expect=t.layout)
+        state = TrainState.from_json(record)
+        keep_saved_grouping(t.sampler, record)
+        saved_world = state.world_size
+        if saved_world != runtime.world_size:
+            state.samples_in_epoch = position_on_world(state.samples_in_epoch, saved_world, runtime.world_size, resume_from)
+            state.world_size = runtime.world_size
+            log.info("%s was saved by %d ranks, this run has %d: same global batch %d (micro %d x accumulation %d x world %d), "
+                     "the data position split anew over the ranks", resume_from, saved_world, runtime.world_size,
+                     micro * accumulation * runtime.world_size, micro, accumulation, runtime.world_size)
         log.info("resumed from %s at step %d (epoch %d, %d %s into it per rank)",
                  resume_from, state.step, state.epoch, state.samples_in_epoch, t.samples)
-    state.layout = dict(t.layout)
+    state.layout = {**t.layout, "micro_batch": micro, "accumulation": accumulation, "length_group": t.sampler.group_size}
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state.step)
     batches = batch_stream(t.loader, t.sampler, state, micro)
     resumed_step = state.step
-    sample_log = SampleLog(out, runtime.rank, cfg.run.record_sample_ids, resumed_step)
+    sample_log = SampleLog(out, runtime.rank, runtime.world_size, cfg.run.record_sample_ids, resumed_step)
 
     # -------------------------------------------------------------------------- loop
     t.model.train()
@@ -171,6 +180,26 @@ def fit(run, runtime, t: Training) -> dict:
     return summary
 
 
+def keep_saved_grouping(sampler, record: dict) -> None:
+    """A length-grouped order resumes with the chunk size it was saved with: trainrig <= 0.14
+    grouped by 64 micro batches of every rank, which is not the same on another world size."""
+    if sampler.lengths is not None:
+        sampler.group_size = record.get("length_group", 64 * record["micro_batch"] * record["world_size"])
+
+
+def position_on_world(samples_done: int, saved_world: int, world: int, checkpoint: Path) -> int:
+    """This rank's position in the epoch on `world` ranks, from a checkpoint's position on
+    `saved_world`: the samples all ranks handed out, split anew. Rank r's j-th sample is the
+    epoch's (j x world + r)-th (ResumableSampler), so the split is exact where the total is a
+    multiple of the new world size -- always at a step boundary, where it is whole global batches."""
+    done = samples_done * saved_world
+    if done % world:
+        raise UsageError(f"{checkpoint} is {done} samples into its epoch, which {world} ranks cannot split evenly (a checkpoint of "
+                         f"trainrig <= 0.14 whose step spanned two epochs); resume it with {saved_world} ranks, or from an "
+                         f"earlier checkpoint")
+    return done // world
+
+
 def batch_stream(loader, sampler, state: TrainState, micro: int):
     """Micro batches forever, epoch after epoch, from the saved position. The position counts
     batches handed out, so a window that crosses an epoch is recorded exactly."""
@@ -220,28 +249,38 @@ def account_step(runtime, state: TrainState, result: StepResult, window: list[di
 class SampleLog:
     """--record_sample_ids: every rank appends `{"step", "epoch", "ids"}` per optimizer step to
     sample_ids.rank<N>.jsonl, the samples of its micro batches in order. A resumed run first drops
-    the lines past its checkpoint, so the file reads as one uninterrupted run."""
+    the lines past its checkpoint, so the files read as one uninterrupted run; after a resume on
+    fewer ranks, rank 0 cuts the files of the ranks that are gone at the checkpoint too."""
 
-    def __init__(self, out: Path, rank: int, enabled: bool, resumed_step: int):
+    def __init__(self, out: Path, rank: int, world: int, enabled: bool, resumed_step: int):
         self.path = out / f"sample_ids.rank{rank}.jsonl" if enabled else None
         if self.path is None:
             return
-        kept = []
-        if resumed_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # torn by a kill mid-write
-                    continue
-                if record["step"] <= resumed_step:
-                    kept.append(line + "\n")
-        self.path.write_text("".join(kept))
+        _keep_steps_to(self.path, resumed_step)
+        if rank == 0:
+            for gone in out.glob("sample_ids.rank*.jsonl"):
+                if int(gone.name.split(".")[1][len("rank"):]) >= world:
+                    _keep_steps_to(gone, resumed_step)
 
     def write(self, step: int, epoch: int, window: list[dict]) -> None:
         if self.path is not None:
             ids = [int(i) for b in window for i in b["sample_ids"]]
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": step, "epoch": epoch, "ids": ids}) + "\n")
+
+
+def _keep_steps_to(path: Path, step: int) -> None:
+    """A sample-id file without its lines past `step` (all of them for a fresh run)."""
+    kept = []
+    if step and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # torn by a kill mid-write
+                continue
+            if record["step"] <= step:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 def save_and_prune(runtime, t: Training, state: TrainState, out: Path, run_cfg, evaluated: dict | None) -> None:

@@ -57,7 +57,8 @@ def train(run: Run) -> dict:
     else:
         eval_blocks = None
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
-    sampler = ResumableSampler(train_blocks, runtime.world_size, runtime.rank, seed=cfg.run.seed)
+    global_batch = micro * accumulation * runtime.world_size
+    sampler = ResumableSampler(train_blocks, runtime.world_size, runtime.rank, seed=cfg.run.seed, global_batch=global_batch)
     loader = DataLoader(train_blocks, batch_size=micro, sampler=sampler, collate_fn=collate_blocks, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, pin_memory=runtime.device.type == "cuda",
                         generator=setup.loader_generator(cfg.run.seed))
@@ -75,7 +76,6 @@ def train(run: Run) -> dict:
 
     # --------------------------------------------------------------------- optimizer
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
-    global_batch = micro * accumulation * runtime.world_size
     log.info("model: %s, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, device %s",
              m.model_preset or m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
              runtime.strategy, runtime.precision, runtime.device)
@@ -91,7 +91,7 @@ def train(run: Run) -> dict:
     evaluate = partial(evaluate_lm, runtime, model, eval_blocks, cfg.batch.per_device_eval_batch_size or micro, collate_blocks)
     return fit(run, runtime, Training(
         name="pretrain", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
-        total_steps=total_steps, layout={"micro_batch": micro, "accumulation": accumulation},
+        total_steps=total_steps, layout={"global_batch": global_batch},
         save_final=lambda: save_final_model(runtime, model, tokenizer, out, lora, m),
         summary=lambda state: {"tokens_seen": state.trained_tokens, "parameters": n_params, "trainable_parameters": n_trainable},
         log_counts=lambda state: {"tokens": state.trained_tokens},  # the predicted tokens (block - 1 each): bench's MFU convention

@@ -109,7 +109,8 @@ def train(run: Run) -> dict:
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_pairs, pad_id=pad_id)
-    sampler = ResumableSampler(train_set, runtime.world_size, runtime.rank, seed=cfg.run.seed)
+    global_batch = micro * accumulation * runtime.world_size
+    sampler = ResumableSampler(train_set, runtime.world_size, runtime.rank, seed=cfg.run.seed, global_batch=global_batch)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
                         num_workers=cfg.batch.dataloader_num_workers, generator=setup.loader_generator(cfg.run.seed))
     steps_per_epoch, total_steps = setup.plan_steps(sampler, cfg.run, micro, accumulation, runtime.world_size, f"{len(train_set)} training pairs",
@@ -131,7 +132,6 @@ def train(run: Run) -> dict:
 
     # --------------------------------------------------------------------- optimizer
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
-    global_batch = micro * accumulation * runtime.world_size
     log.info("model: %s + score head, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, lr %.1e",
              m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
              runtime.strategy, runtime.precision, cfg.optim.learning_rate)
@@ -147,7 +147,7 @@ def train(run: Run) -> dict:
     return fit(run, runtime, Training(
         name="reward", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
         total_steps=total_steps, samples="pairs", loss_sum=partial(pairwise_loss, mask_dtype=masks), counts=pair_counts,
-        unit="trained_pairs", layout={"micro_batch": micro, "accumulation": accumulation, "pairs": len(train_set)},
+        unit="trained_pairs", layout={"global_batch": global_batch, "pairs": len(train_set)},
         save_final=lambda: save_final(runtime, model, tokenizer, out, adapter_only=lora.lora_r > 0),
         summary=lambda state: {"pairs_seen": state.trained_pairs, "parameters": n_params, "trainable_parameters": n_trainable,
                                "data": {"read": stats.read, "kept": stats.kept, "too_long": stats.too_long, "identical": stats.identical}},

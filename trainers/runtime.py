@@ -211,6 +211,13 @@ class Runtime(Collectives):
             return f"deepspeed-zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
         return "ddp" if self.world_size > 1 else "single"
 
+    @property
+    def resumes_on_any_world_size(self) -> bool:
+        """Whether a checkpoint saved by another number of ranks loads as it is: DDP's (and one
+        process's) model.safetensors + optimizer.pt hold whole tensors; ZeRO's files are the
+        saving ranks' partitions."""
+        return not self.uses_deepspeed
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

@@ -32,7 +32,25 @@ def resolve_batch(run: Run) -> None:
     """The accumulation for the launcher's world size (--global_batch_size fixes it), before any
     other check, so every message quotes the numbers the run uses."""
     world_size, _, _ = launcher_world()
+    keep_resumed_global_batch(run, world_size)
     run.cfg.batch.gradient_accumulation_steps = resolve_accumulation(run.cfg.batch, world_size)
+
+
+def keep_resumed_global_batch(run: Run, world_size: int) -> None:
+    """A resume on another world size (a Slurm requeue onto other nodes, another GPU count)
+    keeps the checkpoint's global batch, the accumulation recomputed for this world, unless
+    --global_batch_size is given: the same flags then train on as the saving run did. Before the
+    planner sizes an `auto` batch, so it plans for that global batch."""
+    batch = run.cfg.batch
+    if batch.global_batch_size > 0:
+        return
+    path = ckpt.resume_candidate(run.cfg.run.resume, Path(run.cfg.run.output_dir))
+    try:
+        state = ckpt.saved_state(path) if path is not None else None
+    except (OSError, ValueError, KeyError):  # unreadable: the resume itself says why, once the ranks run
+        return
+    if state is not None and state["world_size"] != world_size:
+        batch.global_batch_size = state["global_batch"]
 
 
 def start(run: Run, model_config) -> Runtime:

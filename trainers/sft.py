@@ -36,7 +36,7 @@ from trainers.step import describe_lm_eval, evaluate_lm, lm_loss
 log = logging.getLogger("trainrig.sft")
 
 LORA_LEARNING_RATE = 2e-4  # the SFT default with LoRA; adapters start at zero and need ~10x full FT's 2e-5
-LENGTH_GROUP = 64  # without packing: sort lengths within chunks of 64 global micro batches (HF uses 50)
+LENGTH_GROUP = 16  # without packing: sort lengths within chunks of 16 global batches (HF: 50 micro batches of every rank)
 
 
 def make_rows(samples, indices: np.ndarray, max_seq_length: int, packed: bool, seed: int) -> RowDataset:
@@ -47,12 +47,13 @@ def make_rows(samples, indices: np.ndarray, max_seq_length: int, packed: bool, s
     return RowDataset(samples, [[int(indices[j]) for j in row] for row in rows])
 
 
-def row_sampler(rows: RowDataset, sample_lengths: np.ndarray, packed: bool, micro: int, world_size: int, rank: int,
+def row_sampler(rows: RowDataset, sample_lengths: np.ndarray, packed: bool, global_batch: int, world_size: int, rank: int,
                 seed: int) -> ResumableSampler:
     """This rank's order over `rows`: shuffled; without packing, length-grouped within chunks of
-    LENGTH_GROUP global micro batches so that a batch pads little (`sample_lengths`: one per row)."""
-    return ResumableSampler(rows, world_size, rank, seed=seed, lengths=None if packed else sample_lengths,
-                            group_size=LENGTH_GROUP * micro * world_size)
+    LENGTH_GROUP global batches so that a batch pads little (`sample_lengths`: one per row). Both
+    depend on the global batch only, so the order is the same on any world size."""
+    return ResumableSampler(rows, world_size, rank, seed=seed, global_batch=global_batch,
+                            lengths=None if packed else sample_lengths, group_size=LENGTH_GROUP * global_batch)
 
 
 def train(run: Run) -> dict:
@@ -88,7 +89,8 @@ def train(run: Run) -> dict:
     train_rows = make_rows(samples, train_idx, d.max_seq_length, d.packing, cfg.run.seed)
     eval_rows = make_rows(eval_samples, eval_idx, d.max_seq_length, d.packing, cfg.run.seed) if eval_idx is not None else None
     micro, accumulation = cfg.batch.per_device_train_batch_size, cfg.batch.gradient_accumulation_steps
-    sampler = row_sampler(train_rows, samples.lengths[train_idx], d.packing, micro, runtime.world_size, runtime.rank, cfg.run.seed)
+    global_batch = micro * accumulation * runtime.world_size
+    sampler = row_sampler(train_rows, samples.lengths[train_idx], d.packing, global_batch, runtime.world_size, runtime.rank, cfg.run.seed)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     collate = partial(collate_rows, pad_id=pad_id, layout=layout)
     loader = DataLoader(train_rows, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True,
@@ -121,7 +123,6 @@ def train(run: Run) -> dict:
 
     # --------------------------------------------------------------------- optimizer
     model, optimizer, raw_optimizer = setup.prepare(runtime, model, cfg.optim)
-    global_batch = micro * accumulation * runtime.world_size
     log.info("model: %s, %.2fM parameters, %.2fM trained (%s); strategy %s, precision %s, device %s, lr %.1e",
              m.model_name_or_path, n_params / 1e6, n_trainable / 1e6, lora_description(lora),
              runtime.strategy, runtime.precision, runtime.device, cfg.optim.learning_rate)
@@ -139,7 +140,7 @@ def train(run: Run) -> dict:
     return fit(run, runtime, Training(
         name="sft", model=model, optimizer=optimizer, raw_optimizer=raw_optimizer, loader=loader, sampler=sampler,
         total_steps=total_steps, samples="rows", loss_sum=partial(lm_loss, mask_dtype=masks),
-        layout={"micro_batch": micro, "accumulation": accumulation, "packing": d.packing, "max_seq_length": d.max_seq_length,
+        layout={"global_batch": global_batch, "packing": d.packing, "max_seq_length": d.max_seq_length,
                 "rows": len(train_rows)},
         save_final=lambda: save_final_model(runtime, model, tokenizer, out, lora, m),
         summary=lambda state: {"trained_tokens": state.trained_tokens, "tokens": state.input_tokens, "parameters": n_params,

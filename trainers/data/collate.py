@@ -116,20 +116,29 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, group_size: int) -> 
 
 
 class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (seeded shuffle per epoch, rank r takes every world-th index,
-    drop_last so all ranks see the same number of samples) that can start mid-epoch.
+    """torch's DistributedSampler (seeded shuffle per epoch, rank r takes every world-th index)
+    that can start mid-epoch, and whose epoch is a whole number of global batches.
 
-    Over ranks, optimizer step k covers the same set of samples whatever the world size, so a
-    2-rank run and a 1-rank run with twice the micro batch train on identical global batches.
+    An epoch uses the first `len(dataset) // global_batch * global_batch` samples of its shuffled
+    order (torch's drop_last cuts to a multiple of the world size instead), so optimizer step k
+    covers order[k * global_batch:(k + 1) * global_batch] whatever the world size and micro
+    batch: a 2-rank run and a 1-rank run with twice the accumulation train on identical global
+    batches, epoch after epoch, and a checkpoint of one resumes on the other at the same sample.
+    Up to global_batch - 1 samples sit out each epoch (a different few each time: the order is
+    reshuffled).
 
-    With `lengths`, each epoch's order is length-grouped in chunks of `group_size` (pass a
-    multiple of micro batch x world): the strided split then gives every rank's micro batch
-    samples of similar length, and the global batches are still the same for any world size.
+    With `lengths`, each epoch's order is length-grouped in chunks of `group_size` samples (a
+    multiple of the global batch, so the grouping too is the same for every world size): the
+    strided split then gives every rank's micro batch samples of similar length.
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, global_batch: int, shuffle: bool = True,
                  lengths: np.ndarray | None = None, group_size: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        if global_batch % num_replicas:
+            raise ValueError(f"global batch {global_batch} is not a multiple of the world size {num_replicas}")
+        self.total_size = len(dataset) // global_batch * global_batch
+        self.num_samples = self.total_size // num_replicas
         self.start = 0
         self.lengths, self.group_size = lengths, group_size
 
