@@ -236,9 +236,10 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
     checkpoint must have been saved with (the global batch, the data's shape), checked before
     anything is loaded. `path` comes from resolve_resume, which verified it.
 
-    Another world size is fine where the engine's files hold whole tensors (DDP, one process):
-    the data order depends on the global batch only (ResumableSampler), and the caller maps the
-    data position. A rank the saving run did not have keeps its own seeded RNG streams."""
+    Another world size is fine: the data order depends on the global batch only (ResumableSampler),
+    the caller maps the data position, and the runtime loads whole tensors (DDP) or converts ZeRO's
+    partitions (DeepSpeed's universal checkpoint). A rank the saving run did not have keeps its own
+    seeded RNG streams."""
     state = saved_state(path)
     for key, now in expect.items():
         if state.get(key) != now:
@@ -249,13 +250,7 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
             raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "
                              f"resume with the same batch settings or start a new --output_dir")
     saved_world = state["world_size"]
-    if saved_world != runtime.world_size and not runtime.resumes_on_any_world_size:
-        raise UsageError(f"{path} was saved by {saved_world} ranks under DeepSpeed ZeRO, this run has {runtime.world_size}: ZeRO "
-                         f"partitions the optimizer state over the ranks that saved it and trainrig does not convert it to "
-                         f"another partitioning yet; resume with {saved_world} ranks in all (e.g. torchrun --nproc_per_node "
-                         f"{saved_world}, or nodes x GPUs per node = {saved_world}), or start a new --output_dir from a saved model "
-                         f"(--model_name_or_path <run>/final)")
-    runtime.load_training_state(model, optimizer, path)
+    runtime.load_training_state(model, optimizer, path, saved_world)
     if runtime.rank < saved_world:
         set_rng_state(load_plain(path / f"rng_state_{runtime.rank}.pt"))
     return state

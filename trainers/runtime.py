@@ -18,7 +18,10 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import subprocess
 import sys
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -211,13 +214,6 @@ class Runtime(Collectives):
             return f"deepspeed-zero{self.zero_stage}" + ("" if self.offload == "none" else f"+offload-{self.offload}")
         return "ddp" if self.world_size > 1 else "single"
 
-    @property
-    def resumes_on_any_world_size(self) -> bool:
-        """Whether a checkpoint saved by another number of ranks loads as it is: DDP's (and one
-        process's) model.safetensors + optimizer.pt hold whole tensors; ZeRO's files are the
-        saving ranks' partitions."""
-        return not self.uses_deepspeed
-
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -327,16 +323,50 @@ class Runtime(Collectives):
         if self.is_main:
             save_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
 
-    def load_training_state(self, model, optimizer, directory: Path) -> None:
+    def load_training_state(self, model, optimizer, directory: Path, saved_world: int) -> None:
+        """save_training_state's files back, from a checkpoint saved by `saved_world` ranks. DDP's
+        (and one process's) files hold whole tensors and load on any world size. ZeRO's are the
+        saving ranks' partitions: on another world size they are first converted to DeepSpeed's
+        universal checkpoint (one file per parameter and optimizer state, whole), which each rank
+        then slices for the new partitioning."""
         frozen = _has_frozen_parameters(self.unwrap(model))
-        if self.uses_deepspeed:
-            check_deepspeed_files_safe(directory / "deepspeed")
-            path, _ = model.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
-                                            load_lr_scheduler_states=False, load_module_strict=not frozen)
-            if path is None:
-                raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
+        if not self.uses_deepspeed:
+            load_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
             return
-        load_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
+        check_deepspeed_files_safe(directory / "deepspeed")  # before DeepSpeed (or its converter) unpickles them
+        if saved_world == self.world_size:
+            _load_deepspeed(model, directory, frozen)
+            return
+        universal = self._universal_checkpoint(directory, saved_world)
+        # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group group 0's hyperparameters
+        # (weight decay 0.1 onto the norms and biases: losses off by 5e-5 two steps later) and one
+        # shared step tensor, which AdamW then advances once per group and step (the second group's
+        # bias correction runs ahead: off by 3e-3). The hyperparameters are this run's config either
+        # way; the step is copied per state.
+        groups = model.optimizer.param_groups
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        # DeepSpeed reads "checkpoint": {"load_universal": ...} only inside load_checkpoint (0.19:
+        # engine.load_universal_checkpoint()), so it is set for this one load rather than in the DS
+        # JSON: the world size the checkpoint was saved with is known only once the resume is chosen
+        model._config.load_universal_checkpoint = True
+        try:
+            _load_deepspeed(model, universal, frozen)
+        finally:
+            model._config.load_universal_checkpoint = False
+        for group, kept in zip(groups, hyperparameters):
+            group.update(kept)
+        for state in model.optimizer.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        self.barrier()  # every rank has read its slices
+        if self.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+
+    def _universal_checkpoint(self, directory: Path, saved_world: int) -> Path:
+        """to_universal on rank 0 while the others wait (the time counts against --ddp_timeout)."""
+        target = directory.parent / f"{directory.name}.universal"
+        self.main_first(lambda: to_universal(directory, target, saved_world, self.world_size, self.zero_stage) if self.is_main else None)
+        return target
 
     def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
         """The whole model's state dict on rank 0 (gathered under ZeRO-3), None elsewhere; with
@@ -481,6 +511,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _load_deepspeed(engine, directory: Path, frozen: bool) -> None:
+    path, _ = engine.load_checkpoint(str(directory), tag="deepspeed", load_optimizer_states=True,
+                                     load_lr_scheduler_states=False, load_module_strict=not frozen)
+    if path is None:
+        raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag 'deepspeed'")
+
+
 def _has_frozen_parameters(model) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
@@ -516,3 +553,27 @@ def _deepspeed_safe_globals() -> list:
     except ImportError:
         pass
     return allowed
+
+
+def to_universal(directory: Path, target: Path, saved_world: int, world: int, zero_stage: int) -> None:
+    """A ZeRO checkpoint's shards of `saved_world` ranks -> `target`/deepspeed/, DeepSpeed's universal
+    checkpoint, by its own converter (ds_to_universal, in a child process: it forks workers).
+    `target` sits beside the checkpoint, on the filesystem every rank reads it from; the caller
+    deletes it once loaded, since it is as large as the optimizer state (12 B per trained parameter).
+    A conversion DeepSpeed cannot do is a UsageError naming the way that still works."""
+    shutil.rmtree(target, ignore_errors=True)  # a conversion an earlier attempt did not finish
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / "deepspeed"),
+               "--output_folder", str(target / "deepspeed"), "--inject_missing_state"]
+    started = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(target, ignore_errors=True)
+        last = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-2:]
+        raise UsageError(f"{directory} was saved by {saved_world} ranks under ZeRO-{zero_stage}, this run has {world}, and "
+                         f"DeepSpeed's ds_to_universal could not convert it to another partitioning ({' | '.join(last)[-400:]}); "
+                         f"resume it with {saved_world} ranks in all (nodes x GPUs per node), or start a new --output_dir from a "
+                         f"saved model (--model_name_or_path <run>/final)")
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    log.info("%s was saved by %d ranks under ZeRO-%d, this run has %d: converted to DeepSpeed's universal checkpoint %s in "
+             "%.1f s (%.2f GB; deleted once loaded)", directory, saved_world, zero_stage, world, target,
+             time.monotonic() - started, size / 1e9)

@@ -9,7 +9,8 @@ the checkpoint's global batch): every step's samples over all ranks equal the un
 on the new world size, and its losses within 1e-5. Not bit for bit: 2 ranks average two halves'
 gradients through an all-reduce where 1 rank sums its micro batches, so fp32 rounds differently
 (~1e-7 relative per step); a sample repeated, skipped or a batch shifted moves a loss by 1e-3 or
-more. ZeRO's partitioned optimizer state is still refused on another world size, with the reason."""
+more. ZeRO checkpoints the same way through DeepSpeed's universal checkpoint, for each stage: the
+losses within 1e-5 of the uninterrupted run on the new world size, for the same reason."""
 
 import json
 import shutil
@@ -90,9 +91,12 @@ def test_sample_records_of_ranks_gone_after_a_resume_end_at_its_checkpoint(tmp_p
 # ----------------------------------------------------------------------------------- runs
 
 
-def torchrun(ranks: int, argv: list[str]) -> None:
-    run_launcher([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-                  "launch/pretrain.py", *argv])
+def launch(world: int, argv: list[str]) -> str:
+    """launch/pretrain.py on `world` ranks (one: plain python); its output."""
+    if world == 1:
+        return run_launcher([str(VENV_BIN / "python"), "launch/pretrain.py", *argv]).stdout
+    return run_launcher([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()),
+                         "launch/pretrain.py", *argv]).stdout
 
 
 def step_samples(out, world: int) -> dict[int, list[int]]:
@@ -131,7 +135,7 @@ def test_ddp_checkpoint_resumes_on_fewer_and_on_more_ranks(small_corpus, tokeniz
     two_ranks = dict(common, gradient_accumulation_steps=1)  # 4 x 1 x 2 = 8
     ref1, ref2 = tmp_path / "one", tmp_path / "two"
     pretrain_main(pretrain_args(small_corpus, tokenizer_dir, ref1, **one_rank))
-    torchrun(2, pretrain_args(small_corpus, tokenizer_dir, ref2, **two_ranks))
+    launch(2, pretrain_args(small_corpus, tokenizer_dir, ref2, **two_ranks))
     assert step_samples(ref1, 1) == step_samples(ref2, 2)  # the same global batches, epoch after epoch
     saved = json.loads((ref2 / f"checkpoint-{save_at}" / "trainer_state.json").read_text())
     assert (saved["epoch"], saved["samples_in_epoch"], saved["global_batch"]) == (1, 8, 8), saved
@@ -149,7 +153,7 @@ def test_ddp_checkpoint_resumes_on_fewer_and_on_more_ranks(small_corpus, tokeniz
     pretrain_main(pretrain_args(small_corpus, tokenizer_dir, fewer, **two_ranks))
     # 1 rank -> 2, by the 1-rank command (accumulation 2): it becomes 1
     more = resumed_from(ref1, 1, "more")
-    torchrun(2, pretrain_args(small_corpus, tokenizer_dir, more, **one_rank))
+    launch(2, pretrain_args(small_corpus, tokenizer_dir, more, **one_rank))
 
     for out, reference, world in ((fewer, ref1, 2), (more, ref2, 2)):
         assert step_samples(out, world) == step_samples(reference, 2), out.name  # no sample repeated or skipped
@@ -164,18 +168,42 @@ def test_ddp_checkpoint_resumes_on_fewer_and_on_more_ranks(small_corpus, tokeniz
 
 
 @pytest.mark.slow
-def test_zero_checkpoint_of_two_ranks_is_refused_by_one(corpus, tokenizer_dir, tmp_path):
-    """ZeRO's optimizer state is partitioned over the saving ranks: refused before loading, naming
-    both sizes and the way forward."""
-    out = tmp_path / "zero2"
-    flags = dict(max_steps=2, save_steps=2, deepspeed="ds_configs/zero2.json", resume="auto")
-    torchrun(2, pretrain_args(corpus, tokenizer_dir, out, **flags))
-    with pytest.raises(AssertionError) as failed:
-        torchrun(1, pretrain_args(corpus, tokenizer_dir, out, **dict(flags, max_steps=4)))
-    message = str(failed.value)
-    assert "exitcode  : 2" in message, message[-3000:]  # torchrun exits 1 and reports the rank's 2
-    assert "checkpoint-2 was saved by 2 ranks under DeepSpeed ZeRO, this run has 1" in message, message[-3000:]
-    assert "--nproc_per_node 2" in message, message[-3000:]
+@pytest.mark.parametrize("stage,saved_world,world", [(1, 2, 1), (2, 2, 1), (3, 1, 2)], ids=["zero1-2to1", "zero2-2to1", "zero3-1to2"])
+def test_zero_checkpoint_resumes_on_another_world_size(stage, saved_world, world, corpus, tokenizer_dir, tmp_path):
+    """Converted to DeepSpeed's universal checkpoint on the way (logged, then deleted), the same
+    global batch of 8 (micro 4 x accumulation x world), every later step's samples those of the
+    uninterrupted run on the new world size and its losses within 1e-5."""
+    flags = dict(max_steps=6, save_steps=3, zero_stage=stage, validation_split_ratio=0, record_sample_ids=True, resume="auto")
+    saving, uninterrupted, resumed = tmp_path / "saving", tmp_path / "uninterrupted", tmp_path / "resumed"
+    launch(saved_world, pretrain_args(corpus, tokenizer_dir, saving, gradient_accumulation_steps=2 // saved_world, **flags))
+    launch(world, pretrain_args(corpus, tokenizer_dir, uninterrupted, gradient_accumulation_steps=2 // world, **flags))
+    resumed.mkdir()
+    shutil.copytree(saving / "checkpoint-3", resumed / "checkpoint-3")
+    # the saving run's own command: its accumulation is recomputed from the checkpoint's global batch
+    log = launch(world, pretrain_args(corpus, tokenizer_dir, resumed, gradient_accumulation_steps=2 // saved_world, **flags))
+    assert (f"checkpoint-3 was saved by {saved_world} ranks under ZeRO-{stage}, this run has {world}: converted to "
+            f"DeepSpeed's universal checkpoint") in log, log[-3000:]
+    assert not (resumed / "checkpoint-3.universal").exists()  # deleted once loaded
+    assert step_samples(resumed, world) == {s: ids for s, ids in step_samples(uninterrupted, world).items() if s > 3}
+    got, expected = read_losses(resumed), read_losses(uninterrupted)
+    assert sorted(got) == [4, 5, 6], got
+    worst = max(abs(got[s] - expected[s]) for s in got)
+    assert worst < 1e-5, f"max |loss difference| {worst:.2e}"
+
+
+def test_a_zero_checkpoint_deepspeed_cannot_convert_is_refused_with_the_way_that_works(tmp_path):
+    """ds_to_universal failing (here: a checkpoint without its optimizer shards) stops the resume
+    with the sizes and the fix, and leaves no half-written conversion behind."""
+    from trainers.runtime import to_universal
+
+    (tmp_path / "checkpoint-4" / "deepspeed").mkdir(parents=True)
+    target = tmp_path / "checkpoint-4.universal"
+    with pytest.raises(UsageError) as refused:
+        to_universal(tmp_path / "checkpoint-4", target, saved_world=4, world=2, zero_stage=2)
+    message = str(refused.value)
+    assert "checkpoint-4 was saved by 4 ranks under ZeRO-2, this run has 2" in message, message
+    assert "ds_to_universal could not convert it" in message and "resume it with 4 ranks in all" in message, message
+    assert not target.exists()
 
 
 def test_a_checkpoint_of_0_14_keeps_its_global_batch_and_length_grouping(tmp_path):
