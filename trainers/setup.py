@@ -9,7 +9,10 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +67,87 @@ def start(run: Run, model_config) -> Runtime:
     seed_everything(cfg.run.seed)
     runtime = Runtime(cfg.dist, cfg.batch, cfg.optim, run.sources, hidden_size=model_config.hidden_size)
     setup_logging(runtime.is_main)
+    check_shared_filesystem(runtime, shared_places(cfg))
     check_plan_agrees(runtime, cfg)
     check_torch_compile(cfg.model.torch_compile, runtime.device, runtime.zero_stage)
     if runtime.is_main:
         save_resolved_config(cfg, out / "resolved_config.yaml")
     return runtime
+
+
+def shared_places(cfg) -> dict[str, Path]:
+    """The directories every rank must see as rank 0 writes them: the output directory
+    (checkpoints: every rank writes its shards and RNG state into one directory, a resume on another
+    world size reads the conversion rank 0 wrote) and the data cache (rank 0 builds it, the others
+    read it)."""
+    explicit = getattr(cfg.data, "data_cache_dir", "")
+    cache = ("--data_cache_dir", Path(explicit).expanduser()) if explicit else \
+        ("the data cache ($TRAINRIG_CACHE, --data_cache_dir)", Path(os.environ.get("TRAINRIG_CACHE", "~/.cache/trainrig")).expanduser())
+    return {"--output_dir": Path(cfg.run.output_dir), cache[0]: cache[1]}
+
+
+SHARED_PROBE_WAIT_S = 10  # a network filesystem may show another client's new file a moment late
+
+
+def check_shared_filesystem(runtime, places: dict[str, Path]) -> None:
+    """With several ranks: rank 0 writes a probe file into each place, and every rank must read
+    it back. A node with its own disk at that path (a node-local /tmp, /scratch, or a mount
+    missing on one node) stops the run here, named, instead of writing its checkpoint shards where
+    no resume will find them or building a data cache of its own. All ranks call this."""
+    if runtime.world_size == 1:
+        return
+    token, problem = (uuid.uuid4().hex, None) if runtime.is_main else (None, None)
+    if runtime.is_main:
+        for label, path in places.items():
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / f".trainrig-shared-{token}").write_text(token)
+            except OSError as err:
+                problem = f"{label} {path}: not writable ({err.strerror}); choose a directory you can write to"
+                break
+    token, problem, writer = runtime.broadcast_object((token, problem, node_name()))
+    if problem:
+        raise UsageError(problem)
+    deadline = time.monotonic() + SHARED_PROBE_WAIT_S
+    blind = []
+    for label, path in places.items():
+        probe = path / f".trainrig-shared-{token}"
+        while not _holds(probe, token) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _holds(probe, token):
+            blind.append(label)
+    unseen = runtime.gather_objects([(label, runtime.rank, node_name()) for label in blind])
+    if runtime.is_main:
+        for path in places.values():
+            (path / f".trainrig-shared-{token}").unlink(missing_ok=True)
+    if unseen:
+        raise UsageError(unshared_message(places, writer, unseen))
+
+
+def node_name() -> str:
+    """This machine as its scheduler names it (Slurm's node name), else its host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _holds(probe: Path, token: str) -> bool:
+    try:
+        return probe.read_text() == token
+    except OSError:
+        return False
+
+
+def unshared_message(places: dict[str, Path], writer: str, unseen: list[tuple[str, int, str]]) -> str:
+    """The error for the (place, rank, node) triples that could not read rank 0's probe file."""
+    label = unseen[0][0]
+    nodes: dict[str, list[int]] = {}
+    for place, rank, node in unseen:
+        if place == label:
+            nodes.setdefault(node, []).append(rank)
+    where = ", ".join(f"node {node} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" for node, ranks in nodes.items())
+    return (f"{label} {places[label]}: rank 0 on node {writer} wrote a file there that {where} cannot see after "
+            f"{SHARED_PROBE_WAIT_S} s: this directory must be one filesystem that every node mounts (checkpoints, the data "
+            f"cache and a resume on another world size are shared through it), not a node-local disk such as /tmp; put it on "
+            f"shared storage (NFS, Lustre, GPFS; $HOME on most clusters) and submit again")
 
 
 def attention(runtime: Runtime, model_cfg) -> tuple[str, str]:
