@@ -108,7 +108,9 @@ def request_for(run: Run, stage: str, hw: hardware.Hardware, plan_everything: bo
     else:
         micro = None if micro == "auto" else micro
         accumulation = None if accumulation == "auto" else accumulation
-    if accumulation is None and micro is not None and not batch.global_batch_size:
+    if batch.global_batch_size:
+        accumulation = None  # --global_batch_size fixes it, as in the trainer (a resume on another world size sets it)
+    elif accumulation is None and micro is not None:
         accumulation = 1
     from trainers.lora import settle_lora_flags  # imports torch, which `trainrig plan --help` need not
 
