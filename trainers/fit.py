@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -104,6 +105,7 @@ def fit(run, runtime, t: Training) -> dict:
     state = TrainState(world_size=runtime.world_size)
     resume_from = ckpt.resolve_resume(cfg.run.resume, out, runtime)
     if resume_from is not None:
+        loading = time.monotonic()
         record = ckpt.load_checkpoint(runtime, t.model, t.optimizer, resume_from, expect=t.layout)
         state = TrainState.from_json(record)
         keep_saved_grouping(t.sampler, record)
@@ -114,8 +116,8 @@ def fit(run, runtime, t: Training) -> dict:
             log.info("%s was saved by %d ranks, this run has %d: same global batch %d (micro %d x accumulation %d x world %d), "
                      "the data position split anew over the ranks", resume_from, saved_world, runtime.world_size,
                      micro * accumulation * runtime.world_size, micro, accumulation, runtime.world_size)
-        log.info("resumed from %s at step %d (epoch %d, %d %s into it per rank)",
-                 resume_from, state.step, state.epoch, state.samples_in_epoch, t.samples)
+        log.info("resumed from %s at step %d (epoch %d, %d %s into it per rank), loaded in %.1f s",
+                 resume_from, state.step, state.epoch, state.samples_in_epoch, t.samples, time.monotonic() - loading)
     state.layout = {**t.layout, "micro_batch": micro, "accumulation": accumulation, "length_group": t.sampler.group_size}
     tracker = Tracker(out, cfg.run.report_to, cfg.run.run_name, cfg, runtime.is_main, state.step)
     batches = batch_stream(t.loader, t.sampler, state, micro)
