@@ -7,8 +7,9 @@ node's ranks.
         world, the rendezvous endpoint, the plan and the resume point. A bad config exits 2 here.
     python -m launch.slurm node <entry script> [run flags]
         runs on every node (srun, one task per node) and execs torchrun for this node.
-    python -m launch.slurm outcome <status file> <srun exit status> <signal the batch shell got, or "">
-        runs after the step. It says how the attempt ended, requeues the job when the run stopped on
+    python -m launch.slurm outcome <status file> <srun exit status> <signal the batch shell got, or ""> [attempt log]
+        runs after the step. It says how the attempt ended (a failure: the node Slurm saw fail first
+        and trainrig's own error, from the attempt's log), requeues the job when the run stopped on
         Slurm's warning signal, and exits with the job's status: 0 done, 75 stopped with a checkpoint,
         anything else failed.
 
@@ -24,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from launch.planner.files import rendezvous_port
@@ -128,12 +131,14 @@ def header(script: str, args: list[str]) -> int:
     from launch.planner.search import plan
     from trainers.checkpoint import resolve_resume, step_of
     from trainers.config import parse_run
+    from trainers.setup import keep_resumed_global_batch
 
     job = job_from_env()
     hosts = allocation_hosts(job.nodelist)
     head = hosts[0]
     registered = stage_of_script(script)
     run = parse_run(registered.config, args, prog=script)
+    keep_resumed_global_batch(run, job.world_size)  # as the ranks will: a requeue onto other nodes keeps the global batch
     cfg = run.cfg
     stage = registered.plan_name(cfg)
     print(f"trainrig {stage}: Slurm job {job.job_id} ({job.name}), attempt {job.attempt + 1}"
@@ -151,9 +156,24 @@ def header(script: str, args: list[str]) -> int:
     out = Path(cfg.run.output_dir)
     resume = resolve_resume(cfg.run.resume, out, hashes=False)  # the ranks check the hashes when they start
     print(f"output: {out.resolve()}")
-    print(f"resume: from {resume} (step {step_of(resume)})" if resume else
+    print(f"resume: from {resume} (step {step_of(resume)}){other_world(resume, job.world_size)}" if resume else
           f"resume: none, starting at step 0 (--resume {cfg.run.resume})", flush=True)
     return 0
+
+
+def other_world(checkpoint: Path, world: int) -> str:
+    """What a resume on another number of ranks (a requeue onto other nodes) does, for the header."""
+    from trainers.checkpoint import saved_state
+
+    try:
+        saved = saved_state(checkpoint)
+    except (OSError, ValueError, KeyError):  # the ranks say why when they verify it
+        return ""
+    if saved["world_size"] == world:
+        return ""
+    zero = " and ZeRO's partitions converted (DeepSpeed's universal checkpoint)" if (checkpoint / "deepspeed").is_dir() else ""
+    return (f"; saved by {saved['world_size']} ranks, this job has {world}: the global batch of {saved['global_batch']} is kept "
+            f"(the accumulation recomputed), the data position split anew{zero}")
 
 
 def node(script: str, args: list[str]) -> int:
@@ -162,13 +182,45 @@ def node(script: str, args: list[str]) -> int:
     install their own handler (trainers/stopping.py), which replaces the inherited SIG_IGN."""
     job = job_from_env()
     command = node_command(job, head_node(job.nodelist), _check_script(script), args)
-    print(f"node {job.node_rank}/{job.nodes} ({os.uname().nodename}): {' '.join(command[:16])} ...", flush=True)
+    print(f"{time.strftime('%H:%M:%S')} node {job.node_rank}/{job.nodes} ({os.uname().nodename}): {' '.join(command[:16])} ...", flush=True)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     os.execv(command[0], command)
     return 0  # not reached
 
 
-def outcome(status_file: str, srun_status: int, batch_signal: str, job_id: str, run=subprocess.run) -> int:
+# srun's report of a task that ended badly ("srun: error: trn2: task 1: Killed", "... tasks 0-1: Exited with
+# exit code 1"), of a node Slurm lost ("srun: error: Node failure on trn2"), and of it ending the step after
+# the first bad task (--kill-on-bad-exit: "srun: launch/slurm: _step_signal: Terminating StepId=8.0")
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+?)\s*$", re.M)
+_SRUN_NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)", re.M)
+_SRUN_TERMINATING = re.compile(r"^srun: .*Terminating (StepId|job step)", re.M)
+
+
+def failure_summary(log: str) -> str:
+    """Why an attempt failed, from its log, in one clause: the node whose task failed first -- the
+    ones srun reported before it ended the step; the rest are the tasks it then terminated -- and
+    trainrig's own first error line."""
+    parts = []
+    lost = _SRUN_NODE_FAILURE.findall(log)
+    terminating = _SRUN_TERMINATING.search(log)
+    first = _SRUN_TASK_ERROR.findall(log[:terminating.start()] if terminating else log) or _SRUN_TASK_ERROR.findall(log)
+    if lost:
+        parts.append(f"Slurm lost node {lost[0]}")
+    elif first:
+        node, task, what = first[0]
+        if what.startswith("Exited with exit code"):
+            parts.append(f"node {node} failed first (srun: task {task}: {what})")
+        else:  # a signal from outside the run: killed, out of memory, crashed
+            others = sorted({n for n, _, _ in _SRUN_TASK_ERROR.findall(log)} - {node})
+            parts.append(f"node {node} failed first (srun: task {task}: {what})" +
+                         (f"; the ranks on {', '.join(others)} stopped when they lost it" if others else ""))
+    error = next((line.strip() for line in log.splitlines() if line.startswith("error: ")), None)
+    if error:
+        parts.append(error)
+    return "; ".join(parts)
+
+
+def outcome(status_file: str, srun_status: int, batch_signal: str, job_id: str, run=subprocess.run, log: str = "") -> int:
     """How the attempt ended, and the job's exit status: 0 completed, 75 stopped with a complete
     checkpoint, else failed. Reads the status file rank 0 wrote (trainers/stopping.py) and the
     step's exit status.
@@ -180,8 +232,10 @@ def outcome(status_file: str, srun_status: int, batch_signal: str, job_id: str, 
     path = Path(status_file)
     status = json.loads(path.read_text()) if path.is_file() else None
     if status is None:
-        print(f"training failed (srun exit {srun_status}) before it finished or saved a stop checkpoint; "
-              f"see the errors above; not requeueing", flush=True)
+        why = failure_summary(log)
+        print(f"training failed (srun exit {srun_status}) before it finished or saved a stop checkpoint"
+              f"{': ' + why if why else ''}; see the log above; not requeueing (the same command resumes from the "
+              f"newest complete checkpoint)", flush=True)
         return srun_status or 1
     if status["status"] == "completed":
         print(f"training completed at step {status['step']}; outputs in {status['output_dir']}", flush=True)
@@ -218,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         return header(argv[1], argv[2:])
     if len(argv) >= 2 and argv[0] == "node":
         return node(argv[1], argv[2:])
-    if len(argv) == 4 and argv[0] == "outcome":
-        return outcome(argv[1], int(argv[2]), argv[3], job_from_env().job_id)
+    if len(argv) in (4, 5) and argv[0] == "outcome":
+        log = Path(argv[4]).read_text(errors="replace") if len(argv) == 5 and Path(argv[4]).is_file() else ""
+        return outcome(argv[1], int(argv[2]), argv[3], job_from_env().job_id, log=log)
     raise UsageError("usage: python -m launch.slurm {header,node} <entry script> [run flags] | "
-                     "outcome <status file> <srun exit status> <signal>")
+                     "outcome <status file> <srun exit status> <signal> [attempt log]")
 
 
 if __name__ == "__main__":

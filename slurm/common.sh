@@ -5,7 +5,7 @@
 #   batch node:  launch.slurm header   job, nodes, world, plan, resume point (a bad config exits 2 here)
 #   every node:  srun (one task per node) -> launch.slurm node -> torchrun -> the entry script's ranks
 #   batch node:  launch.slurm outcome  completed (exit 0) | stopped with a checkpoint (75, requeued
-#                                      after SIGUSR2) | failed
+#                                      after SIGUSR2) | failed (naming the node that failed first)
 #
 # Preemption and time limits: the sbatch scripts ask for `--signal=B:USR2@<seconds>`, so Slurm
 # warns only this shell. The shell forwards SIGUSR2 to srun, and srun passes it to every process
@@ -71,7 +71,7 @@ trainrig_slurm_run() {
     done
     trap - USR2 TERM
 
-    "$python" -m launch.slurm outcome "$TRAINRIG_STATUS_FILE" "$status" "$got_signal"
+    "$python" -m launch.slurm outcome "$TRAINRIG_STATUS_FILE" "$status" "$got_signal" "$base.log"
     status=$?
     echo "=== $(date '+%F %T') attempt $((attempt + 1)) of job $SLURM_JOB_ID ends with status $status"
     exec >&- 2>&-; wait "$tee_pid"

@@ -565,7 +565,9 @@ def to_universal(directory: Path, target: Path, saved_world: int, world: int, ze
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / "deepspeed"),
                "--output_folder", str(target / "deepspeed"), "--inject_missing_state"]
     started = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    # file work on the CPU: kept off the GPUs the ranks hold (no CUDA context, no DeepSpeed GPU accelerator)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         shutil.rmtree(target, ignore_errors=True)
         last = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-2:]

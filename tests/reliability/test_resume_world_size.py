@@ -168,11 +168,12 @@ def test_ddp_checkpoint_resumes_on_fewer_and_on_more_ranks(small_corpus, tokeniz
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,saved_world,world", [(1, 2, 1), (2, 2, 1), (3, 1, 2)], ids=["zero1-2to1", "zero2-2to1", "zero3-1to2"])
+@pytest.mark.parametrize("stage,saved_world,world", [(1, 2, 1), (3, 1, 2)], ids=["zero1-2to1", "zero3-1to2"])
 def test_zero_checkpoint_resumes_on_another_world_size(stage, saved_world, world, corpus, tokenizer_dir, tmp_path):
     """Converted to DeepSpeed's universal checkpoint on the way (logged, then deleted), the same
     global batch of 8 (micro 4 x accumulation x world), every later step's samples those of the
-    uninterrupted run on the new world size and its losses within 1e-5."""
+    uninterrupted run on the new world size and its losses within 1e-5. ZeRO-2 (DeepSpeed's and
+    trainrig's code path of ZeRO-1) runs 4 ranks on 2 nodes -> 2 on 1 in tests/slurm/test_sbatch.py."""
     flags = dict(max_steps=6, save_steps=3, zero_stage=stage, validation_split_ratio=0, record_sample_ids=True, resume="auto")
     saving, uninterrupted, resumed = tmp_path / "saving", tmp_path / "uninterrupted", tmp_path / "resumed"
     launch(saved_world, pretrain_args(corpus, tokenizer_dir, saving, gradient_accumulation_steps=2 // saved_world, **flags))

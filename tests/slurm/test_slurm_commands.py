@@ -1,6 +1,6 @@
 """launch/slurm.py without a cluster: the per-node torchrun line of a 2-node x 8-GPU allocation
-(one machine cannot host two real nodes), the head-node rule, and what an attempt's outcome
-decides (exit status, requeue or not)."""
+(the GPU counts a CPU test cluster cannot have), the head-node rule, and what an attempt's outcome
+decides (exit status, requeue or not, the node named when one failed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from launch.planner.files import rendezvous_port
-from launch.slurm import head_node, job_from_env, node_command, outcome
+from launch.slurm import failure_summary, head_node, job_from_env, node_command, outcome
 from trainers.errors import UsageError
 from trainers.stopping import STOPPED_EXIT_STATUS
 
@@ -113,3 +113,26 @@ def test_completed_failed_and_a_missing_scontrol(tmp_path, capsys):
     assert outcome(stopped, 1, "USR2", "4242", run=missing) == STOPPED_EXIT_STATUS  # non-zero, and no hang
     assert "error: scontrol requeue 4242 failed (scontrol is not on PATH); submit the same command again" in capsys.readouterr().out
 
+
+
+def test_a_failed_attempt_names_the_node_that_failed_first(tmp_path, capsys):
+    """The task srun saw fail before it ended the step is named, not those it then terminated;
+    trainrig's own error line follows (srun's lines as Slurm 22.05 writes them)."""
+    killed = ("step 12/40 loss 5.1\n"
+              "srun: error: trn2: task 1: Killed\n"
+              "srun: launch/slurm: _step_signal: Terminating StepId=8.0\n"
+              "slurmstepd-trn1: error: *** STEP 8.0 ON trn1 CANCELLED AT 2026-12-07T00:15:15 ***\n"
+              "srun: error: trn1: task 0: Exited with exit code 1\n")
+    assert outcome(str(tmp_path / "never-written.json"), 137, "", "7", log=killed) == 137
+    out = capsys.readouterr().out
+    assert ("training failed (srun exit 137) before it finished or saved a stop checkpoint: node trn2 failed first "
+            "(srun: task 1: Killed); the ranks on trn1 stopped when they lost it; see the log above; not requeueing") in out, out
+    refused = ("error: --output_dir /scratch/out: rank 0 on node trn1 wrote a file there that node trn2 (rank 1) cannot see\n"
+               "srun: error: trn1: task 0: Exited with exit code 1\n"
+               "srun: launch/slurm: _step_signal: Terminating StepId=3.0\n"
+               "srun: error: trn2: task 1: Terminated\n")
+    assert failure_summary(refused) == ("node trn1 failed first (srun: task 0: Exited with exit code 1); error: --output_dir "
+                                        "/scratch/out: rank 0 on node trn1 wrote a file there that node trn2 (rank 1) cannot see")
+    assert failure_summary("srun: error: Node failure on trn2\nsrun: error: trn1: task 0: Exited with exit code 1\n") == \
+        "Slurm lost node trn2"
+    assert failure_summary("") == ""
