@@ -156,13 +156,14 @@ def header(script: str, args: list[str]) -> int:
     out = Path(cfg.run.output_dir)
     resume = resolve_resume(cfg.run.resume, out, hashes=False)  # the ranks check the hashes when they start
     print(f"output: {out.resolve()}")
-    print(f"resume: from {resume} (step {step_of(resume)}){other_world(resume, job.world_size)}" if resume else
+    print(f"resume: from {resume} (step {step_of(resume)}){other_world(resume, job.world_size, cfg.batch.global_batch_size)}" if resume else
           f"resume: none, starting at step 0 (--resume {cfg.run.resume})", flush=True)
     return 0
 
 
-def other_world(checkpoint: Path, world: int) -> str:
-    """What a resume on another number of ranks (a requeue onto other nodes) does, for the header."""
+def other_world(checkpoint: Path, world: int, global_batch: int) -> str:
+    """What a resume on another number of ranks (a requeue onto other nodes) does, for the header;
+    `global_batch`: the job's, the checkpoint's unless --global_batch_size names another."""
     from trainers.checkpoint import saved_state
 
     try:
@@ -171,6 +172,9 @@ def other_world(checkpoint: Path, world: int) -> str:
         return ""
     if saved["world_size"] == world:
         return ""
+    if global_batch != saved["global_batch"]:
+        return (f"; saved by {saved['world_size']} ranks with a global batch of {saved['global_batch']}, this job asks for "
+                f"{global_batch}: the ranks will refuse it (drop --global_batch_size, or give {saved['global_batch']})")
     zero = " and ZeRO's partitions converted (DeepSpeed's universal checkpoint)" if (checkpoint / "deepspeed").is_dir() else ""
     return (f"; saved by {saved['world_size']} ranks, this job has {world}: the global batch of {saved['global_batch']} is kept "
             f"(the accumulation recomputed), the data position split anew{zero}")
@@ -197,27 +201,34 @@ _SRUN_TERMINATING = re.compile(r"^srun: .*Terminating (StepId|job step)", re.M)
 
 
 def failure_summary(log: str) -> str:
-    """Why an attempt failed, from its log, in one clause: the node whose task failed first -- the
-    ones srun reported before it ended the step; the rest are the tasks it then terminated -- and
-    trainrig's own first error line."""
-    parts = []
+    """Why an attempt failed, from its log, in one clause. A node whose task srun saw die by a signal
+    (killed, out of memory, crashed) before it ended the step is named first: the tasks after that
+    line are the ones srun then terminated. Otherwise trainrig's own first error line leads, and the
+    node whose task exited first follows."""
     lost = _SRUN_NODE_FAILURE.findall(log)
     terminating = _SRUN_TERMINATING.search(log)
     first = _SRUN_TASK_ERROR.findall(log[:terminating.start()] if terminating else log) or _SRUN_TASK_ERROR.findall(log)
-    if lost:
-        parts.append(f"Slurm lost node {lost[0]}")
-    elif first:
-        node, task, what = first[0]
-        if what.startswith("Exited with exit code"):
-            parts.append(f"node {node} failed first (srun: task {task}: {what})")
-        else:  # a signal from outside the run: killed, out of memory, crashed
-            others = sorted({n for n, _, _ in _SRUN_TASK_ERROR.findall(log)} - {node})
-            parts.append(f"node {node} failed first (srun: task {task}: {what})" +
-                         (f"; the ranks on {', '.join(others)} stopped when they lost it" if others else ""))
     error = next((line.strip() for line in log.splitlines() if line.startswith("error: ")), None)
-    if error:
-        parts.append(error)
-    return "; ".join(parts)
+    if lost:
+        return "; ".join([f"Slurm lost node {lost[0]}", *([error] if error else [])])
+    if not first:
+        return error or ""
+    node, task, what = first[0]
+    if what.startswith("Exited with exit code"):
+        return "; ".join([*([error] if error else []), f"the first task to end was node {node}'s (srun: task {task}: {what})"])
+    others = sorted({n for n, _, _ in _SRUN_TASK_ERROR.findall(log)} - {node})
+    return "; ".join([f"node {node} failed first (srun: task {task}: {what})" +
+                      (f"; the ranks on {', '.join(others)} stopped when they lost it" if others else ""), *([error] if error else [])])
+
+
+def read_settled(path: Path, quiet_s: float = 0.5, limit_s: float = 5.0) -> str:
+    """A log another process (the batch shell's tee) may still be appending to: read once its size
+    has held for `quiet_s` (srun's last lines reach it a moment after srun exits), at most `limit_s`."""
+    deadline, size = time.monotonic() + limit_s, -1
+    while path.is_file() and path.stat().st_size != size and time.monotonic() < deadline:
+        size = path.stat().st_size
+        time.sleep(quiet_s)
+    return path.read_text(errors="replace") if path.is_file() else ""
 
 
 def outcome(status_file: str, srun_status: int, batch_signal: str, job_id: str, run=subprocess.run, log: str = "") -> int:
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "node":
         return node(argv[1], argv[2:])
     if len(argv) in (4, 5) and argv[0] == "outcome":
-        log = Path(argv[4]).read_text(errors="replace") if len(argv) == 5 and Path(argv[4]).is_file() else ""
+        log = read_settled(Path(argv[4])) if len(argv) == 5 and int(argv[2]) != 0 else ""
         return outcome(argv[1], int(argv[2]), argv[3], job_from_env().job_id, log=log)
     raise UsageError("usage: python -m launch.slurm {header,node} <entry script> [run flags] | "
                      "outcome <status file> <srun exit status> <signal> [attempt log]")

@@ -56,7 +56,7 @@ def test_an_output_dir_rank_0_cannot_write_stops_every_rank(tmp_path):
         setup.check_shared_filesystem(OneRank(1, 2, sent=(None, f"--output_dir {tmp_path / 'out'}: not writable (x)", "a")), places(tmp_path))
 
 
-def test_one_process_checks_nothing_and_the_cache_defaults_to_trainrig_cache(tmp_path, monkeypatch):
+def test_one_process_checks_nothing_and_the_places_probed(tmp_path, monkeypatch):
     setup.check_shared_filesystem(OneRank(0, 1), {"--output_dir": tmp_path / "never-made"})
     assert not (tmp_path / "never-made").exists()
     monkeypatch.setenv("TRAINRIG_CACHE", str(tmp_path / "c"))
@@ -71,3 +71,5 @@ def test_one_process_checks_nothing_and_the_cache_defaults_to_trainrig_cache(tmp
     assert list(setup.shared_places(Cfg).values()) == [tmp_path / "o", tmp_path / "c"]
     Cfg.data.data_cache_dir = str(tmp_path / "mine")
     assert setup.shared_places(Cfg) == {"--output_dir": tmp_path / "o", "--data_cache_dir": Path(tmp_path / "mine")}
+    del Cfg.data.data_cache_dir  # a stage without a data cache (the reward model) probes its output directory alone
+    assert setup.shared_places(Cfg) == {"--output_dir": tmp_path / "o"}

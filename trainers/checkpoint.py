@@ -231,10 +231,11 @@ def saved_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict:
+def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict, work_dir: Path) -> dict:
     """Restore model, optimizer and this rank's RNG; return trainer_state. `expect`: settings the
     checkpoint must have been saved with (the global batch, the data's shape), checked before
-    anything is loaded. `path` comes from resolve_resume, which verified it.
+    anything is loaded. `path` comes from resolve_resume, which verified it. `work_dir`: this run's
+    output directory, where a ZeRO checkpoint is converted for another world size.
 
     Another world size is fine: the data order depends on the global batch only (ResumableSampler),
     the caller maps the data position, and the runtime loads whole tensors (DDP) or converts ZeRO's
@@ -250,7 +251,7 @@ def load_checkpoint(runtime, model, optimizer, path: Path, expect: dict) -> dict
             raise UsageError(f"{path} was saved with {key} {state.get(key)}, this run uses {now}; "
                              f"resume with the same batch settings or start a new --output_dir")
     saved_world = state["world_size"]
-    runtime.load_training_state(model, optimizer, path, saved_world)
+    runtime.load_training_state(model, optimizer, path, saved_world, work_dir)
     if runtime.rank < saved_world:
         set_rng_state(load_plain(path / f"rng_state_{runtime.rank}.pt"))
     return state

@@ -106,7 +106,7 @@ def fit(run, runtime, t: Training) -> dict:
     resume_from = ckpt.resolve_resume(cfg.run.resume, out, runtime)
     if resume_from is not None:
         loading = time.monotonic()
-        record = ckpt.load_checkpoint(runtime, t.model, t.optimizer, resume_from, expect=t.layout)
+        record = ckpt.load_checkpoint(runtime, t.model, t.optimizer, resume_from, expect=t.layout, work_dir=out)
         state = TrainState.from_json(record)
         keep_saved_grouping(t.sampler, record)
         saved_world = state.world_size

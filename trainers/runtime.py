@@ -323,12 +323,13 @@ class Runtime(Collectives):
         if self.is_main:
             save_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
 
-    def load_training_state(self, model, optimizer, directory: Path, saved_world: int) -> None:
+    def load_training_state(self, model, optimizer, directory: Path, saved_world: int, work_dir: Path) -> None:
         """save_training_state's files back, from a checkpoint saved by `saved_world` ranks. DDP's
         (and one process's) files hold whole tensors and load on any world size. ZeRO's are the
         saving ranks' partitions: on another world size they are first converted to DeepSpeed's
-        universal checkpoint (one file per parameter and optimizer state, whole), which each rank
-        then slices for the new partitioning."""
+        universal checkpoint (one file per parameter and optimizer state, whole) in `work_dir`
+        (this run's output directory, which every rank sees), and each rank slices it for the new
+        partitioning."""
         frozen = _has_frozen_parameters(self.unwrap(model))
         if not self.uses_deepspeed:
             load_model_state(self.unwrap(model), optimizer, directory, trainable_only=frozen)
@@ -336,8 +337,10 @@ class Runtime(Collectives):
         check_deepspeed_files_safe(directory / "deepspeed")  # before DeepSpeed (or its converter) unpickles them
         if saved_world == self.world_size:
             _load_deepspeed(model, directory, frozen)
+            if self.is_main:
+                remove_conversions(work_dir)  # one an earlier attempt left when it failed mid-load
             return
-        universal = self._universal_checkpoint(directory, saved_world)
+        universal = self._universal_checkpoint(directory, saved_world, work_dir)
         # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group group 0's hyperparameters
         # (weight decay 0.1 onto the norms and biases: losses off by 5e-5 two steps later) and one
         # shared step tensor, which AdamW then advances once per group and step (the second group's
@@ -360,11 +363,11 @@ class Runtime(Collectives):
                 state["step"] = state["step"].clone()
         self.barrier()  # every rank has read its slices
         if self.is_main:
-            shutil.rmtree(universal, ignore_errors=True)
+            remove_conversions(work_dir)
 
-    def _universal_checkpoint(self, directory: Path, saved_world: int) -> Path:
+    def _universal_checkpoint(self, directory: Path, saved_world: int, work_dir: Path) -> Path:
         """to_universal on rank 0 while the others wait (the time counts against --ddp_timeout)."""
-        target = directory.parent / f"{directory.name}.universal"
+        target = work_dir / f"{directory.name}.universal"
         self.main_first(lambda: to_universal(directory, target, saved_world, self.world_size, self.zero_stage) if self.is_main else None)
         return target
 
@@ -557,25 +560,35 @@ def _deepspeed_safe_globals() -> list:
 
 def to_universal(directory: Path, target: Path, saved_world: int, world: int, zero_stage: int) -> None:
     """A ZeRO checkpoint's shards of `saved_world` ranks -> `target`/deepspeed/, DeepSpeed's universal
-    checkpoint, by its own converter (ds_to_universal, in a child process: it forks workers).
-    `target` sits beside the checkpoint, on the filesystem every rank reads it from; the caller
-    deletes it once loaded, since it is as large as the optimizer state (12 B per trained parameter).
-    A conversion DeepSpeed cannot do is a UsageError naming the way that still works."""
-    shutil.rmtree(target, ignore_errors=True)  # a conversion an earlier attempt did not finish
+    checkpoint, by its own converter (ds_to_universal, in a child process: it forks workers). It
+    writes every partition's fragments, then merges them per parameter, so it needs about twice the
+    optimizer state on disk at its peak (24 B per trained parameter) and the state once when done;
+    the caller deletes it once loaded. A conversion that cannot be done is a UsageError (every rank
+    gets it) naming the way that still works."""
+    remove_conversions(target.parent)  # what an earlier attempt did not finish or delete
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / "deepspeed"),
                "--output_folder", str(target / "deepspeed"), "--inject_missing_state"]
     started = time.monotonic()
     # file work on the CPU: kept off the GPUs the ranks hold (no CUDA context, no DeepSpeed GPU accelerator)
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    refusal = (f"{directory} was saved by {saved_world} ranks under ZeRO-{zero_stage}, this run has {world}, and converting "
+               f"it to another partitioning (DeepSpeed's ds_to_universal, into {target}) failed")
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if proc.returncode == 0 else 0
+    except OSError as err:
+        remove_conversions(target.parent)
+        raise UsageError(f"{refusal} ({err}); free space there, or resume it with {saved_world} ranks in all (nodes x GPUs per node)") from None
     if proc.returncode != 0:
-        shutil.rmtree(target, ignore_errors=True)
+        remove_conversions(target.parent)
         last = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-2:]
-        raise UsageError(f"{directory} was saved by {saved_world} ranks under ZeRO-{zero_stage}, this run has {world}, and "
-                         f"DeepSpeed's ds_to_universal could not convert it to another partitioning ({' | '.join(last)[-400:]}); "
-                         f"resume it with {saved_world} ranks in all (nodes x GPUs per node), or start a new --output_dir from a "
-                         f"saved model (--model_name_or_path <run>/final)")
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        raise UsageError(f"{refusal} ({' | '.join(last)[-400:]}); resume it with {saved_world} ranks in all (nodes x GPUs per node)")
     log.info("%s was saved by %d ranks under ZeRO-%d, this run has %d: converted to DeepSpeed's universal checkpoint %s in "
              "%.1f s (%.2f GB; deleted once loaded)", directory, saved_world, zero_stage, world, target,
              time.monotonic() - started, size / 1e9)
+
+
+def remove_conversions(work_dir: Path) -> None:
+    """Delete the universal-checkpoint conversions in `work_dir` (`checkpoint-<step>.universal/`)."""
+    for conversion in work_dir.glob("checkpoint-*.universal"):
+        shutil.rmtree(conversion, ignore_errors=True)

@@ -4,6 +4,7 @@ arithmetic, the runtime, logging, the checks all ranks must pass, the model's fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -78,12 +79,14 @@ def start(run: Run, model_config) -> Runtime:
 def shared_places(cfg) -> dict[str, Path]:
     """The directories every rank must see as rank 0 writes them: the output directory
     (checkpoints: every rank writes its shards and RNG state into one directory, a resume on another
-    world size reads the conversion rank 0 wrote) and the data cache (rank 0 builds it, the others
-    read it)."""
-    explicit = getattr(cfg.data, "data_cache_dir", "")
-    cache = ("--data_cache_dir", Path(explicit).expanduser()) if explicit else \
-        ("the data cache ($TRAINRIG_CACHE, --data_cache_dir)", Path(os.environ.get("TRAINRIG_CACHE", "~/.cache/trainrig")).expanduser())
-    return {"--output_dir": Path(cfg.run.output_dir), cache[0]: cache[1]}
+    world size reads the conversion rank 0 wrote) and, for a stage that caches its data, the data
+    cache (rank 0 builds it, the others read it)."""
+    places = {"--output_dir": Path(cfg.run.output_dir)}
+    if not hasattr(cfg.data, "data_cache_dir"):  # the reward model reads its pairs without a cache
+        return places
+    if cfg.data.data_cache_dir:
+        return {**places, "--data_cache_dir": Path(cfg.data.data_cache_dir).expanduser()}
+    return {**places, "the data cache ($TRAINRIG_CACHE, --data_cache_dir)": Path(os.environ.get("TRAINRIG_CACHE", "~/.cache/trainrig")).expanduser()}
 
 
 SHARED_PROBE_WAIT_S = 10  # a network filesystem may show another client's new file a moment late
@@ -97,29 +100,32 @@ def check_shared_filesystem(runtime, places: dict[str, Path]) -> None:
     if runtime.world_size == 1:
         return
     token, problem = (uuid.uuid4().hex, None) if runtime.is_main else (None, None)
-    if runtime.is_main:
+    probes = {label: path / f".trainrig-shared-{token}" for label, path in places.items()}
+    try:
+        if runtime.is_main:
+            for label, path in places.items():
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                    probes[label].write_text(token)
+                except OSError as err:
+                    problem = f"{label} {path}: not writable ({err.strerror}); choose a directory you can write to"
+                    break
+        token, problem, writer = runtime.broadcast_object((token, problem, node_name()))
+        if problem:
+            raise UsageError(problem)
+        blind = []
         for label, path in places.items():
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                (path / f".trainrig-shared-{token}").write_text(token)
-            except OSError as err:
-                problem = f"{label} {path}: not writable ({err.strerror}); choose a directory you can write to"
-                break
-    token, problem, writer = runtime.broadcast_object((token, problem, node_name()))
-    if problem:
-        raise UsageError(problem)
-    deadline = time.monotonic() + SHARED_PROBE_WAIT_S
-    blind = []
-    for label, path in places.items():
-        probe = path / f".trainrig-shared-{token}"
-        while not _holds(probe, token) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _holds(probe, token):
-            blind.append(label)
-    unseen = runtime.gather_objects([(label, runtime.rank, node_name()) for label in blind])
-    if runtime.is_main:
-        for path in places.values():
-            (path / f".trainrig-shared-{token}").unlink(missing_ok=True)
+            probe, deadline = path / f".trainrig-shared-{token}", time.monotonic() + SHARED_PROBE_WAIT_S
+            while not _holds(probe, token) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _holds(probe, token):
+                blind.append(label)
+        unseen = runtime.gather_objects([(label, runtime.rank, node_name()) for label in blind])
+    finally:
+        if runtime.is_main:  # after the gather: every rank has looked
+            for probe in probes.values():
+                with contextlib.suppress(OSError):  # never written (rank 0 could not), or already gone
+                    probe.unlink()
     if unseen:
         raise UsageError(unshared_message(places, writer, unseen))
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -77,7 +78,7 @@ class Cluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        tag = os.getpid() % 100_000  # interface names are at most 15 characters
+        tag = secrets.token_hex(3)  # unique even beside namespaces a killed run left; interface names are at most 15 characters
         self.netns = tuple(f"trainrig{tag}{n}" for n in "ab")
         self.veth = tuple(f"trv{tag}{n}" for n in "ab")
         self.scratch = root / "scratch"  # node-local on trn2; the shared filesystem on trn1

@@ -275,26 +275,39 @@ def test_requeued_onto_fewer_nodes_continues_as_the_one_node_run(cluster, one_no
     assert "nodes: 2 (trn1, trn2); 2 rank(s) per node (CPU, gloo); world 4" in attempt0, attempt0[-3000:]
     assert "nodes: 1 (trn1); 2 rank(s) per node (CPU, gloo); world 2" in attempt1, attempt1[-3000:]
     assert "micro 4 x accumulation 1 x world 4 = global 16" in attempt0 and "micro 4 x accumulation 2 x world 2 = global 16" in attempt1
+    # the header planned it so and said what the resume does, before any rank started
+    assert "micro batch 4 x accumulation 2 x world 2 = global 16 sequences" in attempt1, attempt1[-3000:]
+    assert "saved by 4 ranks, this job has 2: the global batch of 16 is kept" in attempt1, attempt1[-3000:]
     assert f"checkpoint-{stopped_at} was saved by 4 ranks, this run has 2" in attempt1, attempt1[-3000:]
     if zero_stage:
         assert f"checkpoint-{stopped_at} was saved by 4 ranks under ZeRO-2, this run has 2: converted" in attempt1, attempt1[-3000:]
     assert_losses(out, one_node[3], RESHAPED)
     loaded = re.search(r"resumed from \S+ at step \d+ .*, loaded in ([\d.]+) s", attempt1)
     assert loaded, attempt1[-3000:]
-    # the figures the README quotes: torchrun's start (rendezvous included) to the ranks' first line, and the resume
-    print(f"\n{'ZeRO-2' if zero_stage else 'DDP'} 4 -> 2 ranks: start-up {start_up(attempt0):.0f} s (2 nodes), "
-          f"{start_up(attempt1):.0f} s (requeued, 1 node); checkpoint loaded in {loaded.group(1)} s")
+    converted = re.search(r"converted to DeepSpeed's universal checkpoint \S+ in ([\d.]+) s", attempt1)
+    # the figures docs/slurm.md quotes, from the logs' times
+    print(f"\n{'ZeRO-2' if zero_stage else 'DDP'} 4 -> 2 ranks: header {elapsed(attempt0, ATTEMPT, NODE)} s; torchrun to the "
+          f"ranks' first line {elapsed(attempt0, NODE, RANK)} s (2 nodes), {elapsed(attempt1, NODE, RANK)} s (requeued, 1 node); "
+          f"SIGUSR2 to the next attempt {elapsed(attempt0 + attempt1, SIGNAL, ATTEMPT)} s; checkpoint loaded in {loaded.group(1)} s"
+          + (f" ({converted.group(1)} s of it converting)" if converted else ""))
 
 
-def start_up(attempt_log: str) -> int:
-    """Seconds from the first node's torchrun line to the ranks' first line (rendezvous, imports, process group)."""
-    def seconds(stamp: str) -> int:
-        h, m, s = map(int, stamp.split(":"))
-        return 3600 * h + 60 * m + s
+# log lines by their times: an attempt's first line, a node's torchrun line, a rank's first line, the warning
+ATTEMPT = r"^=== \S+ (\d\d:\d\d:\d\d) attempt"
+NODE = r"^(\d\d:\d\d:\d\d) node 0/"
+RANK = r"^(\d\d:\d\d:\d\d) I trainrig\."
+SIGNAL = r"^(\d\d:\d\d:\d\d) SIGUSR2 from Slurm"
 
-    node = re.search(r"^(\d\d:\d\d:\d\d) node 0/", attempt_log, re.M)
-    rank = re.search(r"^(\d\d:\d\d:\d\d) I trainrig\.", attempt_log, re.M)
-    return (seconds(rank.group(1)) - seconds(node.group(1))) % 86400
+
+def elapsed(log: str, start: str, end: str) -> int:
+    """Seconds from the first line matching `start` to the next one matching `end`."""
+    first = re.compile(start, re.M).search(log)
+    assert first, f"no line matching {start!r} in\n{log[-3000:]}"
+    then = re.compile(end, re.M).search(log, first.end())
+    assert then, f"no line matching {end!r} after {first.group(0)!r} in\n{log[-3000:]}"
+    h0, m0, s0 = map(int, first.group(1).split(":"))
+    h1, m1, s1 = map(int, then.group(1).split(":"))
+    return ((h1 - h0) * 3600 + (m1 - m0) * 60 + s1 - s0) % 86400
 
 
 def test_a_node_that_cannot_see_the_output_dir_stops_the_job_naming_it(cluster, corpus, tokenizer_dir, tmp_path):

@@ -114,7 +114,6 @@ def test_completed_failed_and_a_missing_scontrol(tmp_path, capsys):
     assert "error: scontrol requeue 4242 failed (scontrol is not on PATH); submit the same command again" in capsys.readouterr().out
 
 
-
 def test_a_failed_attempt_names_the_node_that_failed_first(tmp_path, capsys):
     """The task srun saw fail before it ended the step is named, not those it then terminated;
     trainrig's own error line follows (srun's lines as Slurm 22.05 writes them)."""
@@ -131,8 +130,40 @@ def test_a_failed_attempt_names_the_node_that_failed_first(tmp_path, capsys):
                "srun: error: trn1: task 0: Exited with exit code 1\n"
                "srun: launch/slurm: _step_signal: Terminating StepId=3.0\n"
                "srun: error: trn2: task 1: Terminated\n")
-    assert failure_summary(refused) == ("node trn1 failed first (srun: task 0: Exited with exit code 1); error: --output_dir "
-                                        "/scratch/out: rank 0 on node trn1 wrote a file there that node trn2 (rank 1) cannot see")
+    assert failure_summary(refused) == ("error: --output_dir /scratch/out: rank 0 on node trn1 wrote a file there that node trn2 "
+                                        "(rank 1) cannot see; the first task to end was node trn1's (srun: task 0: Exited with exit code 1)")
     assert failure_summary("srun: error: Node failure on trn2\nsrun: error: trn1: task 0: Exited with exit code 1\n") == \
         "Slurm lost node trn2"
     assert failure_summary("") == ""
+
+
+def test_the_log_is_read_once_its_writer_has_stopped(tmp_path):
+    """outcome reads the attempt's log while the batch shell's tee may still append srun's last lines."""
+    import threading
+
+    from launch.slurm import read_settled
+
+    log = tmp_path / "attempt0.log"
+    log.write_text("step 12/40\n")
+
+    def late_line():
+        with open(log, "a") as f:
+            f.write("srun: error: trn2: task 1: Killed\n")
+
+    threading.Timer(0.2, late_line).start()
+    assert read_settled(log, quiet_s=0.5).endswith("task 1: Killed\n")
+    assert read_settled(tmp_path / "never-written.log") == ""
+
+
+def test_the_header_says_what_a_resume_on_another_world_size_does(tmp_path):
+    from launch.slurm import other_world
+
+    checkpoint = tmp_path / "checkpoint-11"
+    (checkpoint / "deepspeed").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 11, "world_size": 4, "micro_batch": 4, "accumulation": 1,
+                                                               "global_batch": 16}))
+    assert other_world(checkpoint, 4, 16) == ""
+    assert other_world(checkpoint, 2, 16) == ("; saved by 4 ranks, this job has 2: the global batch of 16 is kept (the accumulation "
+                                              "recomputed), the data position split anew and ZeRO's partitions converted "
+                                              "(DeepSpeed's universal checkpoint)")
+    assert "this job asks for 32: the ranks will refuse it (drop --global_batch_size, or give 16)" in other_world(checkpoint, 2, 32)
