@@ -154,6 +154,30 @@ def test_extension_build_dir_is_torchs(monkeypatch):
     assert str(extension_build_dir()) == "/somewhere/ext"
 
 
+def test_the_venvs_ninja_goes_first_on_path(monkeypatch, tmp_path):
+    """An unactivated venv's DeepSpeed builds with the venv's ninja, not the system's (or none)."""
+    import os
+    import sys
+
+    from trainers.extensions import put_this_pythons_ninja_first
+
+    venv_bin, system_bin = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    for folder in (venv_bin, system_bin):
+        folder.mkdir(parents=True)
+        (folder / "ninja").write_text("#!/bin/sh\n")
+        (folder / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", str(system_bin))
+    put_this_pythons_ninja_first()
+    assert os.environ["PATH"] == f"{venv_bin}{os.pathsep}{system_bin}"
+    put_this_pythons_ninja_first()  # already first: PATH unchanged
+    assert os.environ["PATH"] == f"{venv_bin}{os.pathsep}{system_bin}"
+    (venv_bin / "ninja").unlink()  # a python without ninja beside it: PATH stays the user's
+    monkeypatch.setenv("PATH", str(system_bin))
+    put_this_pythons_ninja_first()
+    assert os.environ["PATH"] == str(system_bin)
+
+
 def test_deepspeed_run_with_a_stale_build_lock_exits_2_naming_it(corpus, tokenizer_dir, tmp_path):
     """Instead of hanging in DeepSpeed's comm-op build forever (seen here after a first run was killed mid-build)."""
     import os

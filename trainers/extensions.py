@@ -9,6 +9,7 @@ forever, silently. Torch-free at import: `trainrig doctor` calls this where torc
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,21 @@ def extension_build_dir() -> Path:
         accelerator = "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
     return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def put_this_pythons_ninja_first() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds ninja (DeepSpeed's dependency).
+
+    torch runs `ninja` by name from PATH. A venv that is not activated (`.venv/bin/python
+    launch/...`, the Slurm scripts' TRAINRIG_PYTHON) leaves its own ninja off PATH, so torch builds
+    with the system's ninja, or fails with "Ninja is required" where there is none. And ninja 1.11
+    and 1.13 hash the build commands differently: each switch between the two rebuilt DeepSpeed's
+    CPU comm op (45 s on 2 cores), three times in one test-suite run before this.
+    """
+    bin_dir = Path(sys.executable).parent
+    ninja = bin_dir / "ninja"
+    if ninja.is_file() and shutil.which("ninja") != str(ninja):
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
 
 
 def stale_build_locks(build_dir: Path, now: float, min_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:

@@ -32,7 +32,7 @@ from trainers.checkpoint import load_model_state, load_plain, save_model_state
 from trainers.devices import enable_tf32, require_torch_sees_gpus, resolve_precision
 from trainers.ds_config import DeepSpeedSettings, deepspeed_json, ds_offload, fill_ds_config, load_ds_json
 from trainers.errors import UsageError
-from trainers.extensions import refuse_stale_build_locks
+from trainers.extensions import put_this_pythons_ninja_first, refuse_stale_build_locks
 from trainers.optim import EIGHT_BIT_OPTIMIZERS
 
 log = logging.getLogger("trainrig.runtime")
@@ -131,6 +131,7 @@ class Runtime(Collectives):
         self.ds_config = self._deepspeed_config(dist_cfg, batch_cfg, optim_cfg, sources, expected_world, hidden_size)
         if self.ds_config is not None:
             refuse_stale_build_locks()
+            put_this_pythons_ninja_first()
         if self.ds_config is not None and "LOCAL_RANK" not in os.environ:
             # `python launch/pretrain.py --zero_stage 2`: DeepSpeed wants a one-rank process group,
             # else it falls back to MPI discovery (ModuleNotFoundError: mpi4py)
