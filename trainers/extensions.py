@@ -46,7 +46,7 @@ def put_this_pythons_ninja_first() -> None:
     launch/...`, the Slurm scripts' TRAINRIG_PYTHON) leaves its own ninja off PATH, so torch builds
     with the system's ninja, or fails with "Ninja is required" where there is none. And ninja 1.11
     and 1.13 hash the build commands differently: each switch between the two rebuilt DeepSpeed's
-    CPU comm op (45 s on 2 cores), three times in one test-suite run before this.
+    CPU comm op (45 s on 2 cores), twice in one test-suite run before this, besides the first build.
     """
     bin_dir = Path(sys.executable).parent
     ninja = bin_dir / "ninja"
